@@ -1,0 +1,2 @@
+//! Sans-IO core of the tether stable-conduit protocol.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! Stable conduits on tokio.
+#![forbid(unsafe_code)]
