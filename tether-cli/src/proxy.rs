@@ -1,0 +1,506 @@
+//! A fault-injecting TCP proxy.
+//!
+//! [`FaultProxy`] listens on an ephemeral loopback port and forwards every accepted connection to
+//! a fixed upstream address, copying bytes in both directions. Each connection is cut — both TCP
+//! streams are closed abruptly with `SO_LINGER` set to zero, so both peers see a reset just as
+//! they would on a real link failure — after a randomly drawn number of bytes, and optionally
+//! during the handshake phase or after a maximum age. It exists so that `tether demo` can show
+//! conduits surviving link failures.
+//!
+//! # Cut budget
+//!
+//! Every connection gets its own random generator, seeded from ([`FaultConfig::seed`],
+//! connection index), where the index counts accepted connections from 0 in accept order. The
+//! same seed and the same traffic (same connection order, same bytes) therefore produce the same
+//! cut points, independently of how the bytes happen to be chunked by the kernel. Reproducibility
+//! holds for a given build; the generator is `rand`'s `StdRng`, whose stream may change between
+//! `rand` versions.
+//!
+//! The generator first decides, with probability [`FaultConfig::handshake_cut_probability`],
+//! whether the connection gets a *handshake cut*:
+//!
+//! * **Handshake cut**: `k` is drawn uniformly from `0..=32`. The proxy forwards exactly `k`
+//!   bytes from the client to the server and then cuts (with `k = 0`, right after the upstream
+//!   connection is established). Server-to-client bytes are forwarded meanwhile and do not count
+//!   towards `k`, so protocols where the server speaks first still reach the cut.
+//! * **Otherwise**, if [`FaultConfig::mean_bytes_between_cuts`] is non-zero, a budget `B` is drawn
+//!   from an exponential distribution with that mean, rounded up, at least 1 (and, because the
+//!   uniform variate behind it is a 53-bit float, never more than about 37 times the mean). Bytes
+//!   forwarded in *both* directions count against `B`. When a read would exceed the budget, only
+//!   the bytes up to the budget are forwarded and the connection is cut: the cut lands on an
+//!   arbitrary byte, very often inside a length-prefixed frame. If the budget is used up exactly
+//!   at the end of a chunk, the cut happens right after that chunk is forwarded.
+//!
+//! A budget is only consumed by the direction that exhausts it; if the other direction is in the
+//! middle of writing an earlier chunk at that moment, that write is abandoned by the cut.
+//!
+//! # Other cuts and closes
+//!
+//! * [`FaultProxy::cut_all`] cuts every live connection, [`FaultProxy::shutdown`] (also run on
+//!   drop) stops accepting and cuts every live connection.
+//! * [`FaultConfig::max_connection_age`] cuts connections that have lived that long (measured
+//!   from accept) without being cut.
+//! * A clean end of stream on one side is forwarded as a half-close (`FIN`) to the other side;
+//!   once both directions have ended, the connection closes normally and no cut is counted.
+//! * An IO error on either side (for example a peer resetting its connection) closes both streams
+//!   abruptly, mirroring the failure; this is not counted as a cut.
+//! * If connecting to the upstream fails, the client connection is closed abruptly. Such a
+//!   connection is counted in [`ProxyStats::connections`] but not in any cut counter.
+//!
+//! The proxy never panics on IO errors; it logs them through `tracing` at debug level (accept
+//! errors at warn level).
+
+use std::future::{self, Future};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// Size of each per-direction copy buffer.
+const BUF_SIZE: usize = 16 * 1024;
+
+/// Largest handshake cut point: handshake cuts forward `0..=HANDSHAKE_MAX_BYTES` client bytes.
+const HANDSHAKE_MAX_BYTES: u64 = 32;
+
+/// How faults are injected. See the [module documentation](self) for the exact semantics.
+#[derive(Clone, Debug)]
+pub struct FaultConfig {
+    /// Seed of the per-connection random generators (combined with the connection index).
+    pub seed: u64,
+    /// Mean number of bytes forwarded (both directions together, per connection) before a cut;
+    /// 0 = never cut. Budgets are drawn from an exponential distribution with this mean.
+    pub mean_bytes_between_cuts: u64,
+    /// Probability (0.0..=1.0) that a connection is cut during the handshake phase: after
+    /// forwarding a random number of bytes in 0..=32 from the client (the 29-byte prefixed hello
+    /// sits there), so cuts land before, inside and just after the hello. Values outside
+    /// 0.0..=1.0 are clamped; NaN counts as 0.0.
+    pub handshake_cut_probability: f64,
+    /// Optional: also cut any connection that has lived this long without a cut (None = off).
+    pub max_connection_age: Option<Duration>,
+}
+
+/// A snapshot of a [`FaultProxy`]'s counters, taken with [`FaultProxy::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Connections accepted from clients (including those whose upstream connect failed).
+    pub connections: u64,
+    /// Connections cut by the proxy, for any reason: byte budget, handshake cut,
+    /// [`FaultProxy::cut_all`], [`FaultProxy::shutdown`] or maximum age.
+    pub cuts: u64,
+    /// Cuts made by the handshake budget (a subset of `cuts`).
+    pub handshake_cuts: u64,
+    /// Estimate of the cuts that landed inside a frame: budget cuts (handshake or regular) whose
+    /// boundary fell strictly inside a read chunk, so that part of the chunk was withheld. The
+    /// proxy does not parse frames, so this is a heuristic (a subset of `cuts`).
+    pub mid_frame_cuts: u64,
+    /// Bytes written to the peers, both directions together, over all connections.
+    pub bytes_forwarded: u64,
+}
+
+/// A running fault-injecting proxy. Dropping it shuts it down (see [`FaultProxy::shutdown`]).
+#[derive(Debug)]
+pub struct FaultProxy {
+    local_addr: SocketAddr,
+    /// Also held by the accept loop and every connection task, so the strong count drops to 1
+    /// once they have all finished.
+    shared: Arc<Shared>,
+}
+
+impl FaultProxy {
+    /// Binds 127.0.0.1:0 and forwards every accepted connection to `upstream`.
+    ///
+    /// Must be called within a tokio runtime; the proxy runs on tasks spawned there.
+    pub async fn start(upstream: SocketAddr, config: FaultConfig) -> io::Result<FaultProxy> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let local_addr = listener.local_addr()?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (cut_tx, _) = watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            upstream,
+            config,
+            counters: Counters::default(),
+            shutdown_tx,
+            cut_tx,
+        });
+        // Detached: it ends by itself once shutdown is requested.
+        tokio::spawn(accept_loop(listener, Arc::clone(&shared), shutdown_rx));
+        Ok(FaultProxy { local_addr, shared })
+    }
+
+    /// The address the proxy listens on; clients connect here.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A snapshot of the counters. Each counter is read atomically, but not all of them at the
+    /// same instant.
+    pub fn stats(&self) -> ProxyStats {
+        let c = &self.shared.counters;
+        ProxyStats {
+            connections: c.connections.load(Ordering::Relaxed),
+            cuts: c.cuts.load(Ordering::Relaxed),
+            handshake_cuts: c.handshake_cuts.load(Ordering::Relaxed),
+            mid_frame_cuts: c.mid_frame_cuts.load(Ordering::Relaxed),
+            bytes_forwarded: c.bytes_forwarded.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Cuts every live connection now. The proxy keeps accepting new connections.
+    pub fn cut_all(&self) {
+        self.shared
+            .cut_tx
+            .send_modify(|gen| *gen = gen.wrapping_add(1));
+    }
+
+    /// Stops accepting and cuts every live connection (also done on drop).
+    ///
+    /// Returns immediately; the listener is closed and the connection tasks finish shortly
+    /// afterwards on the runtime. Calling it again has no further effect.
+    pub fn shutdown(&self) {
+        // Order matters: the accept loop subscribes to cut signals before checking the shutdown
+        // flag, so a connection accepted concurrently with this call is either refused there or
+        // sees the cut signal below.
+        self.shared.shutdown_tx.send_replace(true);
+        self.cut_all();
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// State shared by the handle, the accept loop and the connection tasks.
+#[derive(Debug)]
+struct Shared {
+    upstream: SocketAddr,
+    config: FaultConfig,
+    counters: Counters,
+    /// `true` once shutdown was requested.
+    shutdown_tx: watch::Sender<bool>,
+    /// Cut generation: every change cuts all live connections.
+    cut_tx: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connections: AtomicU64,
+    cuts: AtomicU64,
+    handshake_cuts: AtomicU64,
+    mid_frame_cuts: AtomicU64,
+    bytes_forwarded: AtomicU64,
+}
+
+/// Why the proxy cut a connection.
+#[derive(Clone, Copy, Debug)]
+enum CutReason {
+    /// The byte budget ran out; `partial` if part of the last read chunk was withheld.
+    Budget { partial: bool },
+    /// `cut_all` or `shutdown`.
+    Requested,
+    /// `max_connection_age` elapsed.
+    Age,
+}
+
+impl Shared {
+    fn record_cut(&self, plan: &Plan, reason: CutReason) {
+        let c = &self.counters;
+        c.cuts.fetch_add(1, Ordering::Relaxed);
+        if let CutReason::Budget { partial } = reason {
+            if plan.handshake {
+                c.handshake_cuts.fetch_add(1, Ordering::Relaxed);
+            }
+            if partial {
+                c.mid_frame_cuts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The faults planned for one connection, drawn when it is accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Plan {
+    /// Bytes to forward before the cut; `None` = no budget cut.
+    budget: Option<u64>,
+    /// The budget is a handshake budget: it counts client-to-server bytes only.
+    handshake: bool,
+}
+
+impl Plan {
+    fn draw(config: &FaultConfig, index: u64) -> Plan {
+        let mut rng = StdRng::seed_from_u64(mix(mix(config.seed) ^ index));
+        let p = config.handshake_cut_probability;
+        let p = if p.is_nan() { 0.0 } else { p.clamp(0.0, 1.0) };
+        if rng.random_bool(p) {
+            return Plan {
+                budget: Some(rng.random_range(0..=HANDSHAKE_MAX_BYTES)),
+                handshake: true,
+            };
+        }
+        let budget = (config.mean_bytes_between_cuts > 0)
+            .then(|| exponential_budget(&mut rng, config.mean_bytes_between_cuts));
+        Plan {
+            budget,
+            handshake: false,
+        }
+    }
+}
+
+/// Draws a byte budget from an exponential distribution with the given mean, rounded up, >= 1.
+fn exponential_budget(rng: &mut StdRng, mean: u64) -> u64 {
+    // `random::<f64>()` is uniform in [0, 1), so `1 - u` is in (0, 1] and the logarithm finite.
+    let u: f64 = rng.random();
+    let x = -(1.0 - u).ln() * mean as f64;
+    // Float-to-int `as` saturates, so huge means cannot wrap.
+    (x.ceil() as u64).max(1)
+}
+
+/// SplitMix64 finalizer: spreads (seed, index) combinations over the whole seed space.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Closes `stream` abruptly: with `SO_LINGER` 0 the kernel sends a reset instead of a `FIN`.
+fn reset(stream: TcpStream) {
+    // Ignoring errors: at worst the peer sees an orderly close instead of a reset.
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown_rx: watch::Receiver<bool>,
+) {
+    let mut tasks = JoinSet::new();
+    let mut index: u64 = 0;
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown_requested(&mut shutdown_rx) => break,
+            Some(res) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(err) = res {
+                    tracing::warn!(%err, "fault proxy connection task failed");
+                }
+            }
+            res = listener.accept() => match res {
+                Ok((client, peer)) => {
+                    shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+                    // Subscribe before checking the flag; see `FaultProxy::shutdown`.
+                    let cut_rx = shared.cut_tx.subscribe();
+                    if *shared.shutdown_tx.borrow() {
+                        reset(client);
+                        break;
+                    }
+                    tracing::debug!(%peer, index, "fault proxy accepted connection");
+                    tasks.spawn(serve_connection(client, index, Arc::clone(&shared), cut_rx));
+                    index += 1;
+                }
+                Err(err) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    tracing::warn!(%err, "fault proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    // Every live connection has been told to cut itself; wait until they have done so.
+    while let Some(res) = tasks.join_next().await {
+        if let Err(err) = res {
+            tracing::warn!(%err, "fault proxy connection task failed");
+        }
+    }
+}
+
+/// Resolves once shutdown is requested (or the sender is gone, which means the same).
+async fn shutdown_requested(shutdown_rx: &mut watch::Receiver<bool>) {
+    // The returned guard must not be held across an await, so drop it right here.
+    let _ = shutdown_rx.wait_for(|stop| *stop).await;
+}
+
+/// How the copying phase of a connection ended.
+enum Outcome {
+    /// Both directions reached end of stream.
+    Closed,
+    /// The proxy cuts the connection.
+    Cut(CutReason),
+    /// An IO error on either side.
+    Failed(io::Error),
+}
+
+/// How one copying direction ended.
+enum PumpEnd {
+    /// End of stream, forwarded as a half-close.
+    Eof,
+    /// The byte budget is used up; `partial` if part of the last chunk was withheld.
+    Exhausted { partial: bool },
+}
+
+async fn serve_connection(
+    client: TcpStream,
+    index: u64,
+    shared: Arc<Shared>,
+    mut cut_rx: watch::Receiver<u64>,
+) {
+    let plan = Plan::draw(&shared.config, index);
+    tracing::debug!(index, ?plan, "fault proxy connection plan");
+    let age = age_limit(shared.config.max_connection_age);
+    tokio::pin!(age);
+
+    let connected = tokio::select! {
+        res = TcpStream::connect(shared.upstream) => match res {
+            Ok(server) => Ok(server),
+            Err(err) => {
+                tracing::debug!(index, %err, "fault proxy upstream connect failed");
+                reset(client);
+                return;
+            }
+        },
+        _ = cut_rx.changed() => Err(CutReason::Requested),
+        () = &mut age => Err(CutReason::Age),
+    };
+    let server = match connected {
+        Ok(server) => server,
+        Err(reason) => {
+            shared.record_cut(&plan, reason);
+            reset(client);
+            return;
+        }
+    };
+    let mut client = client;
+    let mut server = server;
+    for stream in [&client, &server] {
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(index, %err, "fault proxy set_nodelay failed");
+        }
+    }
+
+    let outcome = if plan.budget == Some(0) {
+        Outcome::Cut(CutReason::Budget { partial: false })
+    } else {
+        let remaining = AtomicU64::new(plan.budget.unwrap_or(u64::MAX));
+        let c2s_budget = plan.budget.map(|_| &remaining);
+        let s2c_budget = if plan.handshake { None } else { c2s_budget };
+        let (client_r, client_w) = client.split();
+        let (server_r, server_w) = server.split();
+        let counters = &shared.counters;
+        let c2s = pump(client_r, server_w, c2s_budget, counters);
+        let s2c = pump(server_r, client_w, s2c_budget, counters);
+        tokio::pin!(c2s, s2c);
+        let mut c2s_open = true;
+        let mut s2c_open = true;
+        loop {
+            let end = tokio::select! {
+                res = &mut c2s, if c2s_open => {
+                    c2s_open = false;
+                    res
+                }
+                res = &mut s2c, if s2c_open => {
+                    s2c_open = false;
+                    res
+                }
+                _ = cut_rx.changed() => break Outcome::Cut(CutReason::Requested),
+                () = &mut age => break Outcome::Cut(CutReason::Age),
+            };
+            match end {
+                Ok(PumpEnd::Eof) if c2s_open || s2c_open => {}
+                Ok(PumpEnd::Eof) => break Outcome::Closed,
+                Ok(PumpEnd::Exhausted { partial }) => {
+                    break Outcome::Cut(CutReason::Budget { partial })
+                }
+                Err(err) => break Outcome::Failed(err),
+            }
+        }
+    };
+
+    match outcome {
+        Outcome::Closed => {
+            tracing::debug!(index, "fault proxy connection closed");
+        }
+        Outcome::Cut(reason) => {
+            // Count before resetting, so that whoever observes the reset also sees the count.
+            shared.record_cut(&plan, reason);
+            tracing::debug!(index, ?reason, "fault proxy cut connection");
+            reset(client);
+            reset(server);
+        }
+        Outcome::Failed(err) => {
+            tracing::debug!(index, %err, "fault proxy connection failed");
+            reset(client);
+            reset(server);
+        }
+    }
+}
+
+/// Resolves when a connection accepted now has reached `max_age`; never if `None`.
+fn age_limit(max_age: Option<Duration>) -> impl Future<Output = ()> {
+    let deadline = max_age.and_then(|age| Instant::now().checked_add(age));
+    async move {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => future::pending().await,
+        }
+    }
+}
+
+/// Copies `reader` to `writer` until end of stream or until `budget` (shared with the other
+/// direction when both count) runs out.
+async fn pump<R, W>(
+    mut reader: R,
+    mut writer: W,
+    budget: Option<&AtomicU64>,
+    counters: &Counters,
+) -> io::Result<PumpEnd>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            // The peer may already be gone; the other direction will notice.
+            let _ = writer.shutdown().await;
+            return Ok(PumpEnd::Eof);
+        }
+        let (allowed, exhausted) = match budget {
+            None => (n, false),
+            Some(remaining) => {
+                let read = n as u64;
+                let (Ok(before) | Err(before)) =
+                    remaining.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                        Some(left.saturating_sub(read))
+                    });
+                if before == 0 {
+                    return Ok(PumpEnd::Exhausted { partial: false });
+                }
+                // `before < read` here, so the conversion back to usize is lossless.
+                let allowed = if before < read { before as usize } else { n };
+                (allowed, before <= read)
+            }
+        };
+        writer.write_all(&buf[..allowed]).await?;
+        counters
+            .bytes_forwarded
+            .fetch_add(allowed as u64, Ordering::Relaxed);
+        if exhausted {
+            return Ok(PumpEnd::Exhausted {
+                partial: allowed < n,
+            });
+        }
+    }
+}
