@@ -504,3 +504,441 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+    use tokio::time::timeout;
+
+    /// Upper bound for any single wait in these tests.
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn config(seed: u64, mean: u64, handshake: f64) -> FaultConfig {
+        FaultConfig {
+            seed,
+            mean_bytes_between_cuts: mean,
+            handshake_cut_probability: handshake,
+            max_connection_age: None,
+        }
+    }
+
+    /// Deterministic, non-repeating-looking test payload.
+    fn pattern(len: usize) -> Vec<u8> {
+        let mut state = 0x1234_5678_u64;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            state = mix(state);
+            out.extend_from_slice(&state.to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// An upstream that echoes every connection back until end of stream.
+    async fn echo_server() -> SocketAddr {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.into_split();
+                    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                        let _ = w.shutdown().await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// An upstream that reads every connection until end of stream or error and reports what it
+    /// received, plus the error kind if reading ended with an error.
+    async fn sink_server() -> (
+        SocketAddr,
+        mpsc::UnboundedReceiver<(Vec<u8>, Option<io::ErrorKind>)>,
+    ) {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut received = Vec::new();
+                    let mut buf = vec![0u8; 4096];
+                    let error = loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) => break None,
+                            Ok(n) => received.extend_from_slice(&buf[..n]),
+                            Err(err) => break Some(err.kind()),
+                        }
+                    };
+                    let _ = tx.send((received, error));
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    /// Writes `data` in `chunk`-sized pieces until the connection fails, then reads once more to
+    /// observe a reset. Returns (bytes written, whether the connection was seen to be reset).
+    async fn write_until_reset(stream: &mut TcpStream, data: &[u8], chunk: usize) -> (usize, bool) {
+        let mut written = 0;
+        let mut reset_seen = false;
+        for piece in data.chunks(chunk) {
+            match stream.write_all(piece).await {
+                Ok(()) => written += piece.len(),
+                Err(err) => {
+                    assert!(
+                        matches!(
+                            err.kind(),
+                            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                        ),
+                        "unexpected write error {err}"
+                    );
+                    reset_seen = true;
+                    break;
+                }
+            }
+        }
+        let mut byte = [0u8; 1];
+        match timeout(WAIT, stream.read(&mut byte))
+            .await
+            .expect("read timed out")
+        {
+            Err(err) if err.kind() == io::ErrorKind::ConnectionReset => reset_seen = true,
+            // The reset was already reported to the failed write.
+            Ok(0) if reset_seen => {}
+            other => panic!("expected a reset, got {other:?}"),
+        }
+        (written, reset_seen)
+    }
+
+    async fn recv_report(
+        rx: &mut mpsc::UnboundedReceiver<(Vec<u8>, Option<io::ErrorKind>)>,
+    ) -> (Vec<u8>, Option<io::ErrorKind>) {
+        timeout(WAIT, rx.recv())
+            .await
+            .expect("sink report timed out")
+            .expect("sink gone")
+    }
+
+    /// Waits until the accept loop and every connection task have finished.
+    async fn wait_for_tasks_to_finish(proxy: &FaultProxy) {
+        timeout(WAIT, async {
+            while Arc::strong_count(&proxy.shared) > 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("proxy tasks still running");
+    }
+
+    async fn expect_reset(stream: &mut TcpStream) {
+        let mut buf = [0u8; 16];
+        let res = timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("read timed out");
+        match res {
+            Err(err) => assert_eq!(err.kind(), io::ErrorKind::ConnectionReset),
+            Ok(n) => panic!("expected a reset, read {n} bytes"),
+        }
+    }
+
+    async fn echo_roundtrip(stream: &mut TcpStream, msg: &[u8]) {
+        stream.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        timeout(WAIT, stream.read_exact(&mut back))
+            .await
+            .expect("echo timed out")
+            .unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[tokio::test]
+    async fn forwards_both_ways_byte_exact_without_cuts() {
+        let upstream = echo_server().await;
+        let proxy = FaultProxy::start(upstream, config(1, 0, 0.0))
+            .await
+            .unwrap();
+        let data = pattern(4 << 20);
+        let stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        let (mut r, mut w) = stream.into_split();
+        let to_send = data.clone();
+        let writer = tokio::spawn(async move {
+            for piece in to_send.chunks(7919) {
+                w.write_all(piece).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        });
+        let mut echoed = Vec::with_capacity(data.len());
+        timeout(WAIT, r.read_to_end(&mut echoed))
+            .await
+            .expect("echo timed out")
+            .unwrap();
+        writer.await.unwrap();
+        assert!(echoed == data, "echoed data differs");
+        let stats = proxy.stats();
+        assert_eq!(
+            stats,
+            ProxyStats {
+                connections: 1,
+                bytes_forwarded: 2 * data.len() as u64,
+                ..ProxyStats::default()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn cuts_after_budget_forwarding_an_exact_prefix() {
+        let (upstream, mut reports) = sink_server().await;
+        let proxy = FaultProxy::start(upstream, config(7, 1000, 0.0))
+            .await
+            .unwrap();
+        let data = pattern(32 << 20);
+        let mut cut_points = Vec::new();
+        for i in 0..20u64 {
+            let before = proxy.stats();
+            let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+            let (written, reset_seen) = write_until_reset(&mut stream, &data, 4096).await;
+            assert!(reset_seen);
+            assert!(written < data.len(), "never cut");
+            let (received, error) = recv_report(&mut reports).await;
+            assert_eq!(error, Some(io::ErrorKind::ConnectionReset));
+            assert!(received.len() <= written);
+            assert!(received == data[..received.len()], "not a prefix");
+            let after = proxy.stats();
+            assert_eq!(after.connections, i + 1);
+            assert_eq!(after.cuts, i + 1);
+            assert_eq!(
+                after.bytes_forwarded - before.bytes_forwarded,
+                received.len() as u64
+            );
+            // Exponential with mean 1000 never exceeds ~37 * 1000.
+            assert!((1..=40_000).contains(&received.len()));
+            cut_points.push(received.len());
+        }
+        let stats = proxy.stats();
+        assert_eq!(stats.handshake_cuts, 0);
+        // The client writes 4 KiB pieces, so most budgets end inside a chunk.
+        assert!(stats.mid_frame_cuts > 0 && stats.mid_frame_cuts <= stats.cuts);
+        let mut distinct = cut_points.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(
+            distinct.len() > 10,
+            "cut points barely vary: {cut_points:?}"
+        );
+        let mean = cut_points.iter().sum::<usize>() / cut_points.len();
+        assert!((200..=5000).contains(&mean), "implausible mean {mean}");
+    }
+
+    #[tokio::test]
+    async fn reconnecting_eventually_gets_a_message_through() {
+        let upstream = echo_server().await;
+        let proxy = FaultProxy::start(upstream, config(3, 1000, 0.0))
+            .await
+            .unwrap();
+        let msg = pattern(300);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            assert!(attempts <= 50, "no connection got 300 bytes echoed");
+            let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+            // Half-close after the message so that a successful echo ends with end of stream.
+            if stream.write_all(&msg).await.is_err() || stream.shutdown().await.is_err() {
+                continue;
+            }
+            let mut back = Vec::new();
+            let _ = timeout(WAIT, stream.read_to_end(&mut back))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("echo through the proxy hung");
+                });
+            if back.len() == msg.len() {
+                assert_eq!(back, msg);
+                break;
+            }
+            // A cut connection delivers a prefix of the echo, never anything else.
+            assert!(back == msg[..back.len()]);
+        }
+        assert!(proxy.stats().cuts >= attempts - 1);
+    }
+
+    /// Cut points (bytes received upstream) of `n` sequential connections with the given seed.
+    async fn cut_points(seed: u64, n: usize) -> Vec<usize> {
+        let (upstream, mut reports) = sink_server().await;
+        let proxy = FaultProxy::start(upstream, config(seed, 1000, 0.0))
+            .await
+            .unwrap();
+        let data = pattern(4 << 20);
+        let mut points = Vec::new();
+        for _ in 0..n {
+            let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+            let _ = write_until_reset(&mut stream, &data, 1500).await;
+            let (received, _) = recv_report(&mut reports).await;
+            points.push(received.len());
+        }
+        points
+    }
+
+    #[tokio::test]
+    async fn same_seed_same_cut_points_other_seed_different() {
+        let a = cut_points(11, 8).await;
+        let b = cut_points(11, 8).await;
+        let c = cut_points(12, 8).await;
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn plans_are_reproducible_per_seed_and_index() {
+        let cfg = config(5, 1000, 0.3);
+        let plans: Vec<Plan> = (0..200).map(|i| Plan::draw(&cfg, i)).collect();
+        let again: Vec<Plan> = (0..200).map(|i| Plan::draw(&cfg, i)).collect();
+        assert_eq!(plans, again);
+        let other: Vec<Plan> = (0..200)
+            .map(|i| Plan::draw(&config(6, 1000, 0.3), i))
+            .collect();
+        assert_ne!(plans, other);
+        let handshakes = plans.iter().filter(|p| p.handshake).count();
+        assert!(
+            (30..=90).contains(&handshakes),
+            "{handshakes} handshake plans"
+        );
+        for plan in &plans {
+            let budget = plan.budget.expect("every plan cuts");
+            if plan.handshake {
+                assert!(budget <= HANDSHAKE_MAX_BYTES);
+            } else {
+                assert!(budget >= 1);
+            }
+        }
+        assert_eq!(Plan::draw(&config(5, 0, 0.0), 9).budget, None);
+        // Out-of-range probabilities are clamped instead of panicking.
+        assert!(Plan::draw(&config(5, 0, 7.0), 0).handshake);
+        assert!(!Plan::draw(&config(5, 0, f64::NAN), 0).handshake);
+    }
+
+    #[tokio::test]
+    async fn handshake_cuts_land_within_first_32_client_bytes() {
+        let (upstream, mut reports) = sink_server().await;
+        let proxy = FaultProxy::start(upstream, config(21, 0, 1.0))
+            .await
+            .unwrap();
+        let hello = pattern(64);
+        let mut seen = Vec::new();
+        for _ in 0..30 {
+            let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+            let (_, reset_seen) = write_until_reset(&mut stream, &hello, 64).await;
+            assert!(reset_seen);
+            let (received, error) = recv_report(&mut reports).await;
+            assert_eq!(error, Some(io::ErrorKind::ConnectionReset));
+            assert!(received.len() <= 32, "{} bytes got through", received.len());
+            assert!(received == hello[..received.len()]);
+            seen.push(received.len());
+        }
+        let stats = proxy.stats();
+        assert_eq!(stats.connections, 30);
+        assert_eq!(stats.cuts, 30);
+        assert_eq!(stats.handshake_cuts, 30);
+        assert_eq!(stats.bytes_forwarded, seen.iter().sum::<usize>() as u64);
+        seen.sort_unstable();
+        seen.dedup();
+        assert!(seen.len() > 5, "handshake cut points barely vary: {seen:?}");
+    }
+
+    #[tokio::test]
+    async fn cut_all_resets_live_connections_and_keeps_accepting() {
+        let upstream = echo_server().await;
+        let proxy = FaultProxy::start(upstream, config(1, 0, 0.0))
+            .await
+            .unwrap();
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+            echo_roundtrip(&mut stream, b"ping").await;
+            streams.push(stream);
+        }
+        proxy.cut_all();
+        for stream in &mut streams {
+            expect_reset(stream).await;
+        }
+        assert_eq!(proxy.stats().cuts, 3);
+        let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        echo_roundtrip(&mut stream, b"still here").await;
+        assert_eq!(proxy.stats().connections, 4);
+        assert_eq!(proxy.stats().cuts, 3);
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_accepting_and_resets_connections() {
+        let upstream = echo_server().await;
+        let proxy = FaultProxy::start(upstream, config(1, 0, 0.0))
+            .await
+            .unwrap();
+        let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        echo_roundtrip(&mut stream, b"ping").await;
+        proxy.shutdown();
+        expect_reset(&mut stream).await;
+        wait_for_tasks_to_finish(&proxy).await;
+        let err = TcpStream::connect(proxy.local_addr()).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+        assert_eq!(proxy.stats().cuts, 1);
+    }
+
+    #[tokio::test]
+    async fn drop_shuts_down() {
+        let upstream = echo_server().await;
+        let proxy = FaultProxy::start(upstream, config(1, 0, 0.0))
+            .await
+            .unwrap();
+        let addr = proxy.local_addr();
+        let shared = Arc::clone(&proxy.shared);
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        echo_roundtrip(&mut stream, b"ping").await;
+        drop(proxy);
+        expect_reset(&mut stream).await;
+        timeout(WAIT, async {
+            while Arc::strong_count(&shared) > 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("proxy tasks still running after drop");
+        let err = TcpStream::connect(addr).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[tokio::test]
+    async fn max_connection_age_cuts_idle_connections() {
+        let upstream = echo_server().await;
+        let mut cfg = config(1, 0, 0.0);
+        cfg.max_connection_age = Some(Duration::from_millis(100));
+        let proxy = FaultProxy::start(upstream, cfg).await.unwrap();
+        let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        echo_roundtrip(&mut stream, b"ping").await;
+        expect_reset(&mut stream).await;
+        let stats = proxy.stats();
+        assert_eq!(
+            (stats.cuts, stats.handshake_cuts, stats.mid_frame_cuts),
+            (1, 0, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_upstream_connect_closes_client_without_counting_a_cut() {
+        // Reserve a port, then free it so that nothing listens there.
+        let unused = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let upstream = unused.local_addr().unwrap();
+        drop(unused);
+        let proxy = FaultProxy::start(upstream, config(1, 0, 0.0))
+            .await
+            .unwrap();
+        let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        expect_reset(&mut stream).await;
+        let stats = proxy.stats();
+        assert_eq!((stats.connections, stats.cuts), (1, 0));
+    }
+}
