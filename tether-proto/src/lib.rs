@@ -2,11 +2,16 @@
 //!
 //! This crate holds everything about the wire format and the bookkeeping of a
 //! stable conduit that needs no I/O: sequence arithmetic ([`Seq`]), resume
-//! keys ([`ResumeKey`]).
+//! keys ([`ResumeKey`]) and the handshake hellos ([`ClientHello`],
+//! [`ServerHello`]).
 #![forbid(unsafe_code)]
 
+pub mod hello;
 pub mod key;
 pub mod seq;
 
+pub use hello::{
+    flags, ClientHello, HelloError, ServerHello, CLIENT_MAGIC, HELLO_LEN, SERVER_MAGIC,
+};
 pub use key::{KeyError, ResumeKey};
 pub use seq::Seq;
