@@ -2,14 +2,19 @@
 //!
 //! This crate holds everything about the wire format and the bookkeeping of a
 //! stable conduit that needs no I/O: sequence arithmetic ([`Seq`]), resume
-//! keys ([`ResumeKey`]) and the handshake hellos ([`ClientHello`],
-//! [`ServerHello`]).
+//! keys ([`ResumeKey`]), the handshake hellos ([`ClientHello`],
+//! [`ServerHello`]) and frames ([`FrameHeader`], [`encode_frame`],
+//! [`decode_frame`]).
 #![forbid(unsafe_code)]
 
+pub mod frame;
 pub mod hello;
 pub mod key;
 pub mod seq;
 
+pub use frame::{
+    decode_frame, decode_item, encode_frame, encode_item, FrameError, FrameHeader, MAX_HEADER_LEN,
+};
 pub use hello::{
     flags, ClientHello, HelloError, ServerHello, CLIENT_MAGIC, HELLO_LEN, SERVER_MAGIC,
 };
