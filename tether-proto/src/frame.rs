@@ -345,6 +345,30 @@ mod tests {
     }
 
     #[test]
+    fn accepts_non_minimal_varint_like_postcard() {
+        // `80 00` is a 2-byte encoding of 0; postcard accepts it, so do we.
+        let frame = [0x80, 0x00, 0x01, 0x81, 0x80, 0x00, 0x07];
+        let (header, len) = FrameHeader::decode(&frame).unwrap();
+        assert_eq!(
+            header,
+            FrameHeader {
+                seq: Seq(0),
+                ack: Some(Seq(1))
+            }
+        );
+        assert_eq!(len, 6);
+        assert_eq!(decode_item::<u8>(&frame[len..]).unwrap(), 7);
+        #[derive(Deserialize)]
+        struct Reference {
+            seq: u32,
+            ack: Option<u32>,
+            item: u8,
+        }
+        let r: Reference = postcard::from_bytes(&frame).unwrap();
+        assert_eq!((r.seq, r.ack, r.item), (0, Some(1), 7));
+    }
+
+    #[test]
     fn rejects_bad_option_tag() {
         for tag in [0x02u8, 0x80, 0xff] {
             let frame = [0x05, tag, 0x00];

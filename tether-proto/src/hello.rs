@@ -303,6 +303,22 @@ mod tests {
     }
 
     #[test]
+    fn hello_on_stream_link() {
+        // Stream links prefix each payload with its length, u32 little-endian:
+        // 25 = 0x19.
+        let hello = ClientHello {
+            resume_key: None,
+            last_received: None,
+            extensions: 0,
+        }
+        .encode();
+        let mut linked = (hello.len() as u32).to_le_bytes().to_vec();
+        linked.extend_from_slice(&hello);
+        assert_eq!(&linked[..4], &[0x19, 0x00, 0x00, 0x00]);
+        assert_eq!(&linked[4..], unhex(NEW_CLIENT_HEX).as_slice());
+    }
+
+    #[test]
     fn last_received_zero_is_distinct_from_absent() {
         let with_zero = ClientHello {
             resume_key: None,
