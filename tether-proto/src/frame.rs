@@ -1,0 +1,502 @@
+//! Frames: the payloads a stable conduit sends after the handshake.
+//!
+//! A frame is the postcard encoding of
+//! `Frame { seq: u32, ack: Option<Ack { max_delivered: u32 }>, item: T }`:
+//! `seq` as a varint, the option as one byte `0x00` (none) or `0x01`
+//! followed by the varint, then the item's own postcard encoding with no
+//! length prefix. The header (seq and ack) is encoded and decoded here by
+//! hand, byte-compatible with postcard; the item goes through postcard.
+
+use bytes::{BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::Seq;
+
+/// The longest a [`FrameHeader`] can be on the wire: a 5-byte varint seq,
+/// the option byte and a 5-byte varint ack.
+pub const MAX_HEADER_LEN: usize = 11;
+
+/// Longest varint encoding of a u32.
+const MAX_VARINT_LEN: usize = 5;
+
+const OPTION_NONE: u8 = 0x00;
+const OPTION_SOME: u8 = 0x01;
+
+/// The sequencing part of a frame, before its item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// This frame's sequence number.
+    pub seq: Seq,
+    /// The highest seq the sender of this frame has delivered from its
+    /// peer, if it has delivered any (piggybacked acknowledgement).
+    pub ack: Option<Seq>,
+}
+
+/// A frame could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The frame ends inside the header.
+    #[error("frame truncated: it ends inside the header (seq or ack)")]
+    Truncated,
+    /// A header varint is longer than 5 bytes or above `u32::MAX`.
+    #[error("bad varint in frame header: longer than 5 bytes or above u32::MAX (4294967295)")]
+    BadVarint,
+    /// The ack option byte is neither `0x00` nor `0x01`.
+    #[error("bad ack option tag in frame header: 0x{0:02x} (expected 0x00 or 0x01)")]
+    BadOptionTag(u8),
+    /// The item could not be serialized.
+    #[error("could not serialize the frame item: {0}")]
+    Encode(postcard::Error),
+    /// The item bytes are not a valid encoding of the expected type.
+    #[error("could not decode the frame item: {0}")]
+    Decode(postcard::Error),
+    /// The item decoded, but bytes were left over after it.
+    #[error("frame item decoded but {0} trailing byte(s) were left over")]
+    TrailingBytes(usize),
+}
+
+fn varint_len(value: u32) -> usize {
+    match value {
+        0..=0x7f => 1,
+        0x80..=0x3fff => 2,
+        0x4000..=0x1f_ffff => 3,
+        0x20_0000..=0x0fff_ffff => 4,
+        _ => 5,
+    }
+}
+
+fn put_varint(mut value: u32, out: &mut BytesMut) {
+    let mut buf = [0u8; MAX_VARINT_LEN];
+    let mut n = 0;
+    loop {
+        let low = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            buf[n] = low;
+            n += 1;
+            break;
+        }
+        buf[n] = low | 0x80;
+        n += 1;
+    }
+    out.put_slice(&buf[..n]);
+}
+
+/// Reads a u32 varint at `*pos` with postcard's rules: 7 bits per byte,
+/// least significant first, high bit set means another byte follows, at
+/// most 5 bytes, and the 5th byte may carry only the top 4 bits.
+fn take_varint(frame: &[u8], pos: &mut usize) -> Result<u32, FrameError> {
+    let mut value = 0u32;
+    for i in 0..MAX_VARINT_LEN {
+        let byte = *frame.get(*pos).ok_or(FrameError::Truncated)?;
+        *pos += 1;
+        value |= u32::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            if i == MAX_VARINT_LEN - 1 && byte > 0x0f {
+                return Err(FrameError::BadVarint);
+            }
+            return Ok(value);
+        }
+    }
+    Err(FrameError::BadVarint)
+}
+
+impl FrameHeader {
+    /// Number of bytes [`FrameHeader::encode`] appends.
+    #[must_use]
+    pub fn encoded_len(&self) -> usize {
+        varint_len(self.seq.0) + 1 + self.ack.map_or(0, |ack| varint_len(ack.0))
+    }
+
+    /// Appends the header's wire bytes to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.reserve(self.encoded_len());
+        put_varint(self.seq.0, out);
+        match self.ack {
+            None => out.put_u8(OPTION_NONE),
+            Some(ack) => {
+                out.put_u8(OPTION_SOME);
+                put_varint(ack.0, out);
+            }
+        }
+    }
+
+    /// Parses the header at the start of `frame`. Returns it with its length
+    /// in bytes; the item starts at that offset.
+    pub fn decode(frame: &[u8]) -> Result<(FrameHeader, usize), FrameError> {
+        let mut pos = 0;
+        let seq = Seq(take_varint(frame, &mut pos)?);
+        let tag = *frame.get(pos).ok_or(FrameError::Truncated)?;
+        pos += 1;
+        let ack = match tag {
+            OPTION_NONE => None,
+            OPTION_SOME => Some(Seq(take_varint(frame, &mut pos)?)),
+            other => return Err(FrameError::BadOptionTag(other)),
+        };
+        Ok((FrameHeader { seq, ack }, pos))
+    }
+}
+
+/// A postcard output flavor that appends straight into a `BytesMut`.
+struct BytesMutFlavor<'a> {
+    out: &'a mut BytesMut,
+}
+
+impl postcard::ser_flavors::Flavor for BytesMutFlavor<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> Result<(), postcard::Error> {
+        self.out.put_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> Result<(), postcard::Error> {
+        self.out.put_u8(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> Result<(), postcard::Error> {
+        Ok(())
+    }
+}
+
+/// Appends the postcard encoding of `item` to `out`, serializing once,
+/// directly into `out`. On error, `out` is left as it was.
+pub fn encode_item<T: Serialize + ?Sized>(item: &T, out: &mut BytesMut) -> Result<(), FrameError> {
+    let start = out.len();
+    postcard::serialize_with_flavor(item, BytesMutFlavor { out: &mut *out }).map_err(|err| {
+        out.truncate(start);
+        FrameError::Encode(err)
+    })
+}
+
+/// Appends a whole frame (header, then item) to `out`. On error, `out` is
+/// truncated back to its original length: nothing partial is left.
+pub fn encode_frame<T: Serialize + ?Sized>(
+    header: &FrameHeader,
+    item: &T,
+    out: &mut BytesMut,
+) -> Result<(), FrameError> {
+    let start = out.len();
+    header.encode(out);
+    encode_item(item, out).inspect_err(|_| out.truncate(start))
+}
+
+/// Decodes an item that must fill `bytes` exactly.
+pub fn decode_item<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, FrameError> {
+    let (item, rest) = postcard::take_from_bytes(bytes).map_err(FrameError::Decode)?;
+    if rest.is_empty() {
+        Ok(item)
+    } else {
+        Err(FrameError::TrailingBytes(rest.len()))
+    }
+}
+
+/// Decodes a whole frame: its header, then an item that must fill the rest.
+pub fn decode_frame<'de, T: Deserialize<'de>>(
+    frame: &'de [u8],
+) -> Result<(FrameHeader, T), FrameError> {
+    let (header, len) = FrameHeader::decode(frame)?;
+    let item = decode_item(&frame[len..])?;
+    Ok((header, item))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_bytes<T: Serialize + ?Sized>(header: FrameHeader, item: &T) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        encode_frame(&header, item, &mut out).unwrap();
+        out.to_vec()
+    }
+
+    // Vectors shared with docs/PROTOCOL.md ("Test vectors").
+    #[test]
+    fn vector_seq1_ack0_u32_300() {
+        let header = FrameHeader {
+            seq: Seq(1),
+            ack: Some(Seq(0)),
+        };
+        let bytes = frame_bytes(header, &300u32);
+        assert_eq!(bytes, [0x01, 0x01, 0x00, 0xac, 0x02]);
+        let (h, item): (FrameHeader, u32) = decode_frame(&bytes).unwrap();
+        assert_eq!((h, item), (header, 300));
+        assert_eq!(FrameHeader::decode(&bytes).unwrap(), (header, 3));
+    }
+
+    #[test]
+    fn vector_seq_max_no_ack_hi() {
+        let header = FrameHeader {
+            seq: Seq(4_294_967_295),
+            ack: None,
+        };
+        let bytes = frame_bytes(header, "hi");
+        assert_eq!(
+            bytes,
+            [0xff, 0xff, 0xff, 0xff, 0x0f, 0x00, 0x02, 0x68, 0x69]
+        );
+        let (h, item): (FrameHeader, &str) = decode_frame(&bytes).unwrap();
+        assert_eq!((h, item), (header, "hi"));
+        let (h, item): (FrameHeader, String) = decode_frame(&bytes).unwrap();
+        assert_eq!((h, item.as_str()), (header, "hi"));
+    }
+
+    #[test]
+    fn vector_on_stream_link() {
+        // Stream links prefix each payload with its length, u32 little-endian.
+        let bytes = frame_bytes(
+            FrameHeader {
+                seq: Seq(1),
+                ack: Some(Seq(0)),
+            },
+            &300u32,
+        );
+        let mut linked = (bytes.len() as u32).to_le_bytes().to_vec();
+        linked.extend_from_slice(&bytes);
+        assert_eq!(
+            linked,
+            [0x05, 0x00, 0x00, 0x00, 0x01, 0x01, 0x00, 0xac, 0x02]
+        );
+    }
+
+    #[test]
+    fn encode_appends() {
+        let mut out = BytesMut::from(&b"xy"[..]);
+        encode_frame(
+            &FrameHeader {
+                seq: Seq(1),
+                ack: Some(Seq(0)),
+            },
+            &300u32,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(&out[..], &[b'x', b'y', 0x01, 0x01, 0x00, 0xac, 0x02]);
+        encode_item(&7u8, &mut out).unwrap();
+        assert_eq!(&out[7..], &[7]);
+    }
+
+    #[test]
+    fn encoded_len_matches() {
+        let values = [
+            0,
+            1,
+            0x7f,
+            0x80,
+            0x3fff,
+            0x4000,
+            0x1f_ffff,
+            0x20_0000,
+            0x0fff_ffff,
+        ];
+        let values = values.into_iter().chain([0x1000_0000, u32::MAX]);
+        for v in values {
+            for ack in [None, Some(Seq(v)), Some(Seq(u32::MAX))] {
+                let header = FrameHeader { seq: Seq(v), ack };
+                let mut out = BytesMut::new();
+                header.encode(&mut out);
+                assert_eq!(out.len(), header.encoded_len());
+                assert!(out.len() <= MAX_HEADER_LEN);
+                assert_eq!(FrameHeader::decode(&out).unwrap(), (header, out.len()));
+            }
+        }
+        let biggest = FrameHeader {
+            seq: Seq(u32::MAX),
+            ack: Some(Seq(u32::MAX)),
+        };
+        assert_eq!(biggest.encoded_len(), MAX_HEADER_LEN);
+    }
+
+    #[test]
+    fn rejects_overlong_varint() {
+        // Six bytes with continuation bits: more than 5 bytes.
+        let frame = [0x80, 0x80, 0x80, 0x80, 0x80, 0x00, 0x00];
+        assert!(matches!(
+            FrameHeader::decode(&frame),
+            Err(FrameError::BadVarint)
+        ));
+        // Same in the ack.
+        let frame = [0x01, 0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert!(matches!(
+            FrameHeader::decode(&frame),
+            Err(FrameError::BadVarint)
+        ));
+    }
+
+    #[test]
+    fn rejects_varint_above_u32_max() {
+        for last in [0x10u8, 0x1f, 0x7f] {
+            let frame = [0xff, 0xff, 0xff, 0xff, last, 0x00];
+            assert!(matches!(
+                FrameHeader::decode(&frame),
+                Err(FrameError::BadVarint)
+            ));
+            let frame = [0x00, 0x01, 0x80, 0x80, 0x80, 0x80, last];
+            assert!(matches!(
+                FrameHeader::decode(&frame),
+                Err(FrameError::BadVarint)
+            ));
+        }
+        // 0x0f in the 5th byte is the largest allowed.
+        let frame = [0xff, 0xff, 0xff, 0xff, 0x0f, 0x00];
+        assert_eq!(FrameHeader::decode(&frame).unwrap().0.seq, Seq(u32::MAX));
+    }
+
+    #[test]
+    fn accepts_non_minimal_varint_like_postcard() {
+        // `80 00` is a 2-byte encoding of 0; postcard accepts it, so do we.
+        let frame = [0x80, 0x00, 0x01, 0x81, 0x80, 0x00, 0x07];
+        let (header, len) = FrameHeader::decode(&frame).unwrap();
+        assert_eq!(
+            header,
+            FrameHeader {
+                seq: Seq(0),
+                ack: Some(Seq(1))
+            }
+        );
+        assert_eq!(len, 6);
+        assert_eq!(decode_item::<u8>(&frame[len..]).unwrap(), 7);
+        #[derive(Deserialize)]
+        struct Reference {
+            seq: u32,
+            ack: Option<u32>,
+            item: u8,
+        }
+        let r: Reference = postcard::from_bytes(&frame).unwrap();
+        assert_eq!((r.seq, r.ack, r.item), (0, Some(1), 7));
+    }
+
+    #[test]
+    fn rejects_bad_option_tag() {
+        for tag in [0x02u8, 0x80, 0xff] {
+            let frame = [0x05, tag, 0x00];
+            match FrameHeader::decode(&frame) {
+                Err(FrameError::BadOptionTag(t)) => assert_eq!(t, tag),
+                other => panic!("expected BadOptionTag({tag}), got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_at_every_split_point() {
+        let headers = [
+            FrameHeader {
+                seq: Seq(1),
+                ack: Some(Seq(0)),
+            },
+            FrameHeader {
+                seq: Seq(u32::MAX),
+                ack: None,
+            },
+            FrameHeader {
+                seq: Seq(u32::MAX),
+                ack: Some(Seq(u32::MAX - 1)),
+            },
+            FrameHeader {
+                seq: Seq(300),
+                ack: Some(Seq(70_000)),
+            },
+        ];
+        for header in headers {
+            let mut out = BytesMut::new();
+            header.encode(&mut out);
+            for cut in 0..out.len() {
+                assert!(
+                    matches!(FrameHeader::decode(&out[..cut]), Err(FrameError::Truncated)),
+                    "{header:?} cut at {cut}"
+                );
+                assert!(matches!(
+                    decode_frame::<()>(&out[..cut]),
+                    Err(FrameError::Truncated)
+                ));
+            }
+            // The whole header with no item: fine for (), not for u32.
+            assert_eq!(decode_frame::<()>(&out).unwrap().0, header);
+            assert!(matches!(
+                decode_frame::<u32>(&out),
+                Err(FrameError::Decode(
+                    postcard::Error::DeserializeUnexpectedEnd
+                ))
+            ));
+        }
+    }
+
+    #[test]
+    fn trailing_bytes() {
+        let frame = [0x01, 0x00, 0xac, 0x02, 0xaa, 0xbb];
+        match decode_frame::<u32>(&frame) {
+            Err(FrameError::TrailingBytes(n)) => assert_eq!(n, 2),
+            other => panic!("expected TrailingBytes(2), got {other:?}"),
+        }
+        assert!(matches!(
+            decode_item::<u8>(&[1, 2]),
+            Err(FrameError::TrailingBytes(1))
+        ));
+    }
+
+    #[test]
+    fn bad_item() {
+        // "hi" with invalid UTF-8.
+        let frame = [0x00, 0x00, 0x02, 0xff, 0xfe];
+        let err = decode_frame::<String>(&frame).unwrap_err();
+        assert!(matches!(
+            err,
+            FrameError::Decode(postcard::Error::DeserializeBadUtf8)
+        ));
+        assert_eq!(
+            err.to_string(),
+            "could not decode the frame item: Tried to parse invalid utf-8"
+        );
+    }
+
+    /// Writes some bytes, then fails.
+    struct FailsHalfway;
+
+    impl Serialize for FailsHalfway {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::{Error, SerializeTuple};
+            let mut tuple = serializer.serialize_tuple(2)?;
+            tuple.serialize_element(&0xdead_beef_u32)?;
+            tuple.serialize_element(&"partial")?;
+            Err(S::Error::custom("refusing to finish"))
+        }
+    }
+
+    #[test]
+    fn encode_error_leaves_nothing_partial() {
+        let mut out = BytesMut::from(&b"keep"[..]);
+        let header = FrameHeader {
+            seq: Seq(u32::MAX),
+            ack: Some(Seq(12345)),
+        };
+        let err = encode_frame(&header, &FailsHalfway, &mut out).unwrap_err();
+        assert!(matches!(
+            err,
+            FrameError::Encode(postcard::Error::SerdeSerCustom)
+        ));
+        assert_eq!(&out[..], b"keep");
+        assert!(err
+            .to_string()
+            .starts_with("could not serialize the frame item: "));
+
+        let err = encode_item(&FailsHalfway, &mut out).unwrap_err();
+        assert!(matches!(err, FrameError::Encode(_)));
+        assert_eq!(&out[..], b"keep");
+    }
+
+    #[test]
+    fn error_messages_are_concrete() {
+        assert_eq!(
+            FrameError::BadOptionTag(0x02).to_string(),
+            "bad ack option tag in frame header: 0x02 (expected 0x00 or 0x01)"
+        );
+        assert_eq!(
+            FrameError::TrailingBytes(3).to_string(),
+            "frame item decoded but 3 trailing byte(s) were left over"
+        );
+        assert!(FrameError::BadVarint.to_string().contains("4294967295"));
+        assert!(FrameError::Truncated.to_string().contains("header"));
+    }
+}
