@@ -17,7 +17,7 @@
 //!   [`MemKiller`](mem::MemKiller) that simulates an abrupt failure and a
 //!   [`MemConnector`](mem::MemConnector)/[`MemListener`](mem::MemListener)
 //!   pair for reconnect tests.
-//! - `stream`: any byte stream (`AsyncRead` + `AsyncWrite`), with TCP and
+//! - [`stream`]: any byte stream (`AsyncRead` + `AsyncWrite`), with TCP and
 //!   Unix-socket connectors and listeners.
 //!
 //! # Framing on byte streams
@@ -31,7 +31,7 @@
 //! ```
 //!
 //! with no padding and nothing between frames. A peer announcing a length
-//! over the configured maximum (`StreamConfig::max_payload`,
+//! over the configured maximum ([`stream::StreamConfig::max_payload`],
 //! 8 MiB by default) is rejected with [`LinkError::TooLarge`] *before* any
 //! buffer is reserved for it. End-of-file exactly at a frame boundary is a
 //! clean end of stream (`Ok(None)`); end-of-file inside the prefix or the
@@ -71,6 +71,7 @@ use std::future::Future;
 use bytes::Bytes;
 
 pub mod mem;
+pub mod stream;
 
 /// Default maximum payload size of every link: 8 MiB.
 ///
