@@ -1,5 +1,5 @@
-//! Integration tests of the links: in-memory and stream links, framing,
-//! batching, cancel safety and hostile input.
+//! Integration tests of the links: in-memory, TCP and Unix-socket stream
+//! links, framing, batching, cancel safety and hostile input.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use proptest::prelude::*;
 use tether::link::mem::{self, MemConfig, MemLink};
-use tether::link::stream::{StreamConfig, StreamLink};
+use tether::link::stream::{StreamConfig, StreamLink, TcpConnector, TcpLink, TcpListener};
 use tether::link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener, DEFAULT_MAX_PAYLOAD};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
@@ -73,6 +73,57 @@ fn stream_config() -> StreamConfig {
         ..StreamConfig::default()
     }
 }
+
+async fn tcp_pair(config: StreamConfig) -> (TcpLink, TcpLink) {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut listener = TcpListener::from_tokio(socket, config.clone());
+    let connector = TcpConnector::with_config(listener.local_addr().unwrap(), config);
+    let (client, server) = tokio::join!(connector.connect(), listener.accept());
+    (client.unwrap(), server.unwrap())
+}
+
+#[cfg(unix)]
+mod unix_helpers {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tether::link::stream::{StreamConfig, UnixConnector, UnixLink, UnixListener};
+    use tether::link::{Connector, Listener};
+
+    /// A unique socket path under the temp dir, removed on drop.
+    pub(crate) struct SocketPath(pub(crate) PathBuf);
+
+    impl SocketPath {
+        pub(crate) fn new() -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!(
+                "tether-links-{}-{}.sock",
+                std::process::id(),
+                n
+            ));
+            let _ = std::fs::remove_file(&path);
+            SocketPath(path)
+        }
+    }
+
+    impl Drop for SocketPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    pub(crate) async fn unix_pair(config: StreamConfig) -> (UnixLink, UnixLink, SocketPath) {
+        let path = SocketPath::new();
+        let inner = tokio::net::UnixListener::bind(&path.0).unwrap();
+        let mut listener = UnixListener::from_tokio(inner, config.clone());
+        let connector = UnixConnector::with_config(&path.0, config);
+        let (client, server) = tokio::join!(connector.connect(), listener.accept());
+        (client.unwrap(), server.unwrap(), path)
+    }
+}
+#[cfg(unix)]
+use unix_helpers::{unix_pair, SocketPath};
 
 // ---------------------------------------------------------------------------
 // Generic checks, run over every transport
@@ -492,6 +543,214 @@ async fn mem_listener_fails_when_connectors_are_gone() {
         let (mut listener, connector) = mem::listener(4);
         drop(connector);
         assert!(matches!(listener.accept().await, Err(LinkError::Io(_))));
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// TCP
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn tcp_order_and_boundaries() {
+    bounded(async {
+        let (a, b) = tcp_pair(stream_config()).await;
+        check_order_and_boundaries(a, b, TEST_MAX).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tcp_default_config_bind_and_connect() {
+    bounded(async {
+        let mut listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connector = TcpConnector::new(listener.local_addr().unwrap());
+        assert_eq!(connector.addr(), listener.local_addr().unwrap());
+        let (client, server) = tokio::join!(connector.connect(), listener.accept());
+        check_too_large_refused(client.unwrap(), server.unwrap(), DEFAULT_MAX_PAYLOAD).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tcp_too_large_refused() {
+    bounded(async {
+        let (a, b) = tcp_pair(stream_config()).await;
+        check_too_large_refused(a, b, TEST_MAX).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tcp_close_then_eof() {
+    bounded(async {
+        let (a, b) = tcp_pair(stream_config()).await;
+        check_close_then_eof(a, b).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_volume() {
+    let (a, b) = tcp_pair(stream_config()).await;
+    check_volume(a, b).await;
+}
+
+/// A raw peer sends a hostile prefix: the link reports `TooLarge`, then is
+/// dead.
+#[tokio::test]
+async fn tcp_rx_error_then_dead() {
+    bounded(async {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let connector = TcpConnector::with_config(addr, stream_config());
+    let (link, raw) = tokio::join!(connector.connect(), socket.accept());
+    let (mut raw, _) = raw.unwrap();
+    let (_tx, mut rx) = link.unwrap().split();
+    let mut bytes = frame_all(&[pattern(3, 3)]);
+    bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+    raw.write_all(&bytes).await.unwrap();
+    assert_eq!(rx.recv().await.unwrap().unwrap(), pattern(3, 3));
+    let err = check_rx_dead_after_error(&mut rx).await;
+    assert!(
+        matches!(err, LinkError::TooLarge { len, max } if len == u32::MAX as usize && max == TEST_MAX)
+    );
+}).await;
+}
+
+#[tokio::test]
+async fn tcp_truncated_then_dead() {
+    bounded(async {
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connector = TcpConnector::new(socket.local_addr().unwrap());
+        let (link, raw) = tokio::join!(connector.connect(), socket.accept());
+        let (mut raw, _) = raw.unwrap();
+        let (_tx, mut rx) = link.unwrap().split();
+        raw.write_all(&[100, 0, 0, 0, 1, 2]).await.unwrap();
+        raw.shutdown().await.unwrap();
+        let err = check_rx_dead_after_error(&mut rx).await;
+        assert!(
+            matches!(
+                err,
+                LinkError::Truncated {
+                    expected: 100,
+                    got: 2
+                }
+            ),
+            "{err:?}"
+        );
+    })
+    .await;
+}
+
+/// Writing to a peer that is gone eventually fails with an I/O error; the
+/// half is dead afterwards.
+#[tokio::test]
+async fn tcp_tx_error_then_dead() {
+    bounded(async {
+        let (a, b) = tcp_pair(stream_config()).await;
+        drop(b);
+        let (mut tx, _rx) = a.split();
+        let mut first_err = None;
+        for _ in 0..200 {
+            if let Err(e) = tx.send(pattern(1000, 0)).await {
+                first_err = Some(e);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let err = first_err.expect("sending to a closed socket fails");
+        assert!(matches!(err, LinkError::Io(_)), "{err:?}");
+        assert!(matches!(tx.send(pattern(1, 0)).await, Err(LinkError::Dead)));
+        assert!(matches!(tx.close().await, Err(LinkError::Dead)));
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// Unix sockets
+// ---------------------------------------------------------------------------
+
+#[cfg(unix)]
+#[tokio::test]
+async fn unix_order_and_boundaries() {
+    bounded(async {
+        let (a, b, _path) = unix_pair(stream_config()).await;
+        check_order_and_boundaries(a, b, TEST_MAX).await;
+    })
+    .await;
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn unix_default_config_bind_and_connect() {
+    bounded(async {
+        use tether::link::stream::{UnixConnector, UnixListener};
+        let path = SocketPath::new();
+        let mut listener = UnixListener::bind(&path.0).unwrap();
+        let connector = UnixConnector::new(&path.0);
+        assert_eq!(connector.path(), path.0.as_path());
+        let (client, server) = tokio::join!(connector.connect(), listener.accept());
+        check_too_large_refused(client.unwrap(), server.unwrap(), DEFAULT_MAX_PAYLOAD).await;
+    })
+    .await;
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn unix_too_large_refused() {
+    bounded(async {
+        let (a, b, _path) = unix_pair(stream_config()).await;
+        check_too_large_refused(a, b, TEST_MAX).await;
+    })
+    .await;
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn unix_close_then_eof() {
+    bounded(async {
+        let (a, b, _path) = unix_pair(stream_config()).await;
+        check_close_then_eof(a, b).await;
+    })
+    .await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_volume() {
+    let (a, b, _path) = unix_pair(stream_config()).await;
+    check_volume(a, b).await;
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn unix_rx_error_then_dead() {
+    bounded(async {
+        use tether::link::stream::UnixConnector;
+        let path = SocketPath::new();
+        let socket = tokio::net::UnixListener::bind(&path.0).unwrap();
+        let connector = UnixConnector::with_config(&path.0, stream_config());
+        let (link, raw) = tokio::join!(connector.connect(), socket.accept());
+        let (mut raw, _) = raw.unwrap();
+        let (_tx, mut rx) = link.unwrap().split();
+        let mut bytes = frame_all(&[pattern(0, 0), pattern(7, 7)]);
+        bytes.extend_from_slice(&[5, 0]);
+        raw.write_all(&bytes).await.unwrap();
+        raw.shutdown().await.unwrap();
+        assert_eq!(rx.recv().await.unwrap().unwrap(), pattern(0, 0));
+        assert_eq!(rx.recv().await.unwrap().unwrap(), pattern(7, 7));
+        let err = check_rx_dead_after_error(&mut rx).await;
+        assert!(
+            matches!(
+                err,
+                LinkError::Truncated {
+                    expected: 4,
+                    got: 2
+                }
+            ),
+            "{err:?}"
+        );
     })
     .await;
 }

@@ -43,8 +43,13 @@
 //! Anything queued but not flushed is lost. Conduits must not take
 //! `Ok(None)` alone as proof that the peer finished its session.
 
+mod net;
 mod rx;
 mod tx;
+
+pub use net::{TcpConnector, TcpLink, TcpListener};
+#[cfg(unix)]
+pub use net::{UnixConnector, UnixLink, UnixListener};
 pub use rx::StreamRx;
 pub use tx::StreamTx;
 
@@ -112,7 +117,8 @@ where
     T: AsyncRead + AsyncWrite + Send + 'static,
 {
     /// A link over any bidirectional stream, split with
-    /// [`tokio::io::split`] (the halves share a lock).
+    /// [`tokio::io::split`] (the halves share a lock; prefer
+    /// [`StreamLink::tcp`] or [`StreamLink::unix`] for sockets).
     pub fn new(io: T, config: StreamConfig) -> Self {
         let (reader, writer) = tokio::io::split(io);
         StreamLink::from_halves(reader, writer, config)
