@@ -1,0 +1,205 @@
+//! Links: the message-oriented byte transports underneath conduits.
+//!
+//! A *link* carries whole payloads between two peers: one [`LinkTx::feed`]
+//! (or [`LinkTx::send`]) on one side is exactly one [`LinkRx::recv`] on the
+//! other, in order, with its boundaries kept. Empty payloads are payloads
+//! like any other. A link is reliable and ordered while it lives, but it can
+//! die at any moment; the stable conduit above survives that by replaying
+//! over a fresh link from a [`Connector`] or [`Listener`].
+//!
+//! Every link splits into a sending half ([`LinkTx`]) and a receiving half
+//! ([`LinkRx`]) so that the two directions can be driven from different
+//! tasks without a lock.
+//!
+//! # Transports
+//!
+//! - [`mem`]: an in-memory pair over two bounded channels, with a
+//!   [`MemKiller`](mem::MemKiller) that simulates an abrupt failure and a
+//!   [`MemConnector`](mem::MemConnector)/[`MemListener`](mem::MemListener)
+//!   pair for reconnect tests.
+//! - [`stream`]: any byte stream (`AsyncRead` + `AsyncWrite`), with TCP and
+//!   Unix-socket connectors and listeners.
+//!
+//! # Framing on byte streams
+//!
+//! A stream link frames each payload as
+//!
+//! ```text
+//! +----------------------+------------------+
+//! | len: u32 little-end. | len payload bytes |
+//! +----------------------+------------------+
+//! ```
+//!
+//! with no padding and nothing between frames. A peer announcing a length
+//! over the configured maximum ([`stream::StreamConfig::max_payload`],
+//! 8 MiB by default) is rejected with [`LinkError::TooLarge`] *before* any
+//! buffer is reserved for it. End-of-file exactly at a frame boundary is a
+//! clean end of stream (`Ok(None)`); end-of-file inside the prefix or the
+//! payload is [`LinkError::Truncated`].
+//!
+//! Received payloads are [`Bytes`] views into the link's read buffer: a
+//! conduit can decode from them without another copy.
+//!
+//! # Cancel safety
+//!
+//! Every future returned by these traits may be dropped at any `.await`
+//! point (for example by `tokio::select!` or a timeout) without corrupting
+//! the link:
+//!
+//! - [`LinkTx::feed`]: if dropped before it completes, the payload was not
+//!   queued and no capacity leaks. Once it returns `Ok`, the payload is
+//!   queued and goes out with the next flush.
+//! - [`LinkTx::flush`]: progress is kept in the link. Bytes already written
+//!   stay written, the rest stays queued for the next flush or close; the
+//!   peer never sees a payload cut short or out of order.
+//! - [`LinkTx::send`] is `feed` then `flush`: dropped during the `feed`
+//!   part, nothing was queued; dropped during the `flush` part, the payload
+//!   is queued and goes out with the next flush.
+//! - [`LinkTx::close`]: like `flush`; a dropped close can be retried.
+//! - [`LinkRx::recv`]: if dropped, no payload is lost; partial frames stay
+//!   buffered in the link and the next call continues where it stopped.
+//!
+//! # Errors
+//!
+//! Every [`LinkError`] is fatal to the half that reported it: after the first
+//! error, every later call on that half returns [`LinkError::Dead`] and never
+//! data. A half that received a clean end of stream keeps returning
+//! `Ok(None)`.
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+pub mod mem;
+pub mod stream;
+
+/// Default maximum payload size of every link: 8 MiB.
+///
+/// Both the in-memory and the stream links enforce a maximum so that code
+/// tested over [`mem`] behaves the same over a socket.
+pub const DEFAULT_MAX_PAYLOAD: usize = 8 * 1024 * 1024;
+
+/// The sending half of a link.
+pub trait LinkTx: Send + 'static {
+    /// Queue one payload without flushing. Waits (backpressure) while the
+    /// transport cannot take more.
+    ///
+    /// Cancel-safe: if the future is dropped before it completes, the payload
+    /// was not queued and no capacity leaks.
+    fn feed(&mut self, payload: Bytes) -> impl Future<Output = Result<(), LinkError>> + Send;
+
+    /// Push everything queued to the transport.
+    ///
+    /// Cancel-safe: progress is kept in the link; a dropped flush never
+    /// publishes a partial payload (the rest goes out on the next flush).
+    fn flush(&mut self) -> impl Future<Output = Result<(), LinkError>> + Send;
+
+    /// [`feed`](LinkTx::feed) then [`flush`](LinkTx::flush).
+    ///
+    /// Cancel-safe in the sense of both: dropped while feeding, nothing was
+    /// queued; dropped while flushing, the payload is queued and goes out
+    /// with the next flush.
+    fn send(&mut self, payload: Bytes) -> impl Future<Output = Result<(), LinkError>> + Send {
+        async move {
+            self.feed(payload).await?;
+            self.flush().await
+        }
+    }
+
+    /// Graceful close: flushes everything queued, then signals end-of-stream
+    /// to the peer (TCP/Unix: shuts down the write side).
+    ///
+    /// The peer receives every earlier payload, then `Ok(None)`. Closing an
+    /// already closed half succeeds again; [`feed`](LinkTx::feed) and
+    /// [`flush`](LinkTx::flush) after a close fail with
+    /// [`LinkError::Closed`].
+    fn close(&mut self) -> impl Future<Output = Result<(), LinkError>> + Send;
+}
+
+/// The receiving half of a link.
+pub trait LinkRx: Send + 'static {
+    /// Next payload; `Ok(None)` is a clean end-of-stream (the peer closed at
+    /// a payload boundary). Cancel-safe.
+    fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, LinkError>> + Send;
+}
+
+/// A bidirectional link, split into its two halves to be used.
+pub trait Link: Send + 'static {
+    /// The sending half.
+    type Tx: LinkTx;
+    /// The receiving half.
+    type Rx: LinkRx;
+
+    /// Separates the two directions so that they can be driven
+    /// independently (from different tasks, without a lock).
+    fn split(self) -> (Self::Tx, Self::Rx);
+}
+
+/// Produces fresh links on demand (the client side of a stable conduit
+/// reconnects through this).
+pub trait Connector: Send + Sync + 'static {
+    /// The kind of link produced.
+    type Link: Link;
+
+    /// Establishes one new link.
+    fn connect(&self) -> impl Future<Output = Result<Self::Link, LinkError>> + Send;
+}
+
+/// Accepts links (the server side).
+pub trait Listener: Send + 'static {
+    /// The kind of link accepted.
+    type Link: Link;
+
+    /// Waits for the next incoming link.
+    fn accept(&mut self) -> impl Future<Output = Result<Self::Link, LinkError>> + Send;
+}
+
+/// Why a link operation failed.
+///
+/// Every variant is fatal to the half that returned it (see
+/// [`LinkError::is_dead`]): later calls on that half return
+/// [`LinkError::Dead`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The underlying transport failed.
+    #[error("link i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A payload (sent, or announced by a received length prefix) is over
+    /// the maximum payload size.
+    #[error("payload of {len} bytes is over the maximum of {max} bytes")]
+    TooLarge {
+        /// The payload's size in bytes.
+        len: usize,
+        /// The maximum the link accepts.
+        max: usize,
+    },
+    /// End-of-file inside a frame: in its length prefix or its payload.
+    #[error("end of stream inside a frame: expected {expected} bytes, got {got}")]
+    Truncated {
+        /// Bytes that the unfinished part (the 4-byte prefix, or the payload)
+        /// needed.
+        expected: usize,
+        /// Bytes of that part that arrived before end-of-file.
+        got: usize,
+    },
+    /// The peer vanished without a graceful close (an in-memory link was
+    /// dropped or killed).
+    #[error("link reset: the peer vanished without closing")]
+    Reset,
+    /// This half already failed earlier; it yields nothing more.
+    #[error("link is dead after an earlier error")]
+    Dead,
+    /// `feed` or `flush` after `close()`.
+    #[error("link was closed for sending")]
+    Closed,
+}
+
+impl LinkError {
+    /// Whether the half that returned this error is dead. Always `true`:
+    /// every link error is fatal to the link, and the conduit must move on
+    /// to a fresh one.
+    pub fn is_dead(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,139 @@
+//! Links over byte streams: TCP, Unix sockets, or any
+//! `AsyncRead` + `AsyncWrite`.
+//!
+//! Each payload is framed as `[len: u32 little-endian][payload]` (see the
+//! [module documentation](super#framing-on-byte-streams)).
+//!
+//! # Receiving
+//!
+//! [`StreamRx`] is an explicit two-state decoder (reading the 4-byte head,
+//! reading `n` payload bytes) over one read buffer. An announced length is
+//! checked against [`StreamConfig::max_payload`] *before* anything is
+//! reserved, so a hostile prefix such as `ff ff ff ff` costs no allocation.
+//! The buffer then reserves exactly what the frame needs (at least a modest
+//! read chunk, so that many small frames arrive in one read), and each
+//! payload is handed out as a zero-copy [`Bytes`](bytes::Bytes) view of it.
+//!
+//! # Sending
+//!
+//! [`StreamTx`] batches: small payloads (up to 4 KiB) are copied, with their
+//! prefix, into one coalescing buffer; larger payloads are not copied but
+//! queued by reference after their prefix. A flush hands the whole queue to
+//! the writer in as few calls as possible: one `poll_write_vectored` (up to
+//! 64 slices) when the writer supports vectored writes, otherwise one
+//! `poll_write` per chunk. Many small payloads fed back to back therefore go
+//! out in one system call. `feed` applies backpressure: while more than
+//! [`StreamConfig::write_buffer`] bytes are queued, it first writes some
+//! out.
+//!
+//! # Cancel safety
+//!
+//! All decoding and writing progress lives in the halves themselves, and
+//! every await point is a single cancel-safe read or write poll, so any
+//! future of [`LinkTx`](super::LinkTx) or [`LinkRx`](super::LinkRx) may be
+//! dropped at any point: a partly written queue resumes where it stopped,
+//! a partly read frame stays buffered.
+//!
+//! # Dropping without closing
+//!
+//! Unlike the in-memory link, what the peer sees when a stream half is
+//! dropped without [`close`](super::LinkTx::close) depends on the transport:
+//! dropping the write half of a TCP or Unix stream (or the whole socket)
+//! usually shuts it down, which the peer reads as a clean end of stream.
+//! Anything queued but not flushed is lost. Conduits must not take
+//! `Ok(None)` alone as proof that the peer finished its session.
+
+mod net;
+mod rx;
+mod tx;
+
+pub use net::{TcpConnector, TcpLink, TcpListener};
+#[cfg(unix)]
+pub use net::{UnixConnector, UnixLink, UnixListener};
+pub use rx::StreamRx;
+pub use tx::StreamTx;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+
+use super::{Link, DEFAULT_MAX_PAYLOAD};
+
+/// Settings of a stream link.
+#[derive(Clone, Debug)]
+pub struct StreamConfig {
+    /// Largest payload sent or accepted, in bytes. Default
+    /// [`DEFAULT_MAX_PAYLOAD`] (8 MiB). Values above `u32::MAX` act as
+    /// `u32::MAX`, the largest length the prefix can carry.
+    ///
+    /// A received prefix over this is an error before any memory is
+    /// reserved; a larger value lets a peer make this side buffer that much.
+    pub max_payload: usize,
+    /// Backpressure high-water mark, in queued bytes. Default 64 KiB.
+    ///
+    /// `feed` writes queued data out first while more than this is queued.
+    /// Larger values batch more per system call at the cost of memory per
+    /// link; smaller values bound latency and memory.
+    pub write_buffer: usize,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            write_buffer: 64 * 1024,
+        }
+    }
+}
+
+impl StreamConfig {
+    /// The maximum actually enforced: `max_payload`, capped at `u32::MAX`.
+    fn effective_max(&self) -> usize {
+        self.max_payload.min(u32::MAX as usize)
+    }
+}
+
+/// A link over a byte stream, from its read half `R` and write half `W`.
+#[derive(Debug)]
+pub struct StreamLink<R, W> {
+    rx: StreamRx<R>,
+    tx: StreamTx<W>,
+}
+
+impl<R, W> StreamLink<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    /// A link reading frames from `reader` and writing frames to `writer`.
+    pub fn from_halves(reader: R, writer: W, config: StreamConfig) -> Self {
+        StreamLink {
+            rx: StreamRx::new(reader, &config),
+            tx: StreamTx::new(writer, &config),
+        }
+    }
+}
+
+impl<T> StreamLink<ReadHalf<T>, WriteHalf<T>>
+where
+    T: AsyncRead + AsyncWrite + Send + 'static,
+{
+    /// A link over any bidirectional stream, split with
+    /// [`tokio::io::split`] (the halves share a lock; prefer
+    /// [`StreamLink::tcp`] or [`StreamLink::unix`] for sockets).
+    pub fn new(io: T, config: StreamConfig) -> Self {
+        let (reader, writer) = tokio::io::split(io);
+        StreamLink::from_halves(reader, writer, config)
+    }
+}
+
+impl<R, W> Link for StreamLink<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    type Tx = StreamTx<W>;
+    type Rx = StreamRx<R>;
+
+    fn split(self) -> (StreamTx<W>, StreamRx<R>) {
+        (self.tx, self.rx)
+    }
+}
