@@ -1,6 +1,10 @@
-//! Library side of the `tether` command: building blocks shared by its subcommands.
-//!
-//! [`proxy`] is a fault-injecting TCP proxy that `tether demo` places between a client and a
-//! server to cut connections at random (but reproducible) moments.
+//! Library side of the `tether` command: each subcommand's logic lives in a
+//! module here, and `main.rs` only parses arguments.
 
-pub mod proxy;
+pub mod demo;
+pub mod echo;
+
+/// The message type of `tether echo` and `tether demo`: a byte string,
+/// encoded by postcard as a varint length and the bytes (the same bytes as a
+/// postcard `Vec<u8>`, serialized in one call instead of byte by byte).
+pub type Bytes = serde_bytes::ByteBuf;

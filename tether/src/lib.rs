@@ -1,6 +1,31 @@
-//! Stable conduits on tokio.
+//! Stable conduits on tokio: typed message channels that stay reliable,
+//! ordered and exactly-once while the links underneath fail and are
+//! replaced.
+//!
+//! Layers, bottom up:
+//! - [`link`]: message-oriented byte transports (in-memory, TCP, Unix).
+//! - [`bare`]: typed messages over one link (postcard), no recovery.
+//! - [`fault`]: a fault-injecting TCP proxy for tests and demos.
+//! - [`stable`]: sequencing, acks, replay and session resumption over a
+//!   series of links, with a reconnecting client and a session-keeping
+//!   server.
+//!
+//! The protocol logic that needs no runtime lives in [`tether_proto`].
 #![forbid(unsafe_code)]
 
+pub mod bare;
+pub mod borrowed;
+pub mod error;
+pub mod fault;
 pub mod link;
+pub mod stable;
 
+pub use bare::{BareConduit, BareReceiver, BareSender};
+pub use borrowed::{Borrowed, BorrowedMessage};
+pub use error::{Error, SessionLost};
 pub use link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener};
+pub use stable::{
+    ConduitState, Config, ReconnectPolicy, Server, ServerStats, StableConduit, StableReceiver,
+    StableSender, Stats,
+};
+pub use tether_proto as proto;

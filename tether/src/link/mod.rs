@@ -73,6 +73,10 @@ use bytes::Bytes;
 pub mod mem;
 pub mod stream;
 
+pub use stream::{StreamConfig, StreamLink, TcpConnector, TcpLink, TcpListener};
+#[cfg(unix)]
+pub use stream::{UnixConnector, UnixLink, UnixListener};
+
 /// Default maximum payload size of every link: 8 MiB.
 ///
 /// Both the in-memory and the stream links enforce a maximum so that code

@@ -1,0 +1,171 @@
+//! The bare conduit: typed messages over one link, nothing more.
+//!
+//! A bare conduit encodes each message with postcard straight into a buffer
+//! it owns (one serialization, no intermediate `Vec`) and hands the frozen
+//! bytes to the link; the receiving side decodes from the link's buffer.
+//! There is no sequencing and no recovery: when the link fails, the conduit
+//! fails. Use a stable conduit (`crate::stable`) when the link may drop.
+
+use std::marker::PhantomData;
+
+use bytes::{Bytes, BytesMut};
+use serde::{de::DeserializeOwned, Serialize};
+use tether_proto::frame::{decode_item, encode_item};
+
+use crate::borrowed::{Borrowed, BorrowedMessage};
+use crate::error::Error;
+use crate::link::{Link, LinkRx, LinkTx};
+
+/// Size of the chunks the encoder serializes into. Frames share a chunk until
+/// it is full, so small messages cost no allocation of their own.
+pub(crate) const ENCODE_CHUNK: usize = 16 * 1024;
+
+/// Makes sure `buf` has room for a typical small message without growing
+/// mid-serialization; allocates a fresh chunk only when the current one is
+/// used up.
+pub(crate) fn ensure_chunk(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 256 {
+        buf.reserve(ENCODE_CHUNK);
+    }
+}
+
+/// A typed conduit over one link: sends `S`, receives `R`.
+pub struct BareConduit<L: Link, S, R = S> {
+    tx: BareSender<L::Tx, S>,
+    rx: BareReceiver<L::Rx, R>,
+}
+
+impl<L: Link, S, R> BareConduit<L, S, R> {
+    /// Wraps a link.
+    pub fn new(link: L) -> Self {
+        let (tx, rx) = link.split();
+        BareConduit {
+            tx: BareSender::new(tx),
+            rx: BareReceiver::new(rx),
+        }
+    }
+
+    /// Splits into a sending and a receiving half that can live on
+    /// different tasks.
+    pub fn split(self) -> (BareSender<L::Tx, S>, BareReceiver<L::Rx, R>) {
+        (self.tx, self.rx)
+    }
+}
+
+impl<L: Link, S: Serialize, R> BareConduit<L, S, R> {
+    /// Sends one message and flushes it; see [`BareSender::send`].
+    pub async fn send(&mut self, msg: &S) -> Result<(), Error> {
+        self.tx.send(msg).await
+    }
+}
+
+impl<L: Link, S, R: DeserializeOwned> BareConduit<L, S, R> {
+    /// Receives one message; see [`BareReceiver::recv`].
+    pub async fn recv(&mut self) -> Result<Option<R>, Error> {
+        self.rx.recv().await
+    }
+}
+
+/// The sending half of a [`BareConduit`].
+pub struct BareSender<T, S> {
+    tx: T,
+    buf: BytesMut,
+    _msg: PhantomData<fn(&S)>,
+}
+
+impl<T: LinkTx, S> BareSender<T, S> {
+    /// Wraps the sending half of a link.
+    pub fn new(tx: T) -> Self {
+        BareSender {
+            tx,
+            buf: BytesMut::new(),
+            _msg: PhantomData,
+        }
+    }
+
+    /// Flushes messages queued with [`feed`](Self::feed).
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        Ok(self.tx.flush().await?)
+    }
+
+    /// Flushes, then closes the link gracefully: the peer receives every
+    /// earlier message and then the end of the stream.
+    pub async fn close(&mut self) -> Result<(), Error> {
+        Ok(self.tx.close().await?)
+    }
+
+    /// The link's sending half.
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.tx
+    }
+}
+
+impl<T: LinkTx, S: Serialize> BareSender<T, S> {
+    fn encode(&mut self, msg: &S) -> Result<Bytes, Error> {
+        ensure_chunk(&mut self.buf);
+        encode_item(msg, &mut self.buf).map_err(Error::Encode)?;
+        Ok(self.buf.split().freeze())
+    }
+
+    /// Queues one message without flushing, so that several messages can
+    /// share one write. Waits while the link cannot take more.
+    pub async fn feed(&mut self, msg: &S) -> Result<(), Error> {
+        let frame = self.encode(msg)?;
+        Ok(self.tx.feed(frame).await?)
+    }
+
+    /// Sends one message and flushes it.
+    pub async fn send(&mut self, msg: &S) -> Result<(), Error> {
+        let frame = self.encode(msg)?;
+        Ok(self.tx.send(frame).await?)
+    }
+}
+
+/// The receiving half of a [`BareConduit`].
+pub struct BareReceiver<T, R> {
+    rx: T,
+    _msg: PhantomData<fn() -> R>,
+}
+
+impl<T: LinkRx, R> BareReceiver<T, R> {
+    /// Wraps the receiving half of a link.
+    pub fn new(rx: T) -> Self {
+        BareReceiver {
+            rx,
+            _msg: PhantomData,
+        }
+    }
+
+    /// Receives the next payload undecoded.
+    pub async fn recv_bytes(&mut self) -> Result<Option<Bytes>, Error> {
+        Ok(self.rx.recv().await?)
+    }
+
+    /// Receives a message that borrows from the received buffer (`&str`,
+    /// `&[u8]`, or a struct of them) without copying it; see [`Borrowed`].
+    pub async fn recv_borrowed<Y>(&mut self) -> Result<Option<Borrowed<Y>>, Error>
+    where
+        Y: BorrowedMessage,
+    {
+        match self.rx.recv().await? {
+            Some(bytes) => Borrowed::decode(bytes)
+                .map(Some)
+                .map_err(|source| Error::Decode { seq: None, source }),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<T: LinkRx, R: DeserializeOwned> BareReceiver<T, R> {
+    /// Receives the next message; `Ok(None)` once the peer closed the link
+    /// gracefully. A decode failure consumes the message and is reported as
+    /// [`Error::Decode`]; the conduit stays usable.
+    pub async fn recv(&mut self) -> Result<Option<R>, Error> {
+        match self.rx.recv().await? {
+            Some(bytes) => decode_item(&bytes)
+                .map(Some)
+                .map_err(|source| Error::Decode { seq: None, source }),
+            None => Ok(None),
+        }
+    }
+}

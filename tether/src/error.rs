@@ -1,0 +1,103 @@
+//! Errors seen by applications.
+//!
+//! Errors are grouped by what the application can do about them:
+//! [`Error::SessionLost`] is terminal (every later call returns it), while
+//! [`Error::Encode`] and [`Error::Decode`] concern one message and leave the
+//! conduit usable. Link failures never reach a stable conduit's user: the
+//! conduit replaces the link and carries on.
+
+use std::time::Duration;
+
+use tether_proto::{FrameError, HelloError, Seq};
+
+use crate::link::LinkError;
+
+/// Why a stable session ended for good.
+///
+/// Once a session is lost, every later `send` and `recv` returns the same
+/// reason, wrapped in [`Error::SessionLost`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionLost {
+    /// The server answered a resume with the rejected flag: the key was
+    /// unknown, expired or already replaced.
+    #[error("the server rejected the resume key (unknown, expired or already replaced)")]
+    Rejected,
+    /// The client could not get a working link back before its give-up
+    /// deadline.
+    #[error(
+        "gave up reconnecting after {attempts} attempts over {elapsed:?}; last error: {last_error}"
+    )]
+    GaveUp {
+        /// Connection attempts made since the link was lost.
+        attempts: u32,
+        /// Time spent trying.
+        elapsed: Duration,
+        /// The last attempt's error, as text.
+        last_error: String,
+    },
+    /// The peer broke the protocol (a malformed frame, a gap in sequence
+    /// numbers, an ack for data never sent, an impossible resume point).
+    #[error("protocol violation by the peer: {0}")]
+    Protocol(String),
+    /// The server shut down and dropped the session.
+    #[error("the server shut down")]
+    ServerShutdown,
+}
+
+/// The error type of conduits, clients and servers.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The stable session is gone; see [`SessionLost`]. Terminal.
+    #[error("session lost: {0}")]
+    SessionLost(#[from] SessionLost),
+    /// The underlying link failed (bare conduits, and the first connection
+    /// of a client that is not allowed to retry).
+    #[error("link failed: {0}")]
+    Link(#[from] LinkError),
+    /// A message could not be serialized. Nothing was sent; the conduit is
+    /// still usable.
+    #[error("could not encode message: {0}")]
+    Encode(#[source] FrameError),
+    /// A received message was not a valid encoding of the expected type. The
+    /// message is consumed; the conduit is still usable.
+    #[error("could not decode message{}: {source}", seq.map(|s| format!(" {s}")).unwrap_or_default())]
+    Decode {
+        /// Sequence number of the offending frame (stable conduits only).
+        seq: Option<Seq>,
+        /// What failed.
+        #[source]
+        source: FrameError,
+    },
+    /// The peer's handshake message was malformed.
+    #[error("bad handshake from peer: {0}")]
+    Handshake(#[from] HelloError),
+    /// The conduit was closed by this side.
+    #[error("the conduit is closed")]
+    Closed,
+}
+
+impl Error {
+    /// The session-loss reason, if this error is terminal for a stable session.
+    pub fn session_lost(&self) -> Option<&SessionLost> {
+        match self {
+            Error::SessionLost(reason) => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for std::io::Error {
+    fn from(err: Error) -> std::io::Error {
+        use std::io::ErrorKind;
+        let kind = match &err {
+            Error::SessionLost(_) => ErrorKind::ConnectionAborted,
+            Error::Link(LinkError::Io(e)) => e.kind(),
+            Error::Link(_) => ErrorKind::ConnectionReset,
+            Error::Encode(_) | Error::Decode { .. } | Error::Handshake(_) => ErrorKind::InvalidData,
+            Error::Closed => ErrorKind::NotConnected,
+        };
+        std::io::Error::new(kind, err)
+    }
+}
