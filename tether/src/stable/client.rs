@@ -1,0 +1,227 @@
+//! The client side: connect, handshake, and reconnect with backoff.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tether_proto::{ClientHello, RecvState, ResumeKey, Seq, ServerHello};
+use tokio::time::{timeout, Instant};
+
+use super::config::Config;
+use super::core::{endpoint, run_attachment, AttachEnd, Endpoint, Shared};
+use super::{ConduitState, StableConduit};
+use crate::error::{Error, SessionLost};
+use crate::link::{Connector, Link, LinkRx, LinkTx};
+
+type Halves<C> = (
+    <<C as Connector>::Link as Link>::Tx,
+    <<C as Connector>::Link as Link>::Rx,
+);
+
+/// What one connection attempt can end in.
+enum Attempt<C: Connector> {
+    Attached(Halves<C>, ServerHello),
+    Rejected,
+    Failed(String),
+}
+
+impl<S, R> StableConduit<S, R> {
+    /// Connects through `connector`, performs the handshake, and returns the
+    /// conduit; a driver task keeps it connected from then on, replacing the
+    /// link whenever it fails.
+    ///
+    /// The first connection is retried under the same policy as later ones;
+    /// this fails only if the server rejects the session or the give-up
+    /// deadline passes.
+    pub async fn connect<C: Connector>(connector: C, config: Config) -> Result<Self, Error> {
+        let shared = Shared::new(&config, ConduitState::Connecting);
+        let mut rng = match config.seed {
+            Some(seed) => SmallRng::seed_from_u64(seed),
+            None => SmallRng::from_os_rng(),
+        };
+        let recv = RecvState::new();
+        let (halves, hello) = reconnect(&connector, None, &recv, &config, &mut rng).await?;
+        let (ep, handles) = endpoint(shared.clone());
+        shared.resume(hello.last_received)?;
+        shared.set_state(ConduitState::Connected);
+        tracing::debug!("stable conduit connected");
+        let driver = ClientDriver {
+            connector,
+            config,
+            shared,
+            endpoint: ep,
+            recv,
+            key: hello.resume_key,
+            rng,
+        };
+        tokio::spawn(driver.run(halves));
+        Ok(StableConduit::from_handles(handles))
+    }
+}
+
+struct ClientDriver<C> {
+    connector: C,
+    config: Config,
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    recv: RecvState,
+    key: ResumeKey,
+    rng: SmallRng,
+}
+
+impl<C: Connector> ClientDriver<C> {
+    async fn run(mut self, mut halves: Halves<C>) {
+        loop {
+            let (tx, rx) = &mut halves;
+            let end = run_attachment(
+                &self.shared,
+                &mut self.endpoint,
+                tx,
+                rx,
+                &mut self.recv,
+                std::future::pending::<()>(),
+                || {},
+            )
+            .await;
+            match end {
+                AttachEnd::Finished => {
+                    let _ = tx.close().await;
+                    self.shared.finish();
+                    return;
+                }
+                AttachEnd::Protocol(msg) => {
+                    self.shared.fail(SessionLost::Protocol(msg));
+                    return;
+                }
+                AttachEnd::Link(e) => tracing::debug!(error = %e, "link failed"),
+                AttachEnd::Eof => tracing::debug!("link ended by peer"),
+                AttachEnd::Preempted(()) => unreachable!("pending() never resolves"),
+            }
+            drop(halves);
+            self.shared.set_state(ConduitState::Reconnecting);
+            let attempt = tokio::select! {
+                r = reconnect(&self.connector, Some(self.key), &self.recv, &self.config, &mut self.rng) => r,
+                () = self.endpoint.all_gone() => {
+                    self.shared.finish();
+                    return;
+                }
+            };
+            let hello = match attempt {
+                Ok((h, hello)) => {
+                    halves = h;
+                    hello
+                }
+                Err(Error::SessionLost(reason)) => {
+                    self.shared.fail(reason);
+                    return;
+                }
+                Err(e) => {
+                    self.shared.fail(SessionLost::Protocol(e.to_string()));
+                    return;
+                }
+            };
+            self.key = hello.resume_key;
+            if let Err(reason) = self.shared.resume(hello.last_received) {
+                self.shared.fail(reason);
+                return;
+            }
+            self.shared
+                .counters
+                .reconnects
+                .fetch_add(1, Ordering::Relaxed);
+            self.shared.set_state(ConduitState::Connected);
+            tracing::debug!("stable conduit resumed");
+        }
+    }
+}
+
+/// Gets a link and completes a handshake, retrying with exponential backoff
+/// and full jitter until the give-up deadline.
+async fn reconnect<C: Connector>(
+    connector: &C,
+    key: Option<ResumeKey>,
+    recv: &RecvState,
+    config: &Config,
+    rng: &mut SmallRng,
+) -> Result<(Halves<C>, ServerHello), Error> {
+    let policy = &config.reconnect;
+    let started = Instant::now();
+    let mut attempts: u32 = 0;
+    let mut bound = policy.min_backoff;
+    loop {
+        attempts += 1;
+        let outcome = match timeout(
+            config.handshake_timeout,
+            attempt::<C>(connector, key, recv.last_received()),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Attempt::Failed(format!(
+                "connect and handshake timed out after {:?}",
+                config.handshake_timeout
+            )),
+        };
+        let last_error = match outcome {
+            Attempt::Attached(halves, hello) => return Ok((halves, hello)),
+            Attempt::Rejected => return Err(SessionLost::Rejected.into()),
+            Attempt::Failed(e) => e,
+        };
+        tracing::debug!(attempts, error = %last_error, "connection attempt failed");
+        let elapsed = started.elapsed();
+        let delay = if bound.is_zero() {
+            Duration::ZERO
+        } else {
+            rng.random_range(Duration::ZERO..=bound)
+        };
+        if let Some(limit) = policy.give_up_after {
+            if elapsed + delay >= limit {
+                return Err(SessionLost::GaveUp {
+                    attempts,
+                    elapsed,
+                    last_error,
+                }
+                .into());
+            }
+        }
+        tokio::time::sleep(delay).await;
+        bound = (bound * 2).min(policy.max_backoff);
+    }
+}
+
+async fn attempt<C: Connector>(
+    connector: &C,
+    key: Option<ResumeKey>,
+    last_received: Option<Seq>,
+) -> Attempt<C> {
+    let link = match connector.connect().await {
+        Ok(link) => link,
+        Err(e) => return Attempt::Failed(format!("connect: {e}")),
+    };
+    let (mut tx, mut rx) = link.split();
+    let hello = ClientHello {
+        resume_key: key,
+        last_received,
+        extensions: 0,
+    };
+    // A send error does not end the attempt: the hello may have been
+    // delivered and answered (a rejection, say) before the server dropped the
+    // link, so the answer is read either way.
+    let sent = tx.send(Bytes::copy_from_slice(&hello.encode())).await;
+    let reply = match (rx.recv().await, sent) {
+        (Ok(Some(reply)), _) => reply,
+        (_, Err(e)) => return Attempt::Failed(format!("sending hello: {e}")),
+        (Ok(None), Ok(())) => {
+            return Attempt::Failed("link closed before the server's hello".into())
+        }
+        (Err(e), Ok(())) => return Attempt::Failed(format!("waiting for the server's hello: {e}")),
+    };
+    match ServerHello::decode(&reply) {
+        Ok(hello) if hello.rejected => Attempt::Rejected,
+        Ok(hello) => Attempt::Attached((tx, rx), hello),
+        Err(e) => Attempt::Failed(format!("bad server hello: {e}")),
+    }
+}

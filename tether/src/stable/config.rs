@@ -1,0 +1,132 @@
+//! Configuration of stable conduits.
+
+use std::time::Duration;
+
+use tether_proto::Seq;
+
+/// How a client retries after losing its link.
+///
+/// Delays grow exponentially from `min_backoff` to `max_backoff`, and each
+/// actual delay is drawn uniformly from zero to the current bound ("full
+/// jitter"), so that many clients cut at once do not reconnect in lockstep.
+#[derive(Clone, Debug)]
+pub struct ReconnectPolicy {
+    pub(crate) min_backoff: Duration,
+    pub(crate) max_backoff: Duration,
+    pub(crate) give_up_after: Option<Duration>,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        ReconnectPolicy {
+            min_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(5),
+            give_up_after: Some(Duration::from_secs(120)),
+        }
+    }
+}
+
+impl ReconnectPolicy {
+    /// Upper bound of the first retry delay. Default 10 ms. Zero retries at
+    /// once (useful on loopback and in benchmarks).
+    pub fn min_backoff(&mut self, value: Duration) -> &mut Self {
+        self.min_backoff = value;
+        self
+    }
+
+    /// Largest retry delay bound. Default 5 s.
+    pub fn max_backoff(&mut self, value: Duration) -> &mut Self {
+        self.max_backoff = value;
+        self
+    }
+
+    /// How long to keep trying after the link is lost before the session is
+    /// declared lost ([`SessionLost::GaveUp`](crate::SessionLost::GaveUp)).
+    /// Default 120 s; `None` retries forever.
+    pub fn give_up_after(&mut self, value: Option<Duration>) -> &mut Self {
+        self.give_up_after = value;
+        self
+    }
+}
+
+/// Settings of a stable conduit, shared by clients and servers.
+///
+/// Build with [`Config::default`] and the setters, which return `&mut Self`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) reconnect: ReconnectPolicy,
+    pub(crate) max_replay_bytes: usize,
+    pub(crate) max_replay_frames: usize,
+    pub(crate) max_recv_queue_bytes: usize,
+    pub(crate) initial_seq: Seq,
+    pub(crate) seed: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            handshake_timeout: Duration::from_secs(10),
+            reconnect: ReconnectPolicy::default(),
+            max_replay_bytes: 16 * 1024 * 1024,
+            max_replay_frames: 1 << 16,
+            max_recv_queue_bytes: 64 * 1024 * 1024,
+            initial_seq: Seq::ZERO,
+            seed: None,
+        }
+    }
+}
+
+impl Config {
+    /// How long one connection attempt plus handshake may take (client), or
+    /// how long a new link may take to send its hello (server). Default 10 s.
+    pub fn handshake_timeout(&mut self, value: Duration) -> &mut Self {
+        self.handshake_timeout = value;
+        self
+    }
+
+    /// The client's reconnect policy.
+    pub fn reconnect(&mut self, value: ReconnectPolicy) -> &mut Self {
+        self.reconnect = value;
+        self
+    }
+
+    /// Mutable access to the reconnect policy, to change one setting.
+    pub fn reconnect_mut(&mut self) -> &mut ReconnectPolicy {
+        &mut self.reconnect
+    }
+
+    /// Bound of the replay buffer (sent but unacknowledged frames), in bytes
+    /// and in frames. When it is full, `send` waits for acknowledgements:
+    /// backpressure instead of growth. One message larger than the byte bound
+    /// is still accepted when the buffer is empty. Defaults: 16 MiB, 65,536
+    /// frames. Memory per session is at most about this much while the peer
+    /// is not acknowledging.
+    pub fn max_replay(&mut self, bytes: usize, frames: usize) -> &mut Self {
+        self.max_replay_bytes = bytes;
+        self.max_replay_frames = frames.max(1);
+        self
+    }
+
+    /// Bound of received messages waiting for the application, in bytes.
+    /// While it is exceeded the conduit stops reading from the link, which
+    /// pushes back on the peer. Default 64 MiB.
+    pub fn max_recv_queue_bytes(&mut self, value: usize) -> &mut Self {
+        self.max_recv_queue_bytes = value;
+        self
+    }
+
+    /// Sequence number of the first frame this side sends. Default 0, as the
+    /// protocol prescribes; other values exist to test wrap-around at 2^32.
+    pub fn initial_seq(&mut self, value: u32) -> &mut Self {
+        self.initial_seq = Seq(value);
+        self
+    }
+
+    /// Seed for the reconnect jitter, for reproducible tests. Default: drawn
+    /// from the operating system.
+    pub fn seed(&mut self, value: u64) -> &mut Self {
+        self.seed = Some(value);
+        self
+    }
+}

@@ -1,0 +1,482 @@
+//! The state one stable session shares between the application's handles and
+//! its driver task, and the loop that runs one link attachment.
+//!
+//! Sending: `send` takes the send lock, encodes the frame once into a shared
+//! arena, pushes the frozen bytes into the replay buffer and wakes the
+//! writer. The replay buffer *is* the outgoing queue: the writer keeps a
+//! cursor (next seq to write on the current link) and hands the same `Bytes`
+//! to the link. A resume only moves the cursor back to the first frame the
+//! peer lacks. A message accepted by `send` is therefore in the buffer before
+//! `send` returns, whatever the link is doing, and is written on this link or
+//! a later one: no send can race a reconnect.
+//!
+//! Receiving: the driver's reader decodes the frame header, applies the
+//! piggybacked ack to the replay buffer, drops duplicates, and queues the
+//! item bytes (a slice of the link's buffer, not a copy) for the application.
+//! Acks report what the application has *consumed*, so a slow reader pushes
+//! back on the sender through the sender's replay-buffer bound while the
+//! reader task keeps reading the link.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use tether_proto::{
+    frame::{encode_frame, FrameHeader},
+    Delivery, RecvState, ReplayBuffer, Seq,
+};
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::config::Config;
+use super::{ConduitState, Stats};
+use crate::bare::ensure_chunk;
+use crate::error::{Error, SessionLost};
+use crate::link::{LinkError, LinkRx, LinkTx};
+
+/// Frames handed to the link per flush at most.
+const MAX_BATCH: usize = 256;
+/// Bytes handed to the link per flush at most.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// A received item on its way to the application.
+pub(crate) type Delivered = (Seq, Bytes);
+
+/// How a session ended for good.
+#[derive(Debug, Clone)]
+pub(crate) enum Terminal {
+    Lost(SessionLost),
+    Closed,
+}
+
+/// The send side, guarded by one short-lived lock that is never held across
+/// an await.
+pub(crate) struct SendSide {
+    pub(crate) replay: ReplayBuffer,
+    /// Frames are serialized here and split off; they share its chunks.
+    arena: BytesMut,
+    /// Next seq to write on the current link.
+    pub(crate) cursor: Seq,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) frames_sent: AtomicU64,
+    pub(crate) frames_received: AtomicU64,
+    pub(crate) frames_replayed: AtomicU64,
+    pub(crate) bytes_replayed: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+}
+
+/// What the handles and the driver of one session share.
+pub(crate) struct Shared {
+    send: Mutex<SendSide>,
+    /// Wakes the writer when a frame is pushed (one waiter: `notify_one`).
+    writer_wake: Notify,
+    /// Wakes senders blocked on a full replay buffer.
+    space_wake: Notify,
+    /// Wakes the reader blocked on a full receive queue.
+    queue_space: Notify,
+    /// Last seq the application consumed, as `1 << 32 | seq`, 0 for none.
+    consumed: AtomicU64,
+    queued_bytes: AtomicUsize,
+    max_queued_bytes: usize,
+    terminal: OnceLock<Terminal>,
+    state: watch::Sender<ConduitState>,
+    pub(crate) counters: Counters,
+}
+
+fn lock(m: &Mutex<SendSide>) -> MutexGuard<'_, SendSide> {
+    // A panic while holding the lock cannot leave the replay buffer half
+    // updated in a way that matters more than losing the session would.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(crate) enum TrySend {
+    Sent,
+    Full,
+}
+
+impl Shared {
+    pub(crate) fn new(config: &Config, initial: ConduitState) -> Arc<Shared> {
+        Arc::new(Shared {
+            send: Mutex::new(SendSide {
+                replay: ReplayBuffer::with_limits(
+                    config.initial_seq,
+                    config.max_replay_bytes,
+                    config.max_replay_frames,
+                ),
+                arena: BytesMut::new(),
+                cursor: config.initial_seq,
+            }),
+            writer_wake: Notify::new(),
+            space_wake: Notify::new(),
+            queue_space: Notify::new(),
+            consumed: AtomicU64::new(0),
+            queued_bytes: AtomicUsize::new(0),
+            max_queued_bytes: config.max_recv_queue_bytes,
+            terminal: OnceLock::new(),
+            state: watch::Sender::new(initial),
+            counters: Counters::default(),
+        })
+    }
+
+    pub(crate) fn ack_value(&self) -> Option<Seq> {
+        let v = self.consumed.load(Ordering::Acquire);
+        (v >> 32 != 0).then_some(Seq(v as u32))
+    }
+
+    fn set_consumed(&self, seq: Seq) {
+        self.consumed
+            .store((1u64 << 32) | u64::from(seq.0), Ordering::Release);
+    }
+
+    pub(crate) fn terminal(&self) -> Option<&Terminal> {
+        self.terminal.get()
+    }
+
+    fn terminal_error(&self) -> Option<Error> {
+        self.terminal.get().map(|t| match t {
+            Terminal::Lost(reason) => Error::SessionLost(reason.clone()),
+            Terminal::Closed => Error::Closed,
+        })
+    }
+
+    /// Ends the session for good with `reason`.
+    pub(crate) fn fail(&self, reason: SessionLost) {
+        if self.terminal.set(Terminal::Lost(reason.clone())).is_ok() {
+            tracing::warn!(%reason, "stable session lost");
+            self.set_state(ConduitState::Lost);
+        }
+        self.space_wake.notify_waiters();
+    }
+
+    /// Ends the session because every handle is gone.
+    pub(crate) fn finish(&self) {
+        if self.terminal.set(Terminal::Closed).is_ok() {
+            self.set_state(ConduitState::Closed);
+        }
+        self.space_wake.notify_waiters();
+    }
+
+    pub(crate) fn set_state(&self, state: ConduitState) {
+        self.state.send_replace(state);
+    }
+
+    pub(crate) fn state(&self) -> ConduitState {
+        *self.state.borrow()
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<ConduitState> {
+        self.state.subscribe()
+    }
+
+    /// Encodes `msg` as the next frame and queues it, unless the replay
+    /// buffer is full.
+    pub(crate) fn try_send<T: Serialize + ?Sized>(&self, msg: &T) -> Result<TrySend, Error> {
+        {
+            let mut guard = lock(&self.send);
+            if let Some(err) = self.terminal_error() {
+                return Err(err);
+            }
+            let s = &mut *guard;
+            let header = FrameHeader {
+                seq: s.replay.next_seq(),
+                ack: self.ack_value(),
+            };
+            ensure_chunk(&mut s.arena);
+            encode_frame(&header, msg, &mut s.arena).map_err(Error::Encode)?;
+            if !s.replay.has_room(s.arena.len()) {
+                s.arena.clear();
+                return Ok(TrySend::Full);
+            }
+            let frame = s.arena.split().freeze();
+            s.replay.push(frame);
+        }
+        self.writer_wake.notify_one();
+        Ok(TrySend::Sent)
+    }
+
+    /// Sends `msg`, waiting while the replay buffer is full.
+    pub(crate) async fn send<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(), Error> {
+        loop {
+            if let TrySend::Sent = self.try_send(msg)? {
+                return Ok(());
+            }
+            // Register for a wake-up before looking again, so an ack that
+            // lands in between is not missed.
+            let notified = self.space_wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let TrySend::Sent = self.try_send(msg)? {
+                return Ok(());
+            }
+            notified.await;
+        }
+    }
+
+    /// After a handshake: drops what the peer already has and rewinds the
+    /// writer to the first frame it lacks. Returns how many frames will be
+    /// replayed.
+    pub(crate) fn resume(&self, peer_last_received: Option<Seq>) -> Result<u64, SessionLost> {
+        let (frames, bytes) = {
+            let mut s = lock(&self.send);
+            let start = s
+                .replay
+                .resume_from(peer_last_received)
+                .map_err(|e| SessionLost::Protocol(format!("impossible resume point: {e}")))?;
+            s.cursor = start;
+            let mut frames = 0u64;
+            let mut bytes = 0u64;
+            for (_, f) in s.replay.iter() {
+                frames += 1;
+                bytes += f.len() as u64;
+            }
+            (frames, bytes)
+        };
+        self.space_wake.notify_waiters();
+        self.counters
+            .frames_replayed
+            .fetch_add(frames, Ordering::Relaxed);
+        self.counters
+            .bytes_replayed
+            .fetch_add(bytes, Ordering::Relaxed);
+        Ok(frames)
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let (replay_frames, replay_bytes) = {
+            let s = lock(&self.send);
+            (s.replay.len(), s.replay.bytes())
+        };
+        let c = &self.counters;
+        Stats {
+            state: self.state(),
+            reconnects: c.reconnects.load(Ordering::Relaxed),
+            frames_sent: c.frames_sent.load(Ordering::Relaxed),
+            frames_received: c.frames_received.load(Ordering::Relaxed),
+            frames_replayed: c.frames_replayed.load(Ordering::Relaxed),
+            bytes_replayed: c.bytes_replayed.load(Ordering::Relaxed),
+            duplicates_dropped: c.duplicates.load(Ordering::Relaxed),
+            replay_frames,
+            replay_bytes,
+            recv_queue_bytes: self.queued_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Called by the application's receiver for each item it takes.
+    pub(crate) fn consumed(&self, seq: Seq, len: usize) {
+        self.set_consumed(seq);
+        let before = self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        if before > self.max_queued_bytes && before - len <= self.max_queued_bytes {
+            self.queue_space.notify_one();
+        }
+    }
+}
+
+/// The driver's side of the application handles: where received items go,
+/// and how it learns that every handle is gone.
+pub(crate) struct Endpoint {
+    pub(crate) deliver: mpsc::UnboundedSender<Delivered>,
+    pub(crate) senders: mpsc::Receiver<Infallible>,
+}
+
+/// The application's side, before it is wrapped in typed handles.
+pub(crate) struct Handles {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) delivered: mpsc::UnboundedReceiver<Delivered>,
+    pub(crate) alive: mpsc::Sender<Infallible>,
+}
+
+pub(crate) fn endpoint(shared: Arc<Shared>) -> (Endpoint, Handles) {
+    let (deliver, delivered) = mpsc::unbounded_channel();
+    let (alive, senders) = mpsc::channel(1);
+    (
+        Endpoint { deliver, senders },
+        Handles {
+            shared,
+            delivered,
+            alive,
+        },
+    )
+}
+
+impl Endpoint {
+    /// Resolves once every sender and the receiver are dropped.
+    pub(crate) async fn all_gone(&mut self) {
+        // `recv` can only ever return `None`: the channel carries `Infallible`.
+        let _ = self.senders.recv().await;
+        self.deliver.closed().await;
+    }
+}
+
+/// Why one attachment ended.
+#[derive(Debug)]
+pub(crate) enum AttachEnd<P> {
+    /// The link failed or ended; the session goes on.
+    Link(LinkError),
+    /// The peer ended the link at a payload boundary.
+    Eof,
+    /// The peer broke the protocol; the session is lost.
+    Protocol(String),
+    /// Every handle is gone and everything queued was written.
+    Finished,
+    /// The caller's preempting future resolved (e.g. a newer link arrived).
+    Preempted(P),
+}
+
+/// Runs one link attachment until it fails, the session finishes, or
+/// `preempt` resolves. `on_first_frame` runs when the first well-formed frame
+/// arrives on this link (the server confirms a rotated key with it).
+pub(crate) async fn run_attachment<Tx, Rx, P>(
+    shared: &Shared,
+    endpoint: &mut Endpoint,
+    tx: &mut Tx,
+    rx: &mut Rx,
+    recv: &mut RecvState,
+    preempt: impl std::future::Future<Output = P>,
+    on_first_frame: impl FnOnce(),
+) -> AttachEnd<P>
+where
+    Tx: LinkTx,
+    Rx: LinkRx,
+{
+    let Endpoint { deliver, senders } = endpoint;
+    tokio::select! {
+        biased;
+        p = preempt => AttachEnd::Preempted(p),
+        end = read_loop(shared, rx, recv, deliver, on_first_frame) => end,
+        end = write_loop(shared, tx, senders, deliver) => end,
+    }
+}
+
+async fn write_loop<Tx: LinkTx, P>(
+    shared: &Shared,
+    tx: &mut Tx,
+    senders: &mut mpsc::Receiver<Infallible>,
+    deliver: &mpsc::UnboundedSender<Delivered>,
+) -> AttachEnd<P> {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    loop {
+        {
+            let mut guard = lock(&shared.send);
+            let s = &mut *guard;
+            let first = s.replay.first_seq();
+            if s.cursor.is_before(first) {
+                s.cursor = first;
+            }
+            let mut bytes = 0;
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                match s.replay.get(s.cursor) {
+                    Some(frame) => {
+                        bytes += frame.len();
+                        batch.push(frame.clone());
+                        s.cursor = s.cursor.next();
+                    }
+                    None => break,
+                }
+            }
+        }
+        if batch.is_empty() {
+            tokio::select! {
+                _ = shared.writer_wake.notified() => {}
+                _ = async {
+                    let _ = senders.recv().await;
+                    deliver.closed().await;
+                } => {
+                    // Every handle is gone; one last look for frames queued
+                    // just before the last sender dropped.
+                    let pending = {
+                        let s = lock(&shared.send);
+                        s.replay.get(s.cursor).is_some()
+                    };
+                    if !pending {
+                        return AttachEnd::Finished;
+                    }
+                }
+            }
+            continue;
+        }
+        shared
+            .counters
+            .frames_sent
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for frame in batch.drain(..) {
+            if let Err(e) = tx.feed(frame).await {
+                return AttachEnd::Link(e);
+            }
+        }
+        if let Err(e) = tx.flush().await {
+            return AttachEnd::Link(e);
+        }
+    }
+}
+
+async fn read_loop<Rx: LinkRx, P>(
+    shared: &Shared,
+    rx: &mut Rx,
+    recv: &mut RecvState,
+    deliver: &mpsc::UnboundedSender<Delivered>,
+    on_first_frame: impl FnOnce(),
+) -> AttachEnd<P> {
+    let mut on_first_frame = Some(on_first_frame);
+    let mut last_ack: Option<Seq> = None;
+    loop {
+        if shared.queued_bytes.load(Ordering::Acquire) > shared.max_queued_bytes {
+            let notified = shared.queue_space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if shared.queued_bytes.load(Ordering::Acquire) > shared.max_queued_bytes
+                && !deliver.is_closed()
+            {
+                notified.await;
+            }
+            continue;
+        }
+        let payload = match rx.recv().await {
+            Ok(Some(p)) => p,
+            Ok(None) => return AttachEnd::Eof,
+            Err(e) => return AttachEnd::Link(e),
+        };
+        let (header, offset) = match FrameHeader::decode(&payload) {
+            Ok(h) => h,
+            Err(e) => return AttachEnd::Protocol(format!("malformed frame: {e}")),
+        };
+        if let Some(f) = on_first_frame.take() {
+            f();
+        }
+        if let Some(ack) = header.ack {
+            if last_ack != Some(ack) {
+                last_ack = Some(ack);
+                let freed = lock(&shared.send).replay.ack(ack);
+                match freed {
+                    Ok(0) => {}
+                    Ok(_) => shared.space_wake.notify_waiters(),
+                    Err(e) => return AttachEnd::Protocol(format!("bad ack: {e}")),
+                }
+            }
+        }
+        match recv.on_frame(header.seq) {
+            Ok(Delivery::Deliver) => {
+                shared
+                    .counters
+                    .frames_received
+                    .fetch_add(1, Ordering::Relaxed);
+                let item = payload.slice(offset..);
+                let len = item.len();
+                shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
+                if deliver.send((header.seq, item)).is_err() {
+                    // Nobody will read it: count it consumed so the peer can
+                    // free it.
+                    shared.consumed(header.seq, len);
+                }
+            }
+            Ok(Delivery::Duplicate) => {
+                shared.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => return AttachEnd::Protocol(format!("sequence error: {e}")),
+        }
+    }
+}

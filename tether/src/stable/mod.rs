@@ -1,0 +1,273 @@
+//! Stable conduits: typed, ordered, exactly-once message channels that
+//! survive link failures.
+//!
+//! A client builds one with [`StableConduit::connect`] from a
+//! [`Connector`](crate::link::Connector); a [`Server`] hands one out per
+//! session from [`Server::accept`]. Both ends behave the same: `send` never
+//! fails because a link dropped (the message is kept in the replay buffer and
+//! written on this link or the next), `recv` yields every message once and in
+//! order, and only the loss of the whole session reaches the application, as
+//! [`Error::SessionLost`].
+//!
+//! The sending half ([`StableSender`]) is `Clone` and can be used from many
+//! tasks; the receiving half ([`StableReceiver`]) lives on one task. Sending
+//! never waits on receiving or the other way round.
+
+mod client;
+mod config;
+pub(crate) mod core;
+mod server;
+
+use std::convert::Infallible;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use serde::{de::DeserializeOwned, Serialize};
+use tether_proto::frame::decode_item;
+use tokio::sync::{mpsc, watch};
+
+pub use self::config::{Config, ReconnectPolicy};
+use self::core::{Delivered, Handles, Shared, Terminal};
+pub use self::server::{Server, ServerStats};
+use crate::borrowed::{Borrowed, BorrowedMessage};
+use crate::error::Error;
+
+/// Where a stable conduit stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConduitState {
+    /// Establishing the first link.
+    Connecting,
+    /// A link is attached and frames flow.
+    Connected,
+    /// The link was lost; the client is getting a new one, or the server is
+    /// waiting for the client to resume.
+    Reconnecting,
+    /// The session is lost for good (see [`SessionLost`](crate::SessionLost)).
+    Lost,
+    /// Every handle was dropped and the session ended.
+    Closed,
+}
+
+/// A snapshot of a conduit's counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Current state.
+    pub state: ConduitState,
+    /// Links replaced after the first.
+    pub reconnects: u64,
+    /// Frames handed to links, replays included.
+    pub frames_sent: u64,
+    /// Frames received and queued for the application (duplicates excluded).
+    pub frames_received: u64,
+    /// Frames queued for resending after a resume.
+    pub frames_replayed: u64,
+    /// Bytes of those frames.
+    pub bytes_replayed: u64,
+    /// Received frames dropped as duplicates of already delivered ones.
+    pub duplicates_dropped: u64,
+    /// Frames in the replay buffer now (sent, not yet acknowledged).
+    pub replay_frames: usize,
+    /// Bytes in the replay buffer now.
+    pub replay_bytes: usize,
+    /// Bytes received and waiting for the application.
+    pub recv_queue_bytes: usize,
+}
+
+/// A stable conduit: sends `S`, receives `R`.
+///
+/// Use it directly, or [`split`](Self::split) it into a clonable sender and a
+/// receiver for separate tasks.
+pub struct StableConduit<S, R = S> {
+    tx: StableSender<S>,
+    rx: StableReceiver<R>,
+}
+
+impl<S, R> std::fmt::Debug for StableConduit<S, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StableConduit")
+            .field("state", &self.tx.shared.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, R> StableConduit<S, R> {
+    pub(crate) fn from_handles(handles: Handles) -> Self {
+        let Handles {
+            shared,
+            delivered,
+            alive,
+        } = handles;
+        StableConduit {
+            tx: StableSender {
+                shared: shared.clone(),
+                _alive: alive,
+                _msg: PhantomData,
+            },
+            rx: StableReceiver {
+                shared,
+                delivered,
+                _msg: PhantomData,
+            },
+        }
+    }
+
+    /// Splits into a sender (clonable) and a receiver.
+    pub fn split(self) -> (StableSender<S>, StableReceiver<R>) {
+        (self.tx, self.rx)
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.tx.stats()
+    }
+
+    /// Watches state changes (connected, reconnecting, lost, closed).
+    pub fn state_changes(&self) -> watch::Receiver<ConduitState> {
+        self.tx.state_changes()
+    }
+}
+
+impl<S: Serialize, R> StableConduit<S, R> {
+    /// Sends one message; see [`StableSender::send`].
+    pub async fn send(&self, msg: &S) -> Result<(), Error> {
+        self.tx.send(msg).await
+    }
+}
+
+impl<S, R: DeserializeOwned> StableConduit<S, R> {
+    /// Receives one message; see [`StableReceiver::recv`].
+    pub async fn recv(&mut self) -> Result<Option<R>, Error> {
+        self.rx.recv().await
+    }
+}
+
+/// The sending half of a stable conduit. Clone it to send from several
+/// tasks; messages from one task keep their order.
+pub struct StableSender<S> {
+    shared: Arc<Shared>,
+    _alive: mpsc::Sender<Infallible>,
+    _msg: PhantomData<fn(&S)>,
+}
+
+impl<S> Clone for StableSender<S> {
+    fn clone(&self) -> Self {
+        StableSender {
+            shared: self.shared.clone(),
+            _alive: self._alive.clone(),
+            _msg: PhantomData,
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for StableSender<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StableSender")
+            .field("state", &self.shared.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> StableSender<S> {
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// Watches state changes.
+    pub fn state_changes(&self) -> watch::Receiver<ConduitState> {
+        self.shared.subscribe()
+    }
+}
+
+impl<S: Serialize> StableSender<S> {
+    /// Sends one message.
+    ///
+    /// The message is serialized once, sequenced, and kept in the replay
+    /// buffer before this returns; it reaches the peer exactly once, on the
+    /// current link or a later one, unless the session is lost. A failing
+    /// link never makes `send` fail. Waits while the replay buffer is full
+    /// (backpressure). Cancel-safe: if the future is dropped before it
+    /// completes, the message was not queued.
+    ///
+    /// Errors: [`Error::SessionLost`] (terminal), [`Error::Encode`] (this
+    /// message only).
+    pub async fn send(&self, msg: &S) -> Result<(), Error> {
+        self.shared.send(msg).await
+    }
+}
+
+/// The receiving half of a stable conduit.
+pub struct StableReceiver<R> {
+    shared: Arc<Shared>,
+    delivered: mpsc::UnboundedReceiver<Delivered>,
+    _msg: PhantomData<fn() -> R>,
+}
+
+impl<R> std::fmt::Debug for StableReceiver<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StableReceiver")
+            .field("state", &self.shared.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R> StableReceiver<R> {
+    async fn next_item(&mut self) -> Result<Option<Delivered>, Error> {
+        match self.delivered.recv().await {
+            Some((seq, bytes)) => {
+                self.shared.consumed(seq, bytes.len());
+                Ok(Some((seq, bytes)))
+            }
+            None => match self.shared.terminal() {
+                Some(Terminal::Lost(reason)) => Err(Error::SessionLost(reason.clone())),
+                Some(Terminal::Closed) | None => Ok(None),
+            },
+        }
+    }
+
+    /// Receives a message that borrows from the received buffer without
+    /// copying; see [`Borrowed`].
+    pub async fn recv_borrowed<Y: BorrowedMessage>(
+        &mut self,
+    ) -> Result<Option<Borrowed<Y>>, Error> {
+        match self.next_item().await? {
+            Some((seq, bytes)) => {
+                Borrowed::decode(bytes)
+                    .map(Some)
+                    .map_err(|source| Error::Decode {
+                        seq: Some(seq),
+                        source,
+                    })
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+}
+
+impl<R: DeserializeOwned> StableReceiver<R> {
+    /// Receives the next message, in order, exactly once.
+    ///
+    /// Messages that arrived before the session was lost are all delivered
+    /// first; then every call returns [`Error::SessionLost`]. `Ok(None)` means
+    /// the session ended without error. A message that does not decode as `R`
+    /// is consumed and reported as [`Error::Decode`]; the conduit stays
+    /// usable. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Option<R>, Error> {
+        match self.next_item().await? {
+            Some((seq, bytes)) => decode_item(&bytes)
+                .map(Some)
+                .map_err(|source| Error::Decode {
+                    seq: Some(seq),
+                    source,
+                }),
+            None => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! The server side: accept links, read hellos, create sessions, and route
+//! resumes to the session they belong to.
+//!
+//! Resume keys rotate on every handshake. A key handed out in a ServerHello
+//! may never reach the client (the link can die right after the server sent
+//! it), so the server keeps, per session, the last key the client is known to
+//! hold (`confirmed`) beside the newest one it issued (`pending`). A resume
+//! with `pending` proves the client got it; so does the first frame the
+//! client sends on the link that carried it. Either way `pending` becomes
+//! `confirmed` and the older key stops working. A resume with `confirmed`
+//! means the client never saw `pending`, which is withdrawn. Any other key,
+//! including every key replaced that way, is rejected.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use tether_proto::{ClientHello, RecvState, ResumeKey, Seq, ServerHello};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+use super::config::Config;
+use super::core::{endpoint, run_attachment, AttachEnd, Endpoint, Handles, Shared};
+use super::{ConduitState, StableConduit};
+use crate::error::SessionLost;
+use crate::link::{Link, LinkRx, LinkTx, Listener};
+
+/// Server-wide counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// Links accepted.
+    pub links_accepted: u64,
+    /// Sessions created.
+    pub sessions_created: u64,
+    /// Sessions currently registered (alive or waiting for a resume).
+    pub sessions_open: u64,
+    /// Resumes routed to an existing session.
+    pub resumes: u64,
+    /// Resumes rejected (unknown, expired or replaced key).
+    pub rejected: u64,
+    /// Links dropped during the handshake: malformed hello, timeout, or
+    /// closed before the hello.
+    pub bad_handshakes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    links_accepted: AtomicU64,
+    sessions_created: AtomicU64,
+    resumes: AtomicU64,
+    rejected: AtomicU64,
+    bad_handshakes: AtomicU64,
+}
+
+/// A new link for a session, with the client's hello already read.
+struct Attach<L: Link> {
+    tx: L::Tx,
+    rx: L::Rx,
+    key: ResumeKey,
+    client_last_received: Option<Seq>,
+}
+
+struct Entry<L: Link> {
+    confirmed: Option<ResumeKey>,
+    pending: Option<ResumeKey>,
+    attach: mpsc::Sender<Attach<L>>,
+}
+
+struct Registry<L: Link> {
+    by_key: HashMap<ResumeKey, u64>,
+    sessions: HashMap<u64, Entry<L>>,
+    next_id: u64,
+}
+
+impl<L: Link> Registry<L> {
+    fn insert(&mut self, key: ResumeKey, attach: mpsc::Sender<Attach<L>>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.by_key.insert(key, id);
+        self.sessions.insert(
+            id,
+            Entry {
+                confirmed: None,
+                pending: Some(key),
+                attach,
+            },
+        );
+        id
+    }
+
+    /// Looks `key` up and rotates: returns the session's attach channel and
+    /// its fresh key, or `None` if the key is not (or no longer) valid.
+    fn route(&mut self, key: &ResumeKey, fresh: ResumeKey) -> Option<mpsc::Sender<Attach<L>>> {
+        // HashMap lookup hashes with a per-process random SipHash key; the
+        // final comparison is `ResumeKey`'s constant-time equality.
+        let id = *self.by_key.get(key)?;
+        let entry = self.sessions.get_mut(&id)?;
+        if entry.pending.as_ref() == Some(key) {
+            if let Some(old) = entry.confirmed.replace(*key) {
+                self.by_key.remove(&old);
+            }
+        } else if let Some(withdrawn) = entry.pending.take() {
+            self.by_key.remove(&withdrawn);
+        }
+        entry.pending = Some(fresh);
+        self.by_key.insert(fresh, id);
+        Some(entry.attach.clone())
+    }
+
+    /// The client proved it holds `key` by sending a frame on the link that
+    /// delivered it.
+    fn confirm(&mut self, id: u64, key: &ResumeKey) {
+        if let Some(entry) = self.sessions.get_mut(&id) {
+            if entry.pending.as_ref() == Some(key) {
+                entry.pending = None;
+                if let Some(old) = entry.confirmed.replace(*key) {
+                    self.by_key.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(entry) = self.sessions.remove(&id) {
+            for key in entry.confirmed.iter().chain(entry.pending.iter()) {
+                self.by_key.remove(key);
+            }
+        }
+    }
+}
+
+struct Inner<L: Link> {
+    config: Config,
+    registry: Mutex<Registry<L>>,
+    counters: Counters,
+    accepted: mpsc::Sender<Handles>,
+}
+
+impl<L: Link> Inner<L> {
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry<L>> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A stable-conduit server: accepts links from a [`Listener`], keeps
+/// sessions, and routes resuming clients back to their session.
+///
+/// Each new session is handed out by [`accept`](Self::accept) as a
+/// [`StableConduit`] with the same guarantees as the client's. A client that
+/// sends garbage, stalls in its handshake or presents a forged key only loses
+/// its own link. Dropping the server stops accepting; sessions with a live
+/// link go on, and fail with [`SessionLost::ServerShutdown`] when they would
+/// need a resume.
+pub struct Server<S, R = S> {
+    inner: Arc<dyn ServerShared>,
+    accepted: mpsc::Receiver<Handles>,
+    accept_task: JoinHandle<()>,
+    _msg: std::marker::PhantomData<fn(&S) -> R>,
+}
+
+/// The untyped part of a server the handle needs (so `Server` does not carry
+/// the link type).
+trait ServerShared: Send + Sync {
+    fn stats(&self) -> ServerStats;
+}
+
+impl<L: Link> ServerShared for Inner<L> {
+    fn stats(&self) -> ServerStats {
+        let c = &self.counters;
+        ServerStats {
+            links_accepted: c.links_accepted.load(Ordering::Relaxed),
+            sessions_created: c.sessions_created.load(Ordering::Relaxed),
+            sessions_open: self.registry().sessions.len() as u64,
+            resumes: c.resumes.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            bad_handshakes: c.bad_handshakes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl<S, R> Server<S, R> {
+    /// Starts serving links from `listener`. Must be called within a tokio
+    /// runtime.
+    pub fn new<Li: Listener>(mut listener: Li, config: Config) -> Self {
+        let (accepted_tx, accepted) = mpsc::channel(1024);
+        let inner = Arc::new(Inner::<Li::Link> {
+            config,
+            registry: Mutex::new(Registry {
+                by_key: HashMap::new(),
+                sessions: HashMap::new(),
+                next_id: 0,
+            }),
+            counters: Counters::default(),
+            accepted: accepted_tx,
+        });
+        let weak = Arc::downgrade(&inner);
+        let accept_task = tokio::spawn(async move {
+            loop {
+                let link = match listener.accept().await {
+                    Ok(link) => link,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        // Typically out of file descriptors: back off briefly.
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let Some(inner) = weak.upgrade() else { return };
+                inner
+                    .counters
+                    .links_accepted
+                    .fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(handle_link(inner, link));
+            }
+        });
+        Server {
+            inner,
+            accepted,
+            accept_task,
+            _msg: std::marker::PhantomData,
+        }
+    }
+
+    /// The next new session. `None` once the server stopped.
+    pub async fn accept(&mut self) -> Option<StableConduit<S, R>> {
+        self.accepted.recv().await.map(StableConduit::from_handles)
+    }
+
+    /// A snapshot of the server's counters.
+    pub fn stats(&self) -> ServerStats {
+        self.inner.stats()
+    }
+}
+
+impl<S, R> Drop for Server<S, R> {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+    }
+}
+
+/// Reads one link's hello under the handshake timeout and routes it.
+async fn handle_link<L: Link>(inner: Arc<Inner<L>>, link: L) {
+    let (tx, mut rx) = link.split();
+    let payload = match timeout(inner.config.handshake_timeout, rx.recv()).await {
+        Ok(Ok(Some(p))) => p,
+        outcome => {
+            let why = match outcome {
+                Ok(Ok(_)) => "link closed before the hello".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "handshake timed out".to_string(),
+            };
+            tracing::debug!(%why, "dropping link in handshake");
+            inner
+                .counters
+                .bad_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let hello = match ClientHello::decode(&payload) {
+        Ok(hello) => hello,
+        Err(e) => {
+            tracing::info!(error = %e, "dropping link with a malformed client hello");
+            inner
+                .counters
+                .bad_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let fresh = match ResumeKey::generate() {
+        Ok(key) => key,
+        Err(e) => {
+            tracing::error!(error = %e, "no secure randomness for a resume key");
+            return;
+        }
+    };
+    let attach = Attach::<L> {
+        tx,
+        rx,
+        key: fresh,
+        client_last_received: hello.last_received,
+    };
+    match hello.resume_key {
+        None => new_session(inner, attach).await,
+        Some(key) => {
+            let route = inner.registry().route(&key, fresh);
+            let attach = match route {
+                Some(session) => match session.send(attach).await {
+                    Ok(()) => {
+                        inner.counters.resumes.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(mpsc::error::SendError(attach)) => attach,
+                },
+                None => attach,
+            };
+            inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(?key, "rejecting resume");
+            let mut tx = attach.tx;
+            let reject = Bytes::copy_from_slice(&ServerHello::reject().encode());
+            let _ = timeout(inner.config.handshake_timeout, async {
+                let _ = tx.send(reject).await;
+                let _ = tx.close().await;
+            })
+            .await;
+        }
+    }
+}
+
+async fn new_session<L: Link>(inner: Arc<Inner<L>>, attach: Attach<L>) {
+    let shared = Shared::new(&inner.config, ConduitState::Connecting);
+    let (ep, handles) = endpoint(shared.clone());
+    let (attach_tx, attach_rx) = mpsc::channel(4);
+    let key = attach.key;
+    let id = inner.registry().insert(key, attach_tx);
+    inner
+        .counters
+        .sessions_created
+        .fetch_add(1, Ordering::Relaxed);
+    let driver = SessionDriver {
+        weak: Arc::downgrade(&inner),
+        id,
+        shared,
+        endpoint: ep,
+        recv: RecvState::new(),
+    };
+    // The driver answers the client at once; if nobody ever accepts the
+    // session (the server is gone), its handles are dropped here and the
+    // driver ends it.
+    tokio::spawn(driver.run(attach, attach_rx));
+    let _ = inner.accepted.send(handles).await;
+}
+
+struct SessionDriver<L: Link> {
+    weak: std::sync::Weak<Inner<L>>,
+    id: u64,
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    recv: RecvState,
+}
+
+impl<L: Link> SessionDriver<L> {
+    async fn run(mut self, first: Attach<L>, mut attach_rx: mpsc::Receiver<Attach<L>>) {
+        let mut next = Some(first);
+        let mut attached_before = false;
+        loop {
+            let attach = match next.take() {
+                Some(a) => a,
+                None => {
+                    tokio::select! {
+                        a = attach_rx.recv() => match a {
+                            Some(a) => a,
+                            None => return self.end(Some(SessionLost::ServerShutdown)),
+                        },
+                        () = self.endpoint.all_gone() => return self.end(None),
+                    }
+                }
+            };
+            let Attach {
+                mut tx,
+                mut rx,
+                key,
+                client_last_received,
+            } = attach;
+            let hello = ServerHello {
+                rejected: false,
+                resume_key: key,
+                last_received: self.recv.last_received(),
+                extensions: 0,
+            };
+            let handshake_timeout = match self.weak.upgrade() {
+                Some(inner) => inner.config.handshake_timeout,
+                None => return self.end(Some(SessionLost::ServerShutdown)),
+            };
+            let sent = timeout(
+                handshake_timeout,
+                tx.send(Bytes::copy_from_slice(&hello.encode())),
+            )
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::debug!("link failed while sending the server hello");
+                self.shared.set_state(ConduitState::Reconnecting);
+                continue;
+            }
+            if let Err(reason) = self.shared.resume(client_last_received) {
+                return self.end(Some(reason));
+            }
+            if attached_before {
+                self.shared
+                    .counters
+                    .reconnects
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            attached_before = true;
+            self.shared.set_state(ConduitState::Connected);
+            let (weak, id) = (self.weak.clone(), self.id);
+            let end = run_attachment(
+                &self.shared,
+                &mut self.endpoint,
+                &mut tx,
+                &mut rx,
+                &mut self.recv,
+                async {
+                    match attach_rx.recv().await {
+                        Some(newer) => newer,
+                        // The server is gone: keep this link while it lasts.
+                        None => std::future::pending().await,
+                    }
+                },
+                move || {
+                    if let Some(inner) = weak.upgrade() {
+                        inner.registry().confirm(id, &key);
+                    }
+                },
+            )
+            .await;
+            match end {
+                AttachEnd::Preempted(newer) => {
+                    tracing::debug!("session moved to a newer link");
+                    next = Some(newer);
+                }
+                AttachEnd::Finished => {
+                    let _ = tx.close().await;
+                    return self.end(None);
+                }
+                AttachEnd::Protocol(msg) => return self.end(Some(SessionLost::Protocol(msg))),
+                AttachEnd::Link(e) => {
+                    tracing::debug!(error = %e, "session link failed; waiting for a resume");
+                    self.shared.set_state(ConduitState::Reconnecting);
+                }
+                AttachEnd::Eof => {
+                    tracing::debug!("session link ended; waiting for a resume");
+                    self.shared.set_state(ConduitState::Reconnecting);
+                }
+            }
+        }
+    }
+
+    fn end(self, lost: Option<SessionLost>) {
+        if let Some(inner) = self.weak.upgrade() {
+            inner.registry().remove(self.id);
+        }
+        match lost {
+            Some(reason) => self.shared.fail(reason),
+            None => self.shared.finish(),
+        }
+    }
+}
