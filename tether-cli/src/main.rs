@@ -58,6 +58,12 @@ enum Command {
     },
 }
 
+/// A seed from the operating system's random source.
+fn random_seed() -> u64 {
+    use rand::{rngs::SmallRng, RngCore, SeedableRng};
+    SmallRng::from_os_rng().next_u64()
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -91,7 +97,7 @@ fn main() -> ExitCode {
                     size: size.max(8),
                     cut_every,
                     handshake_cuts,
-                    seed: seed.unwrap_or_else(rand::random),
+                    seed: seed.unwrap_or_else(random_seed),
                     server,
                     stall_timeout: Duration::from_secs(stall_timeout),
                     progress: !json,

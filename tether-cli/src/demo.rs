@@ -1,0 +1,375 @@
+//! `tether demo`: a stable conduit under injected faults, checked end to end.
+//!
+//! A client streams numbered messages to an echo server through a
+//! [`FaultProxy`] that cuts the TCP connection at random moments (mid-frame
+//! and during the handshake included), and receives the echoes at the same
+//! time. Every echo is checked: each index must come back exactly once, in
+//! order, with its payload intact.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tether::fault::{FaultConfig, FaultProxy, ProxyStats};
+use tether::link::{TcpConnector, TcpListener};
+use tether::{Config, StableConduit, StableReceiver, Stats};
+
+use crate::Bytes;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// Messages the client sends (and expects back).
+    pub messages: u64,
+    /// Payload size of each message in bytes (at least 8: the index).
+    pub size: usize,
+    /// Mean bytes between cuts, both directions counted; 0 disables cuts.
+    pub cut_every: u64,
+    /// Probability that a new connection is cut inside its handshake.
+    pub handshake_cuts: f64,
+    /// Seed of the fault schedule and payloads.
+    pub seed: u64,
+    /// Run only the client, against this echo server (the proxy sits in
+    /// front of it). `None`: run a server in this process.
+    pub server: Option<SocketAddr>,
+    /// Give up when no echo arrives for this long.
+    pub stall_timeout: Duration,
+    /// Print live progress to stderr.
+    pub progress: bool,
+}
+
+/// What the demo measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct DemoReport {
+    /// Whether every message came back exactly once, in order, intact.
+    pub ok: bool,
+    /// Seed used.
+    pub seed: u64,
+    /// Payload size.
+    pub message_size: usize,
+    /// Messages accepted by `send`.
+    pub messages_sent: u64,
+    /// Distinct messages echoed back.
+    pub messages_received: u64,
+    /// Sent but never echoed.
+    pub lost: u64,
+    /// Echoes of an index already seen.
+    pub duplicated: u64,
+    /// Echoes that arrived after a later index.
+    pub reordered: u64,
+    /// Echoes whose payload did not match what was sent.
+    pub corrupted: u64,
+    /// Links the client replaced.
+    pub reconnects: u64,
+    /// Frames resent after resumes, both sides (the server side only when it
+    /// runs in this process).
+    pub replayed_frames: u64,
+    /// Frames the client resent.
+    pub client_replayed_frames: u64,
+    /// Frames the server resent (0 with `--server`).
+    pub server_replayed_frames: u64,
+    /// Connections the proxy cut.
+    pub cuts: u64,
+    /// Of those, cut inside the handshake.
+    pub handshake_cuts: u64,
+    /// Of those, cut inside a read chunk (an estimate of mid-frame cuts).
+    pub mid_frame_cuts: u64,
+    /// Wall time from the first send to the last echo.
+    pub elapsed_s: f64,
+    /// Echoed messages per second.
+    pub round_trips_per_s: f64,
+    /// Set when the run stopped early.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 31;
+    x = x.wrapping_mul(0x9e3779b97f4a7c15);
+    x ^ (x >> 29)
+}
+
+/// The payload of message `idx`: its index, then bytes derived from the seed
+/// and the index, so any corruption or mix-up shows.
+pub fn payload(seed: u64, idx: u64, size: usize) -> Vec<u8> {
+    let size = size.max(8);
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&idx.to_le_bytes());
+    let h = mix(seed ^ idx.rotate_left(17));
+    out.extend((0..size - 8).map(|i| (h >> ((i % 8) * 8)) as u8 ^ (i as u8)));
+    out
+}
+
+fn demo_config(seed: u64) -> Config {
+    let mut c = Config::default();
+    c.seed(seed)
+        .handshake_timeout(Duration::from_secs(2))
+        // The replay bound is also the window of unacknowledged messages:
+        // enough to keep loopback busy, small enough that a cut replays
+        // little.
+        .max_replay(1 << 20, 4096);
+    c.reconnect_mut()
+        .min_backoff(Duration::from_millis(1))
+        .max_backoff(Duration::from_millis(100))
+        .give_up_after(Some(Duration::from_secs(30)));
+    c
+}
+
+struct Checker {
+    seen: Vec<u64>,
+    highest: Option<u64>,
+    received: u64,
+    duplicated: u64,
+    reordered: u64,
+    corrupted: u64,
+}
+
+impl Checker {
+    fn new(n: u64) -> Self {
+        Checker {
+            seen: vec![0; n.div_ceil(64) as usize],
+            highest: None,
+            received: 0,
+            duplicated: 0,
+            reordered: 0,
+            corrupted: 0,
+        }
+    }
+
+    fn check(&mut self, seed: u64, size: usize, msg: &[u8]) {
+        let Some(idx) = msg
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        else {
+            self.corrupted += 1;
+            return;
+        };
+        let Some(word) = self.seen.get_mut((idx / 64) as usize) else {
+            self.corrupted += 1;
+            return;
+        };
+        if msg != payload(seed, idx, size) {
+            self.corrupted += 1;
+            return;
+        }
+        let bit = 1u64 << (idx % 64);
+        if *word & bit != 0 {
+            self.duplicated += 1;
+            return;
+        }
+        *word |= bit;
+        self.received += 1;
+        match self.highest {
+            Some(h) if idx < h => self.reordered += 1,
+            _ => self.highest = Some(idx),
+        }
+    }
+}
+
+async fn receive_all(
+    mut rx: StableReceiver<Bytes>,
+    opts: &DemoOptions,
+    progress: Arc<AtomicU64>,
+) -> (Checker, Option<String>) {
+    let mut checker = Checker::new(opts.messages);
+    while checker.received < opts.messages {
+        match tokio::time::timeout(opts.stall_timeout, rx.recv()).await {
+            Ok(Ok(Some(msg))) => {
+                checker.check(opts.seed, opts.size, &msg);
+                progress.store(checker.received, Ordering::Relaxed);
+            }
+            Ok(Ok(None)) => return (checker, Some("the session ended early".into())),
+            Ok(Err(e)) => return (checker, Some(e.to_string())),
+            Err(_) => {
+                let why = format!("no echo for {:?}", opts.stall_timeout);
+                return (checker, Some(why));
+            }
+        }
+    }
+    (checker, None)
+}
+
+/// Runs the demo and reports. Errors only for setup failures (cannot bind,
+/// cannot connect); everything measured is in the report.
+pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
+    let config = demo_config(opts.seed);
+    // The echo server: in this process unless one was given.
+    let server_stats: Arc<std::sync::Mutex<Vec<tether::StableSender<Bytes>>>> = Arc::default();
+    let (upstream, server_task) = match opts.server {
+        Some(addr) => (addr, None),
+        None => {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let sessions = server_stats.clone();
+            let mut server = tether::Server::<Bytes>::new(listener, config.clone());
+            let task = tokio::spawn(async move {
+                while let Some(conduit) = server.accept().await {
+                    let (tx, mut rx) = conduit.split();
+                    sessions.lock().expect("not poisoned").push(tx.clone());
+                    tokio::spawn(async move {
+                        while let Ok(Some(msg)) = rx.recv().await {
+                            if tx.send(&msg).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+            (addr, Some(task))
+        }
+    };
+    let proxy = Arc::new(
+        FaultProxy::start(
+            upstream,
+            FaultConfig {
+                seed: opts.seed,
+                mean_bytes_between_cuts: opts.cut_every,
+                handshake_cut_probability: if opts.cut_every == 0 {
+                    0.0
+                } else {
+                    opts.handshake_cuts
+                },
+                max_connection_age: None,
+            },
+        )
+        .await?,
+    );
+    let conduit =
+        StableConduit::<Bytes>::connect(TcpConnector::new(proxy.local_addr()), config).await?;
+    let (tx, rx) = conduit.split();
+    let started = Instant::now();
+    let received = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+
+    let sender = {
+        let (tx, sent, opts) = (tx.clone(), sent.clone(), opts.clone());
+        tokio::spawn(async move {
+            for idx in 0..opts.messages {
+                let msg = Bytes::from(payload(opts.seed, idx, opts.size));
+                if let Err(e) = tx.send(&msg).await {
+                    return Err(e.to_string());
+                }
+                sent.store(idx + 1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    };
+    let ticker = opts.progress.then(|| {
+        let (tx, sent, received, n) = (tx.clone(), sent.clone(), received.clone(), opts.messages);
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                print_progress(n, &sent, &received, &tx.stats(), proxy.stats());
+            }
+        })
+    });
+    let (checker, mut error) = receive_all(rx, &opts, received.clone()).await;
+    let elapsed = started.elapsed();
+    if let Some(t) = ticker {
+        t.abort();
+        eprintln!();
+    }
+    match sender.await {
+        Ok(Err(e)) if error.is_none() => error = Some(format!("send failed: {e}")),
+        Err(e) if error.is_none() => error = Some(format!("sender panicked: {e}")),
+        _ => {}
+    }
+    let client: Stats = tx.stats();
+    let server_replayed: u64 = server_stats
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .map(|s| s.stats().frames_replayed)
+        .sum();
+    let p: ProxyStats = proxy.stats();
+    proxy.shutdown();
+    if let Some(t) = server_task {
+        t.abort();
+    }
+    let messages_sent = sent.load(Ordering::Relaxed);
+    let lost = messages_sent.saturating_sub(checker.received);
+    let ok = error.is_none()
+        && lost == 0
+        && checker.duplicated == 0
+        && checker.reordered == 0
+        && checker.corrupted == 0;
+    Ok(DemoReport {
+        ok,
+        seed: opts.seed,
+        message_size: opts.size.max(8),
+        messages_sent,
+        messages_received: checker.received,
+        lost,
+        duplicated: checker.duplicated,
+        reordered: checker.reordered,
+        corrupted: checker.corrupted,
+        reconnects: client.reconnects,
+        replayed_frames: client.frames_replayed + server_replayed,
+        client_replayed_frames: client.frames_replayed,
+        server_replayed_frames: server_replayed,
+        cuts: p.cuts,
+        handshake_cuts: p.handshake_cuts,
+        mid_frame_cuts: p.mid_frame_cuts,
+        elapsed_s: elapsed.as_secs_f64(),
+        round_trips_per_s: checker.received as f64 / elapsed.as_secs_f64().max(1e-9),
+        error,
+    })
+}
+
+fn print_progress(n: u64, sent: &AtomicU64, received: &AtomicU64, s: &Stats, p: ProxyStats) {
+    let got = received.load(Ordering::Relaxed);
+    let line = format!(
+        "[{:5.1}%] sent {} echoed {} | cuts {} reconnects {} replayed {} | replay buffer {} frames {} KiB",
+        100.0 * got as f64 / n.max(1) as f64,
+        sent.load(Ordering::Relaxed),
+        got,
+        p.cuts,
+        s.reconnects,
+        s.frames_replayed,
+        s.replay_frames,
+        s.replay_bytes / 1024,
+    );
+    if std::io::stderr().is_terminal() {
+        eprint!("\r{line:<110}");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// The report as text for people.
+pub fn render(r: &DemoReport, opts: &DemoOptions) -> String {
+    let mut out = String::new();
+    let verdict = if r.ok {
+        "OK: every message came back exactly once, in order, intact".to_string()
+    } else {
+        format!(
+            "FAILED: {}",
+            r.error
+                .clone()
+                .unwrap_or_else(|| "delivery check failed".into())
+        )
+    };
+    out.push_str(&format!("{verdict}\n"));
+    out.push_str(&format!(
+        "  messages  sent {}, echoed {}, lost {}, duplicated {}, reordered {}, corrupted {}\n",
+        r.messages_sent, r.messages_received, r.lost, r.duplicated, r.reordered, r.corrupted
+    ));
+    out.push_str(&format!(
+        "  faults    {} connections cut ({} in the handshake, ~{} mid-frame), mean every {} bytes\n",
+        r.cuts, r.handshake_cuts, r.mid_frame_cuts, opts.cut_every
+    ));
+    out.push_str(&format!(
+        "  recovery  {} reconnects, {} frames replayed ({} by the client, {} by the server)\n",
+        r.reconnects, r.replayed_frames, r.client_replayed_frames, r.server_replayed_frames
+    ));
+    out.push_str(&format!(
+        "  time      {:.2} s, {:.0} echoed messages/s of {} bytes (seed {})\n",
+        r.elapsed_s, r.round_trips_per_s, r.message_size, r.seed
+    ));
+    out
+}
