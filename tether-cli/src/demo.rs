@@ -274,9 +274,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         t.abort();
         eprintln!();
     }
+    if error.is_some() {
+        // The sender may be blocked on a full replay buffer forever.
+        sender.abort();
+    }
     match sender.await {
         Ok(Err(e)) if error.is_none() => error = Some(format!("send failed: {e}")),
-        Err(e) if error.is_none() => error = Some(format!("sender panicked: {e}")),
+        Err(e) if error.is_none() && e.is_panic() => error = Some(format!("sender panicked: {e}")),
         _ => {}
     }
     let client: Stats = tx.stats();

@@ -138,6 +138,128 @@ impl FrameHeader {
     }
 }
 
+/// Extension bits, advertised in the hellos' reserved flag bits
+/// ([`crate::flags::EXTENSION_MASK`]). An extension is on for a link only if
+/// the client offered it and the server echoed it.
+pub mod ext {
+    /// Standalone ack frames: a side that only receives still acknowledges.
+    pub const ACKS: u8 = 0x04;
+    /// Keepalive ping/pong frames.
+    pub const KEEPALIVE: u8 = 0x08;
+    /// Graceful session close.
+    pub const CLOSE: u8 = 0x10;
+}
+
+const KIND_ACK: u8 = 0x02;
+const KIND_PING: u8 = 0x03;
+const KIND_PONG: u8 = 0x04;
+const KIND_CLOSE: u8 = 0x05;
+
+/// A control frame: not sequenced, not delivered, not kept for replay. Only
+/// sent when its extension is negotiated.
+///
+/// On the wire a control frame looks like a frame header whose seq is 0 and
+/// whose ack tag (`00`/`01` in the base format) is the kind: `02` ack, `03`
+/// ping, `04` pong, `05` close, followed by one varint (the acked seq, the
+/// ping's nonce, the echoed nonce, the closing side's next seq), and nothing
+/// after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// The sender has delivered every frame up to this seq (extension
+    /// [`ext::ACKS`]).
+    Ack(Seq),
+    /// Asks for a [`Control::Pong`] with the same nonce ([`ext::KEEPALIVE`]).
+    Ping(u32),
+    /// Answers a ping ([`ext::KEEPALIVE`]).
+    Pong(u32),
+    /// The sender ends the session; it sent every frame before this seq
+    /// ([`ext::CLOSE`]).
+    Close(Seq),
+}
+
+impl Control {
+    fn kind_and_value(&self) -> (u8, u32, u8) {
+        match *self {
+            Control::Ack(seq) => (KIND_ACK, seq.0, ext::ACKS),
+            Control::Ping(n) => (KIND_PING, n, ext::KEEPALIVE),
+            Control::Pong(n) => (KIND_PONG, n, ext::KEEPALIVE),
+            Control::Close(seq) => (KIND_CLOSE, seq.0, ext::CLOSE),
+        }
+    }
+
+    /// The extension bit this frame needs.
+    pub fn extension(&self) -> u8 {
+        self.kind_and_value().2
+    }
+
+    /// Appends the encoded frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let (kind, value, _) = self.kind_and_value();
+        out.reserve(2 + varint_len(value));
+        out.put_u8(0);
+        out.put_u8(kind);
+        put_varint(value, out);
+    }
+}
+
+/// One received payload after the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// A data frame; its item starts at `item_offset`.
+    Data {
+        /// Its seq and piggybacked ack.
+        header: FrameHeader,
+        /// Where the item's bytes start in the payload.
+        item_offset: usize,
+    },
+    /// A control frame.
+    Control(Control),
+}
+
+/// Decodes one payload for a link on which `extensions` are negotiated.
+///
+/// With no extensions this accepts exactly the base format (a control kind
+/// is [`FrameError::BadOptionTag`]); a control frame whose extension is not
+/// negotiated is rejected the same way.
+pub fn decode_payload(payload: &[u8], extensions: u8) -> Result<Incoming, FrameError> {
+    let mut pos = 0;
+    let seq = Seq(take_varint(payload, &mut pos)?);
+    let tag = *payload.get(pos).ok_or(FrameError::Truncated)?;
+    pos += 1;
+    let control = match tag {
+        OPTION_NONE => {
+            return Ok(Incoming::Data {
+                header: FrameHeader { seq, ack: None },
+                item_offset: pos,
+            })
+        }
+        OPTION_SOME => {
+            let ack = Some(Seq(take_varint(payload, &mut pos)?));
+            return Ok(Incoming::Data {
+                header: FrameHeader { seq, ack },
+                item_offset: pos,
+            });
+        }
+        KIND_ACK if extensions & ext::ACKS != 0 => {
+            Control::Ack(Seq(take_varint(payload, &mut pos)?))
+        }
+        KIND_PING if extensions & ext::KEEPALIVE != 0 => {
+            Control::Ping(take_varint(payload, &mut pos)?)
+        }
+        KIND_PONG if extensions & ext::KEEPALIVE != 0 => {
+            Control::Pong(take_varint(payload, &mut pos)?)
+        }
+        KIND_CLOSE if extensions & ext::CLOSE != 0 => {
+            Control::Close(Seq(take_varint(payload, &mut pos)?))
+        }
+        other => return Err(FrameError::BadOptionTag(other)),
+    };
+    if pos != payload.len() {
+        return Err(FrameError::TrailingBytes(payload.len() - pos));
+    }
+    Ok(Incoming::Control(control))
+}
+
 /// A postcard output flavor that appends straight into a `BytesMut`.
 struct BytesMutFlavor<'a> {
     out: &'a mut BytesMut,
@@ -484,6 +606,63 @@ mod tests {
         let err = encode_item(&FailsHalfway, &mut out).unwrap_err();
         assert!(matches!(err, FrameError::Encode(_)));
         assert_eq!(&out[..], b"keep");
+    }
+
+    #[test]
+    fn control_frame_vectors() {
+        let cases = [
+            (Control::Ack(Seq(300)), "00 02 ac 02"),
+            (Control::Ping(7), "00 03 07"),
+            (Control::Pong(7), "00 04 07"),
+            (Control::Close(Seq(u32::MAX)), "00 05 ff ff ff ff 0f"),
+        ];
+        let all = ext::ACKS | ext::KEEPALIVE | ext::CLOSE;
+        for (control, hex) in cases {
+            let mut out = BytesMut::new();
+            control.encode(&mut out);
+            let got: Vec<String> = out.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(got.join(" "), hex, "{control:?}");
+            assert_eq!(
+                decode_payload(&out, all).unwrap(),
+                Incoming::Control(control)
+            );
+            // Without its extension the same bytes are a bad tag, as in the
+            // base format.
+            let without = all & !control.extension();
+            assert!(matches!(
+                decode_payload(&out, without),
+                Err(FrameError::BadOptionTag(_))
+            ));
+            let mut long = out.to_vec();
+            long.push(0);
+            assert!(matches!(
+                decode_payload(&long, all),
+                Err(FrameError::TrailingBytes(1))
+            ));
+        }
+    }
+
+    #[test]
+    fn decode_payload_reads_data_frames_like_the_header() {
+        let bytes = frame_bytes(
+            FrameHeader {
+                seq: Seq(1),
+                ack: Some(Seq(0)),
+            },
+            &300u32,
+        );
+        for exts in [0, ext::ACKS] {
+            assert_eq!(
+                decode_payload(&bytes, exts).unwrap(),
+                Incoming::Data {
+                    header: FrameHeader {
+                        seq: Seq(1),
+                        ack: Some(Seq(0))
+                    },
+                    item_offset: 3
+                }
+            );
+        }
     }
 
     #[test]

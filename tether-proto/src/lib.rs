@@ -16,7 +16,8 @@ pub mod replay;
 pub mod seq;
 
 pub use frame::{
-    decode_frame, decode_item, encode_frame, encode_item, FrameError, FrameHeader, MAX_HEADER_LEN,
+    decode_frame, decode_item, decode_payload, encode_frame, encode_item, ext, Control, FrameError,
+    FrameHeader, Incoming, MAX_HEADER_LEN,
 };
 pub use hello::{
     flags, ClientHello, HelloError, ServerHello, CLIENT_MAGIC, HELLO_LEN, SERVER_MAGIC,

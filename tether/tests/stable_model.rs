@@ -39,9 +39,16 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn config(seed: u64, initial_seq: u32) -> Config {
+fn config(seed: u64, initial_seq: u32, base_format: bool) -> Config {
     let mut c = Config::default();
     c.seed(seed).initial_seq(initial_seq);
+    if base_format {
+        c.extensions(0);
+    } else {
+        // Above the most messages a case can leave unconsumed (60 ops of at
+        // most 40), so that inline sends never wait for a recv op.
+        c.max_replay(1 << 24, 4096);
+    }
     c.reconnect_mut()
         .min_backoff(Duration::from_millis(1))
         .max_backoff(Duration::from_millis(10))
@@ -65,13 +72,20 @@ async fn recv_expect(
     Ok(())
 }
 
-async fn run(ops: Vec<Op>, seed: u64, initial_seq: u32) -> Result<(), TestCaseError> {
+async fn run(
+    ops: Vec<Op>,
+    seed: u64,
+    initial_seq: u32,
+    base_format: bool,
+) -> Result<(), TestCaseError> {
     let (listener, connector) = mem::listener(8);
-    let mut server = Server::<u64>::new(listener, config(seed, initial_seq));
-    let mut client =
-        StableConduit::<u64>::connect(connector.clone(), config(seed + 1, initial_seq))
-            .await
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut server = Server::<u64>::new(listener, config(seed, initial_seq, base_format));
+    let mut client = StableConduit::<u64>::connect(
+        connector.clone(),
+        config(seed + 1, initial_seq, base_format),
+    )
+    .await
+    .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let mut session = server.accept().await.expect("server accepts");
     let mut to_server = VecDeque::new();
     let mut to_client = VecDeque::new();
@@ -141,6 +155,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         seed in any::<u64>(),
         near_wrap in any::<bool>(),
+        base_format in any::<bool>(),
     ) {
         let initial_seq = if near_wrap { u32::MAX - 30 } else { 0 };
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -148,6 +163,6 @@ proptest! {
             .start_paused(true)
             .build()
             .unwrap();
-        rt.block_on(run(ops, seed, initial_seq))?;
+        rt.block_on(run(ops, seed, initial_seq, base_format))?;
     }
 }

@@ -45,7 +45,11 @@ impl<S, R> StableConduit<S, R> {
         let recv = RecvState::new();
         let (halves, hello) = reconnect(&connector, None, &recv, &config, &mut rng).await?;
         let (ep, handles) = endpoint(shared.clone());
-        shared.resume(hello.last_received)?;
+        shared.resume(
+            hello.last_received,
+            recv.last_received(),
+            hello.extensions & config.extensions,
+        )?;
         shared.set_state(ConduitState::Connected);
         tracing::debug!("stable conduit connected");
         let driver = ClientDriver {
@@ -103,11 +107,12 @@ impl<C: Connector> ClientDriver<C> {
             drop(halves);
             self.shared.set_state(ConduitState::Reconnecting);
             let attempt = tokio::select! {
-                r = reconnect(&self.connector, Some(self.key), &self.recv, &self.config, &mut self.rng) => r,
+                biased;
                 () = self.endpoint.all_gone() => {
                     self.shared.finish();
                     return;
                 }
+                r = reconnect(&self.connector, Some(self.key), &self.recv, &self.config, &mut self.rng) => r,
             };
             let hello = match attempt {
                 Ok((h, hello)) => {
@@ -124,7 +129,11 @@ impl<C: Connector> ClientDriver<C> {
                 }
             };
             self.key = hello.resume_key;
-            if let Err(reason) = self.shared.resume(hello.last_received) {
+            if let Err(reason) = self.shared.resume(
+                hello.last_received,
+                self.recv.last_received(),
+                hello.extensions & self.config.extensions,
+            ) {
                 self.shared.fail(reason);
                 return;
             }
@@ -155,7 +164,7 @@ async fn reconnect<C: Connector>(
         attempts += 1;
         let outcome = match timeout(
             config.handshake_timeout,
-            attempt::<C>(connector, key, recv.last_received()),
+            attempt::<C>(connector, key, recv.last_received(), config.extensions),
         )
         .await
         {
@@ -196,6 +205,7 @@ async fn attempt<C: Connector>(
     connector: &C,
     key: Option<ResumeKey>,
     last_received: Option<Seq>,
+    extensions: u8,
 ) -> Attempt<C> {
     let link = match connector.connect().await {
         Ok(link) => link,
@@ -205,7 +215,7 @@ async fn attempt<C: Connector>(
     let hello = ClientHello {
         resume_key: key,
         last_received,
-        extensions: 0,
+        extensions,
     };
     // A send error does not end the attempt: the hello may have been
     // delivered and answered (a rejection, say) before the server dropped the

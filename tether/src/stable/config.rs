@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tether_proto::Seq;
+use tether_proto::{ext, Seq};
 
 /// How a client retries after losing its link.
 ///
@@ -61,7 +61,13 @@ pub struct Config {
     pub(crate) max_recv_queue_bytes: usize,
     pub(crate) initial_seq: Seq,
     pub(crate) seed: Option<u64>,
+    pub(crate) extensions: u8,
+    pub(crate) ack_every: u32,
+    pub(crate) ack_delay: Duration,
 }
+
+/// The extensions this implementation speaks.
+pub(crate) const SUPPORTED_EXTENSIONS: u8 = ext::ACKS;
 
 impl Default for Config {
     fn default() -> Self {
@@ -73,6 +79,9 @@ impl Default for Config {
             max_recv_queue_bytes: 64 * 1024 * 1024,
             initial_seq: Seq::ZERO,
             seed: None,
+            extensions: SUPPORTED_EXTENSIONS,
+            ack_every: 32,
+            ack_delay: Duration::from_millis(5),
         }
     }
 }
@@ -120,6 +129,30 @@ impl Config {
     /// protocol prescribes; other values exist to test wrap-around at 2^32.
     pub fn initial_seq(&mut self, value: u32) -> &mut Self {
         self.initial_seq = Seq(value);
+        self
+    }
+
+    /// Which protocol extensions to offer (client) or accept (server), as
+    /// the bits of [`tether_proto::ext`]; only supported ones are used.
+    /// Default: all supported (standalone acks). `0` speaks the base
+    /// protocol of `shared/PROTOCOL.md` only.
+    ///
+    /// Without standalone acks a side that only receives never
+    /// acknowledges, so the replay bound ([`max_replay`](Self::max_replay))
+    /// cannot be enforced without risking a deadlock: it is then not
+    /// enforced, as in the base protocol.
+    pub fn extensions(&mut self, bits: u8) -> &mut Self {
+        self.extensions = bits & SUPPORTED_EXTENSIONS;
+        self
+    }
+
+    /// With standalone acks: acknowledge after this many consumed frames
+    /// (default 32) or after `delay` (default 5 ms), whichever comes first,
+    /// when no outgoing data frame carries the ack sooner. Fewer, later acks
+    /// cost less; sooner acks free the peer's replay buffer sooner.
+    pub fn ack_policy(&mut self, every: u32, delay: Duration) -> &mut Self {
+        self.ack_every = every.max(1);
+        self.ack_delay = delay;
         self
     }
 

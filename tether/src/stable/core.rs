@@ -18,14 +18,16 @@
 //! reader task keeps reading the link.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use tether_proto::{
+    decode_payload, ext,
     frame::{encode_frame, FrameHeader},
-    Delivery, RecvState, ReplayBuffer, Seq,
+    Control, Delivery, Incoming, RecvState, ReplayBuffer, Seq,
 };
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -81,6 +83,13 @@ pub(crate) struct Shared {
     queue_space: Notify,
     /// Last seq the application consumed, as `1 << 32 | seq`, 0 for none.
     consumed: AtomicU64,
+    /// The highest ack the peer has been told on the current link (same
+    /// encoding), so consumers know when to wake the writer for an ack.
+    ack_told: AtomicU64,
+    /// Extensions negotiated on the current link.
+    extensions: AtomicU8,
+    ack_every: u32,
+    ack_delay: Duration,
     queued_bytes: AtomicUsize,
     max_queued_bytes: usize,
     terminal: OnceLock<Terminal>,
@@ -115,6 +124,10 @@ impl Shared {
             space_wake: Notify::new(),
             queue_space: Notify::new(),
             consumed: AtomicU64::new(0),
+            ack_told: AtomicU64::new(0),
+            extensions: AtomicU8::new(0),
+            ack_every: config.ack_every,
+            ack_delay: config.ack_delay,
             queued_bytes: AtomicUsize::new(0),
             max_queued_bytes: config.max_recv_queue_bytes,
             terminal: OnceLock::new(),
@@ -124,13 +137,38 @@ impl Shared {
     }
 
     pub(crate) fn ack_value(&self) -> Option<Seq> {
-        let v = self.consumed.load(Ordering::Acquire);
-        (v >> 32 != 0).then_some(Seq(v as u32))
+        decode_seq(self.consumed.load(Ordering::Acquire))
     }
 
     fn set_consumed(&self, seq: Seq) {
         self.consumed
-            .store((1u64 << 32) | u64::from(seq.0), Ordering::Release);
+            .store(encode_seq(Some(seq)), Ordering::Release);
+    }
+
+    fn ack_told(&self) -> Option<Seq> {
+        decode_seq(self.ack_told.load(Ordering::Acquire))
+    }
+
+    fn set_ack_told(&self, seq: Option<Seq>) {
+        self.ack_told.store(encode_seq(seq), Ordering::Release);
+    }
+
+    /// The consumed seq the peer has not been told yet, if standalone acks
+    /// are on.
+    fn pending_ack(&self) -> Option<Seq> {
+        if !self.acks_negotiated() {
+            return None;
+        }
+        let consumed = self.ack_value()?;
+        match self.ack_told() {
+            Some(told) if !consumed.is_after(told) => None,
+            _ => Some(consumed),
+        }
+    }
+
+    /// Whether standalone acks are on for the current link.
+    fn acks_negotiated(&self) -> bool {
+        self.extensions.load(Ordering::Acquire) & ext::ACKS != 0
     }
 
     pub(crate) fn terminal(&self) -> Option<&Terminal> {
@@ -188,7 +226,9 @@ impl Shared {
             };
             ensure_chunk(&mut s.arena);
             encode_frame(&header, msg, &mut s.arena).map_err(Error::Encode)?;
-            if !s.replay.has_room(s.arena.len()) {
+            // Without standalone acks, a side that only receives never
+            // acknowledges: enforcing the bound could deadlock two senders.
+            if self.acks_negotiated() && !s.replay.has_room(s.arena.len()) {
                 s.arena.clear();
                 return Ok(TrySend::Full);
             }
@@ -217,10 +257,19 @@ impl Shared {
         }
     }
 
-    /// After a handshake: drops what the peer already has and rewinds the
-    /// writer to the first frame it lacks. Returns how many frames will be
-    /// replayed.
-    pub(crate) fn resume(&self, peer_last_received: Option<Seq>) -> Result<u64, SessionLost> {
+    /// After a handshake: records the extensions negotiated for the new link,
+    /// drops what the peer already has and rewinds the writer to the first
+    /// frame it lacks. `our_last_received` is what our hello told the peer.
+    /// Returns how many frames will be replayed.
+    pub(crate) fn resume(
+        &self,
+        peer_last_received: Option<Seq>,
+        our_last_received: Option<Seq>,
+        extensions: u8,
+    ) -> Result<u64, SessionLost> {
+        self.extensions.store(extensions, Ordering::Release);
+        // The hello told the peer what we received; it trims on that.
+        self.set_ack_told(our_last_received);
         let (frames, bytes) = {
             let mut s = lock(&self.send);
             let start = s
@@ -269,6 +318,18 @@ impl Shared {
     /// Called by the application's receiver for each item it takes.
     pub(crate) fn consumed(&self, seq: Seq, len: usize) {
         self.set_consumed(seq);
+        if self.acks_negotiated() {
+            // Wake the writer when an ack becomes pending (it arms the ack
+            // delay) and when enough frames wait for one.
+            let pending = match self.ack_told() {
+                Some(told) if !seq.is_after(told) => 0,
+                Some(told) => seq.distance_from(told),
+                None => 1,
+            };
+            if pending == 1 || pending == self.ack_every {
+                self.writer_wake.notify_one();
+            }
+        }
         let before = self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
         if before > self.max_queued_bytes && before - len <= self.max_queued_bytes {
             self.queue_space.notify_one();
@@ -344,10 +405,11 @@ where
     Rx: LinkRx,
 {
     let Endpoint { deliver, senders } = endpoint;
+    let extensions = shared.extensions.load(Ordering::Acquire);
     tokio::select! {
         biased;
         p = preempt => AttachEnd::Preempted(p),
-        end = read_loop(shared, rx, recv, deliver, on_first_frame) => end,
+        end = read_loop(shared, rx, recv, deliver, extensions, on_first_frame) => end,
         end = write_loop(shared, tx, senders, deliver) => end,
     }
 }
@@ -359,6 +421,9 @@ async fn write_loop<Tx: LinkTx, P>(
     deliver: &mpsc::UnboundedSender<Delivered>,
 ) -> AttachEnd<P> {
     let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    let mut control = BytesMut::new();
+    // When the current pending ack (if any) must go out at the latest.
+    let mut ack_deadline: Option<tokio::time::Instant> = None;
     loop {
         {
             let mut guard = lock(&shared.send);
@@ -380,8 +445,32 @@ async fn write_loop<Tx: LinkTx, P>(
             }
         }
         if batch.is_empty() {
+            // Nothing to carry an ack: send one on its own when it is due.
+            if let Some(ack) = shared.pending_ack() {
+                let now = tokio::time::Instant::now();
+                let deadline = *ack_deadline.get_or_insert(now + shared.ack_delay);
+                let backlog = shared.ack_told().map_or(1, |t| ack.distance_from(t));
+                if backlog >= shared.ack_every || now >= deadline {
+                    Control::Ack(ack).encode(&mut control);
+                    if let Err(e) = tx.send(control.split().freeze()).await {
+                        return AttachEnd::Link(e);
+                    }
+                    shared.set_ack_told(Some(ack));
+                    ack_deadline = None;
+                    continue;
+                }
+            } else {
+                ack_deadline = None;
+            }
+            let ack_timer = async {
+                match ack_deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shared.writer_wake.notified() => {}
+                () = ack_timer => {}
                 _ = async {
                     let _ = senders.recv().await;
                     deliver.closed().await;
@@ -403,6 +492,14 @@ async fn write_loop<Tx: LinkTx, P>(
             .counters
             .frames_sent
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        // The newest frame carries the newest piggybacked ack of the batch.
+        if let Some(Ok((FrameHeader { ack: Some(ack), .. }, _))) =
+            batch.last().map(|f| FrameHeader::decode(f))
+        {
+            if shared.ack_told().is_none_or(|told| ack.is_after(told)) {
+                shared.set_ack_told(Some(ack));
+            }
+        }
         for frame in batch.drain(..) {
             if let Err(e) = tx.feed(frame).await {
                 return AttachEnd::Link(e);
@@ -419,6 +516,7 @@ async fn read_loop<Rx: LinkRx, P>(
     rx: &mut Rx,
     recv: &mut RecvState,
     deliver: &mpsc::UnboundedSender<Delivered>,
+    extensions: u8,
     on_first_frame: impl FnOnce(),
 ) -> AttachEnd<P> {
     let mut on_first_frame = Some(on_first_frame);
@@ -440,26 +538,48 @@ async fn read_loop<Rx: LinkRx, P>(
             Ok(None) => return AttachEnd::Eof,
             Err(e) => return AttachEnd::Link(e),
         };
-        let (header, offset) = match FrameHeader::decode(&payload) {
-            Ok(h) => h,
+        let incoming = match decode_payload(&payload, extensions) {
+            Ok(incoming) => incoming,
             Err(e) => return AttachEnd::Protocol(format!("malformed frame: {e}")),
         };
         if let Some(f) = on_first_frame.take() {
             f();
         }
+        let (header, offset) = match incoming {
+            Incoming::Data {
+                header,
+                item_offset,
+            } => (header, item_offset),
+            Incoming::Control(Control::Ack(ack)) => {
+                if let Err(e) = apply_ack(shared, ack) {
+                    return AttachEnd::Protocol(e);
+                }
+                continue;
+            }
+            Incoming::Control(other) => {
+                // Not negotiated yet: decode_payload only returns kinds whose
+                // extension is on, and none but acks is offered.
+                return AttachEnd::Protocol(format!("unexpected control frame {other:?}"));
+            }
+        };
         if let Some(ack) = header.ack {
             if last_ack != Some(ack) {
                 last_ack = Some(ack);
-                let freed = lock(&shared.send).replay.ack(ack);
-                match freed {
-                    Ok(0) => {}
-                    Ok(_) => shared.space_wake.notify_waiters(),
-                    Err(e) => return AttachEnd::Protocol(format!("bad ack: {e}")),
+                if let Err(e) = apply_ack(shared, ack) {
+                    return AttachEnd::Protocol(e);
                 }
             }
         }
         match recv.on_frame(header.seq) {
             Ok(Delivery::Deliver) => {
+                // The first frame of the session anchors the ack state: the
+                // peer needs no ack for anything before it.
+                let _ = shared.ack_told.compare_exchange(
+                    0,
+                    encode_seq(Some(Seq(header.seq.0.wrapping_sub(1)))),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
                 shared
                     .counters
                     .frames_received
@@ -478,5 +598,26 @@ async fn read_loop<Rx: LinkRx, P>(
             }
             Err(e) => return AttachEnd::Protocol(format!("sequence error: {e}")),
         }
+    }
+}
+
+fn encode_seq(seq: Option<Seq>) -> u64 {
+    seq.map_or(0, |s| (1u64 << 32) | u64::from(s.0))
+}
+
+fn decode_seq(v: u64) -> Option<Seq> {
+    (v >> 32 != 0).then_some(Seq(v as u32))
+}
+
+/// Trims the replay buffer up to `ack` and wakes blocked senders.
+fn apply_ack(shared: &Shared, ack: Seq) -> Result<(), String> {
+    let freed = lock(&shared.send).replay.ack(ack);
+    match freed {
+        Ok(0) => Ok(()),
+        Ok(_) => {
+            shared.space_wake.notify_waiters();
+            Ok(())
+        }
+        Err(e) => Err(format!("bad ack: {e}")),
     }
 }

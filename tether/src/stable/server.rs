@@ -61,6 +61,7 @@ struct Attach<L: Link> {
     rx: L::Rx,
     key: ResumeKey,
     client_last_received: Option<Seq>,
+    client_extensions: u8,
 }
 
 struct Entry<L: Link> {
@@ -283,6 +284,7 @@ async fn handle_link<L: Link>(inner: Arc<Inner<L>>, link: L) {
         rx,
         key: fresh,
         client_last_received: hello.last_received,
+        client_extensions: hello.extensions,
     };
     match hello.resume_key {
         None => new_session(inner, attach).await,
@@ -365,16 +367,19 @@ impl<L: Link> SessionDriver<L> {
                 mut rx,
                 key,
                 client_last_received,
+                client_extensions,
             } = attach;
+            let (handshake_timeout, offered) = match self.weak.upgrade() {
+                Some(inner) => (inner.config.handshake_timeout, inner.config.extensions),
+                None => return self.end(Some(SessionLost::ServerShutdown)),
+            };
+            // Echo what both sides speak; anything else stays off.
+            let extensions = client_extensions & offered;
             let hello = ServerHello {
                 rejected: false,
                 resume_key: key,
                 last_received: self.recv.last_received(),
-                extensions: 0,
-            };
-            let handshake_timeout = match self.weak.upgrade() {
-                Some(inner) => inner.config.handshake_timeout,
-                None => return self.end(Some(SessionLost::ServerShutdown)),
+                extensions,
             };
             let sent = timeout(
                 handshake_timeout,
@@ -386,7 +391,10 @@ impl<L: Link> SessionDriver<L> {
                 self.shared.set_state(ConduitState::Reconnecting);
                 continue;
             }
-            if let Err(reason) = self.shared.resume(client_last_received) {
+            if let Err(reason) =
+                self.shared
+                    .resume(client_last_received, self.recv.last_received(), extensions)
+            {
                 return self.end(Some(reason));
             }
             if attached_before {

@@ -1,0 +1,146 @@
+//! Protocol extensions: negotiation, standalone acks, and interoperation
+//! with a peer that speaks only the base format.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{config, exchange, within, Msg, Traffic};
+use tether::link::mem::{self, MemConnector};
+use tether::link::{Connector, Link, LinkRx, LinkTx};
+use tether::proto::{ext, ClientHello, ServerHello};
+use tether::{Config, Server, StableConduit};
+
+async fn server_answer(c: &MemConnector, extensions: u8) -> ServerHello {
+    let (mut tx, mut rx) = c.connect().await.unwrap().split();
+    let hello = ClientHello {
+        resume_key: None,
+        last_received: None,
+        extensions,
+    };
+    let _ = tx.send(Bytes::copy_from_slice(&hello.encode())).await;
+    ServerHello::decode(&rx.recv().await.unwrap().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn server_echoes_only_extensions_both_sides_speak() {
+    within(async {
+        let (listener, c) = mem::listener(8);
+        let _server = Server::<Msg>::new(listener, config(1));
+        assert_eq!(server_answer(&c, ext::ACKS).await.extensions, ext::ACKS);
+        assert_eq!(server_answer(&c, 0).await.extensions, 0);
+        // Unknown bits are ignored, known ones kept.
+        assert_eq!(
+            server_answer(&c, 0x80 | 0x40 | ext::ACKS).await.extensions,
+            ext::ACKS
+        );
+
+        let (listener, c) = mem::listener(8);
+        let mut base = config(2);
+        base.extensions(0);
+        let _base_server = Server::<Msg>::new(listener, base);
+        assert_eq!(server_answer(&c, ext::ACKS).await.extensions, 0);
+    })
+    .await;
+}
+
+/// Streams `n` messages one way and returns the largest replay-buffer
+/// occupancy (frames) the sender showed while doing so.
+async fn one_way(client_cfg: Config, server_cfg: Config, n: u64) -> usize {
+    let (listener, c) = mem::listener(64);
+    let mut server = Server::<u64>::new(listener, server_cfg);
+    let client = StableConduit::<u64>::connect(c.clone(), client_cfg)
+        .await
+        .unwrap();
+    let mut session = server.accept().await.unwrap();
+    let reader = tokio::spawn(async move {
+        for i in 0..n {
+            assert_eq!(session.recv().await.unwrap(), Some(i));
+        }
+        session
+    });
+    let mut max_frames = 0;
+    for i in 0..n {
+        client.send(&i).await.unwrap();
+        if i % 64 == 0 {
+            max_frames = max_frames.max(client.stats().replay_frames);
+        }
+    }
+    let _session = reader.await.unwrap();
+    max_frames.max(client.stats().replay_frames)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_acks_keep_a_one_way_stream_bounded() {
+    within(async {
+        let mut cfg = config(3);
+        cfg.max_replay(1 << 20, 256);
+        let peak = one_way(cfg.clone(), cfg, 200_000).await;
+        assert!(peak <= 256, "replay buffer grew to {peak} frames");
+        assert!(peak > 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_format_peer_on_either_side_still_delivers() {
+    within(async {
+        let mut with = config(4);
+        with.max_replay(1 << 20, 256);
+        let mut without = with.clone();
+        without.extensions(0);
+        let n = 5_000;
+        // Base-format client, and base-format server: no standalone acks, so
+        // a receive-only peer never acknowledges and the bound is not
+        // enforced (enforcing it could deadlock); everything still arrives.
+        let peak = one_way(without.clone(), with.clone(), n).await;
+        assert_eq!(peak, n as usize, "acks flowed although not negotiated");
+        let peak = one_way(with, without, n).await;
+        assert_eq!(peak, n as usize, "acks flowed although not negotiated");
+    })
+    .await;
+}
+
+/// Two senders with tiny windows that only ever piggyback acks would
+/// deadlock; standalone acks keep both moving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_windows_both_ways_do_not_deadlock() {
+    within(async {
+        let mut cfg = config(5);
+        cfg.max_replay(4096, 8);
+        let (listener, c) = mem::listener(8);
+        let mut server = Server::<Msg>::new(listener, cfg.clone());
+        let client = StableConduit::<Msg>::connect(c.clone(), cfg).await.unwrap();
+        let session = server.accept().await.unwrap();
+        let t = Traffic {
+            seed: 5,
+            streams: 3,
+            per_stream: 2_000,
+            max_len: 100,
+        };
+        let (tx, _) = exchange(client, session, t, Traffic { seed: 6, ..t })
+            .await
+            .unwrap();
+        assert!(tx.stats().replay_frames <= 8);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ack_goes_out_after_the_delay_when_few_frames_wait() {
+    let mut cfg = config(6);
+    cfg.ack_policy(1_000, Duration::from_millis(50));
+    let (listener, c) = mem::listener(8);
+    let mut server = Server::<u64>::new(listener, cfg.clone());
+    let client = StableConduit::<u64>::connect(c.clone(), cfg).await.unwrap();
+    let mut session = server.accept().await.unwrap();
+    for i in 0..3 {
+        client.send(&i).await.unwrap();
+        assert_eq!(session.recv().await.unwrap(), Some(i));
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(client.stats().replay_frames, 3, "acked before the delay");
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(client.stats().replay_frames, 0, "no ack after the delay");
+}
