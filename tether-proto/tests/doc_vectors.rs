@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use bytes::BytesMut;
-use tether_proto::{encode_frame, ClientHello, FrameHeader, ResumeKey, Seq, ServerHello};
+use tether_proto::{encode_frame, ClientHello, Control, FrameHeader, ResumeKey, Seq, ServerHello};
 
 fn doc() -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md");
@@ -60,6 +60,12 @@ fn counting_key(start: u8) -> ResumeKey {
     ResumeKey::from_bytes(std::array::from_fn(|i| start + i as u8))
 }
 
+fn control(c: Control) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    c.encode(&mut out);
+    out.to_vec()
+}
+
 #[test]
 fn doc_vectors_match_the_encoders() {
     let client_new = ClientHello {
@@ -96,6 +102,20 @@ fn doc_vectors_match_the_encoders() {
             .to_vec(),
         ),
         ("server-reject", ServerHello::reject().encode().to_vec()),
+        (
+            "client-new-acks",
+            ClientHello {
+                resume_key: None,
+                last_received: None,
+                extensions: tether_proto::ext::ACKS,
+            }
+            .encode()
+            .to_vec(),
+        ),
+        ("control-ack", control(Control::Ack(Seq(300)))),
+        ("control-ping", control(Control::Ping(7))),
+        ("control-pong", control(Control::Pong(7))),
+        ("control-close", control(Control::Close(Seq(u32::MAX)))),
     ]
     .into_iter()
     .map(|(id, bytes)| (id.to_owned(), bytes))
