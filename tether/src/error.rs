@@ -43,6 +43,9 @@ pub enum SessionLost {
     /// The server shut down and dropped the session.
     #[error("the server shut down")]
     ServerShutdown,
+    /// The client did not resume within the server's resume window.
+    #[error("the client did not resume within the resume window")]
+    Expired,
 }
 
 /// The error type of conduits, clients and servers.

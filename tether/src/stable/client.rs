@@ -102,6 +102,7 @@ impl<C: Connector> ClientDriver<C> {
                 }
                 AttachEnd::Link(e) => tracing::debug!(error = %e, "link failed"),
                 AttachEnd::Eof => tracing::debug!("link ended by peer"),
+                AttachEnd::Timeout => tracing::debug!("keepalive timeout"),
                 AttachEnd::Preempted(()) => unreachable!("pending() never resolves"),
             }
             drop(halves);
@@ -141,7 +142,7 @@ impl<C: Connector> ClientDriver<C> {
                 .counters
                 .reconnects
                 .fetch_add(1, Ordering::Relaxed);
-            self.shared.set_state(ConduitState::Connected);
+            self.shared.set_state(ConduitState::Resumed);
             tracing::debug!("stable conduit resumed");
         }
     }

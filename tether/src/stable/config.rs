@@ -64,10 +64,15 @@ pub struct Config {
     pub(crate) extensions: u8,
     pub(crate) ack_every: u32,
     pub(crate) ack_delay: Duration,
+    pub(crate) keepalive_interval: Duration,
+    pub(crate) keepalive_timeout: Duration,
+    pub(crate) resume_window: Duration,
+    pub(crate) max_sessions: usize,
+    pub(crate) close_timeout: Duration,
 }
 
 /// The extensions this implementation speaks.
-pub(crate) const SUPPORTED_EXTENSIONS: u8 = ext::ACKS;
+pub(crate) const SUPPORTED_EXTENSIONS: u8 = ext::ACKS | ext::KEEPALIVE | ext::CLOSE;
 
 impl Default for Config {
     fn default() -> Self {
@@ -82,6 +87,11 @@ impl Default for Config {
             extensions: SUPPORTED_EXTENSIONS,
             ack_every: 32,
             ack_delay: Duration::from_millis(5),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(15),
+            resume_window: Duration::from_secs(120),
+            max_sessions: 100_000,
+            close_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -153,6 +163,40 @@ impl Config {
     pub fn ack_policy(&mut self, every: u32, delay: Duration) -> &mut Self {
         self.ack_every = every.max(1);
         self.ack_delay = delay;
+        self
+    }
+
+    /// Keepalive (extension `KEEPALIVE`): a ping every `interval`; a link
+    /// on which no pong arrives for `timeout` is declared dead and replaced
+    /// (half-open, stalled, or a peer that stopped reading). Defaults: 5 s
+    /// and 15 s. A shorter timeout detects dead links sooner and costs more
+    /// spurious reconnects on a congested path.
+    pub fn keepalive(&mut self, interval: Duration, timeout: Duration) -> &mut Self {
+        self.keepalive_interval = interval.max(Duration::from_millis(1));
+        self.keepalive_timeout = timeout.max(self.keepalive_interval);
+        self
+    }
+
+    /// Server: how long a session whose link was lost waits for its client
+    /// to resume before it expires and frees its memory. Default 120 s
+    /// (match the clients' give-up deadline).
+    pub fn resume_window(&mut self, value: Duration) -> &mut Self {
+        self.resume_window = value;
+        self
+    }
+
+    /// Server: most sessions kept at once; a new session beyond it is
+    /// rejected. Default 100,000.
+    pub fn max_sessions(&mut self, value: usize) -> &mut Self {
+        self.max_sessions = value;
+        self
+    }
+
+    /// How long a graceful close (explicit, or because every handle was
+    /// dropped) waits for the peer to acknowledge what is pending before the
+    /// session is dropped anyway. Default 10 s.
+    pub fn close_timeout(&mut self, value: Duration) -> &mut Self {
+        self.close_timeout = value;
         self
     }
 

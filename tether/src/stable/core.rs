@@ -60,6 +60,9 @@ pub(crate) struct SendSide {
     arena: BytesMut,
     /// Next seq to write on the current link.
     pub(crate) cursor: Seq,
+    /// A graceful close was asked for: no new sends; the session ends once
+    /// the peer acknowledged everything.
+    closing: bool,
 }
 
 #[derive(Default)]
@@ -70,6 +73,8 @@ pub(crate) struct Counters {
     pub(crate) frames_replayed: AtomicU64,
     pub(crate) bytes_replayed: AtomicU64,
     pub(crate) duplicates: AtomicU64,
+    pub(crate) keepalive_timeouts: AtomicU64,
+    pub(crate) max_replay_bytes: AtomicUsize,
 }
 
 /// What the handles and the driver of one session share.
@@ -90,6 +95,20 @@ pub(crate) struct Shared {
     extensions: AtomicU8,
     ack_every: u32,
     ack_delay: Duration,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+    close_timeout: Duration,
+    /// Time base for the atomics below.
+    epoch: tokio::time::Instant,
+    /// Nonce and send time (µs since `epoch`) of the last ping.
+    ping_nonce: AtomicU64,
+    ping_sent_us: AtomicU64,
+    /// When the last pong (or the link's start) was seen, µs since `epoch`.
+    last_pong_us: AtomicU64,
+    /// Smoothed round-trip time in µs; 0 until the first sample.
+    srtt_us: AtomicU64,
+    /// A pong to send: `1 << 32 | nonce`, 0 for none.
+    pong_due: AtomicU64,
     queued_bytes: AtomicUsize,
     max_queued_bytes: usize,
     terminal: OnceLock<Terminal>,
@@ -119,6 +138,7 @@ impl Shared {
                 ),
                 arena: BytesMut::new(),
                 cursor: config.initial_seq,
+                closing: false,
             }),
             writer_wake: Notify::new(),
             space_wake: Notify::new(),
@@ -128,6 +148,15 @@ impl Shared {
             extensions: AtomicU8::new(0),
             ack_every: config.ack_every,
             ack_delay: config.ack_delay,
+            keepalive_interval: config.keepalive_interval,
+            keepalive_timeout: config.keepalive_timeout,
+            close_timeout: config.close_timeout,
+            epoch: tokio::time::Instant::now(),
+            ping_nonce: AtomicU64::new(0),
+            ping_sent_us: AtomicU64::new(0),
+            last_pong_us: AtomicU64::new(0),
+            srtt_us: AtomicU64::new(0),
+            pong_due: AtomicU64::new(0),
             queued_bytes: AtomicUsize::new(0),
             max_queued_bytes: config.max_recv_queue_bytes,
             terminal: OnceLock::new(),
@@ -186,14 +215,79 @@ impl Shared {
     pub(crate) fn fail(&self, reason: SessionLost) {
         if self.terminal.set(Terminal::Lost(reason.clone())).is_ok() {
             tracing::warn!(%reason, "stable session lost");
+            self.release_buffers();
             self.set_state(ConduitState::Lost);
         }
         self.space_wake.notify_waiters();
     }
 
+    /// Frees the replay buffer and the encode arena of a session that ended:
+    /// nothing in them can be sent any more.
+    fn release_buffers(&self) {
+        let mut s = lock(&self.send);
+        let next = s.replay.next_seq();
+        s.replay = ReplayBuffer::with_limits(next, s.replay.max_bytes(), s.replay.max_frames());
+        s.arena = BytesMut::new();
+    }
+
+    /// Asks for a graceful close: no new sends; the session ends once the
+    /// peer has acknowledged every frame (or after the close timeout).
+    pub(crate) fn begin_close(&self) {
+        lock(&self.send).closing = true;
+        self.writer_wake.notify_one();
+        self.space_wake.notify_waiters();
+    }
+
+    fn is_closing(&self) -> bool {
+        lock(&self.send).closing
+    }
+
+    /// Waits until the session ended; `Ok` for a graceful end.
+    pub(crate) async fn wait_ended(&self) -> Result<(), Error> {
+        let mut rx = self.state.subscribe();
+        let _ = rx
+            .wait_for(|s| matches!(s, ConduitState::Closed | ConduitState::Lost))
+            .await;
+        match self.terminal_error() {
+            Some(Error::Closed) | None => Ok(()),
+            Some(err) => Err(err),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Smoothed round-trip time, once a ping was answered.
+    pub(crate) fn rtt(&self) -> Option<Duration> {
+        match self.srtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    fn on_pong(&self, nonce: u32) {
+        let now = self.now_us();
+        self.last_pong_us.store(now, Ordering::Release);
+        if u64::from(nonce) == self.ping_nonce.load(Ordering::Acquire) {
+            let sample = now
+                .saturating_sub(self.ping_sent_us.load(Ordering::Acquire))
+                .max(1);
+            let old = self.srtt_us.load(Ordering::Relaxed);
+            // RFC 6298's smoothing: srtt = 7/8 srtt + 1/8 sample.
+            let new = if old == 0 {
+                sample
+            } else {
+                (old * 7 + sample) / 8
+            };
+            self.srtt_us.store(new.max(1), Ordering::Relaxed);
+        }
+    }
+
     /// Ends the session because every handle is gone.
     pub(crate) fn finish(&self) {
         if self.terminal.set(Terminal::Closed).is_ok() {
+            self.release_buffers();
             self.set_state(ConduitState::Closed);
         }
         self.space_wake.notify_waiters();
@@ -220,6 +314,9 @@ impl Shared {
                 return Err(err);
             }
             let s = &mut *guard;
+            if s.closing {
+                return Err(Error::Closed);
+            }
             let header = FrameHeader {
                 seq: s.replay.next_seq(),
                 ack: self.ack_value(),
@@ -234,6 +331,9 @@ impl Shared {
             }
             let frame = s.arena.split().freeze();
             s.replay.push(frame);
+            self.counters
+                .max_replay_bytes
+                .fetch_max(s.replay.bytes(), Ordering::Relaxed);
         }
         self.writer_wake.notify_one();
         Ok(TrySend::Sent)
@@ -268,6 +368,8 @@ impl Shared {
         extensions: u8,
     ) -> Result<u64, SessionLost> {
         self.extensions.store(extensions, Ordering::Release);
+        self.last_pong_us.store(self.now_us(), Ordering::Release);
+        self.pong_due.store(0, Ordering::Release);
         // The hello told the peer what we received; it trims on that.
         self.set_ack_told(our_last_received);
         let (frames, bytes) = {
@@ -312,6 +414,9 @@ impl Shared {
             replay_frames,
             replay_bytes,
             recv_queue_bytes: self.queued_bytes.load(Ordering::Relaxed),
+            max_replay_bytes: c.max_replay_bytes.load(Ordering::Relaxed),
+            keepalive_timeouts: c.keepalive_timeouts.load(Ordering::Relaxed),
+            rtt: self.rtt(),
         }
     }
 
@@ -382,8 +487,11 @@ pub(crate) enum AttachEnd<P> {
     Eof,
     /// The peer broke the protocol; the session is lost.
     Protocol(String),
-    /// Every handle is gone and everything queued was written.
+    /// The session ended gracefully: this side closed (every frame was
+    /// acknowledged) or the peer sent a close.
     Finished,
+    /// No pong arrived within the keepalive timeout.
+    Timeout,
     /// The caller's preempting future resolved (e.g. a newer link arrived).
     Preempted(P),
 }
@@ -410,7 +518,8 @@ where
         biased;
         p = preempt => AttachEnd::Preempted(p),
         end = read_loop(shared, rx, recv, deliver, extensions, on_first_frame) => end,
-        end = write_loop(shared, tx, senders, deliver) => end,
+        end = write_loop(shared, tx, senders, deliver, extensions) => end,
+        end = watchdog(shared, extensions) => end,
     }
 }
 
@@ -419,12 +528,37 @@ async fn write_loop<Tx: LinkTx, P>(
     tx: &mut Tx,
     senders: &mut mpsc::Receiver<Infallible>,
     deliver: &mpsc::UnboundedSender<Delivered>,
+    extensions: u8,
 ) -> AttachEnd<P> {
     let mut batch: Vec<Bytes> = Vec::with_capacity(64);
     let mut control = BytesMut::new();
     // When the current pending ack (if any) must go out at the latest.
     let mut ack_deadline: Option<tokio::time::Instant> = None;
+    let keepalive = extensions & ext::KEEPALIVE != 0;
+    let mut next_ping = tokio::time::Instant::now();
+    let mut close_deadline: Option<tokio::time::Instant> = None;
+    let mut handles_gone = false;
     loop {
+        let now = tokio::time::Instant::now();
+        if keepalive && now >= next_ping {
+            let nonce = shared.ping_nonce.load(Ordering::Relaxed) as u32;
+            let nonce = nonce.wrapping_add(1);
+            shared
+                .ping_sent_us
+                .store(shared.now_us(), Ordering::Release);
+            shared.ping_nonce.store(u64::from(nonce), Ordering::Release);
+            Control::Ping(nonce).encode(&mut control);
+            if let Err(e) = tx.send(control.split().freeze()).await {
+                return AttachEnd::Link(e);
+            }
+            next_ping = now + shared.keepalive_interval;
+        }
+        if let Some(nonce) = decode_seq(shared.pong_due.swap(0, Ordering::AcqRel)) {
+            Control::Pong(nonce.0).encode(&mut control);
+            if let Err(e) = tx.send(control.split().freeze()).await {
+                return AttachEnd::Link(e);
+            }
+        }
         {
             let mut guard = lock(&shared.send);
             let s = &mut *guard;
@@ -442,6 +576,26 @@ async fn write_loop<Tx: LinkTx, P>(
                     }
                     None => break,
                 }
+            }
+        }
+        if batch.is_empty() && (handles_gone || shared.is_closing()) {
+            let deadline = *close_deadline.get_or_insert(now + shared.close_timeout);
+            let done = {
+                let s = lock(&shared.send);
+                s.replay.is_empty().then(|| s.replay.next_seq())
+            };
+            if let Some(next) = done {
+                if extensions & ext::CLOSE != 0 {
+                    Control::Close(next).encode(&mut control);
+                    if let Err(e) = tx.send(control.split().freeze()).await {
+                        return AttachEnd::Link(e);
+                    }
+                }
+                return AttachEnd::Finished;
+            }
+            if now >= deadline {
+                tracing::info!("close timed out waiting for acks; dropping the session");
+                return AttachEnd::Finished;
             }
         }
         if batch.is_empty() {
@@ -462,28 +616,31 @@ async fn write_loop<Tx: LinkTx, P>(
             } else {
                 ack_deadline = None;
             }
-            let ack_timer = async {
-                match ack_deadline {
+            // Wake for the earliest of: an ack due, a ping due, the close
+            // deadline.
+            let mut wake_at = ack_deadline;
+            for t in [keepalive.then_some(next_ping), close_deadline]
+                .into_iter()
+                .flatten()
+            {
+                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+            }
+            let timer = async {
+                match wake_at {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = shared.writer_wake.notified() => {}
-                () = ack_timer => {}
+                () = timer => {}
                 _ = async {
                     let _ = senders.recv().await;
                     deliver.closed().await;
-                } => {
-                    // Every handle is gone; one last look for frames queued
-                    // just before the last sender dropped.
-                    let pending = {
-                        let s = lock(&shared.send);
-                        s.replay.get(s.cursor).is_some()
-                    };
-                    if !pending {
-                        return AttachEnd::Finished;
-                    }
+                }, if !handles_gone => {
+                    // Every handle is gone: close gracefully, so that what
+                    // was sent still reaches the peer.
+                    handles_gone = true;
                 }
             }
             continue;
@@ -556,10 +713,20 @@ async fn read_loop<Rx: LinkRx, P>(
                 }
                 continue;
             }
-            Incoming::Control(other) => {
-                // Not negotiated yet: decode_payload only returns kinds whose
-                // extension is on, and none but acks is offered.
-                return AttachEnd::Protocol(format!("unexpected control frame {other:?}"));
+            Incoming::Control(Control::Ping(nonce)) => {
+                shared
+                    .pong_due
+                    .store(encode_seq(Some(Seq(nonce))), Ordering::Release);
+                shared.writer_wake.notify_one();
+                continue;
+            }
+            Incoming::Control(Control::Pong(nonce)) => {
+                shared.on_pong(nonce);
+                continue;
+            }
+            Incoming::Control(Control::Close(_)) => {
+                tracing::debug!("peer closed the session");
+                return AttachEnd::Finished;
             }
         };
         if let Some(ack) = header.ack {
@@ -616,8 +783,32 @@ fn apply_ack(shared: &Shared, ack: Seq) -> Result<(), String> {
         Ok(0) => Ok(()),
         Ok(_) => {
             shared.space_wake.notify_waiters();
+            // A closing writer waits for the buffer to drain.
+            shared.writer_wake.notify_one();
             Ok(())
         }
         Err(e) => Err(format!("bad ack: {e}")),
+    }
+}
+
+/// Declares the link dead when no pong arrived for the keepalive timeout.
+async fn watchdog<P>(shared: &Shared, extensions: u8) -> AttachEnd<P> {
+    if extensions & ext::KEEPALIVE == 0 {
+        return std::future::pending().await;
+    }
+    let timeout_us = shared.keepalive_timeout.as_micros() as u64;
+    loop {
+        let last = shared.last_pong_us.load(Ordering::Acquire);
+        let due = last + timeout_us;
+        let now = shared.now_us();
+        if now >= due {
+            shared
+                .counters
+                .keepalive_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(timeout = ?shared.keepalive_timeout, "no pong: link declared dead");
+            return AttachEnd::Timeout;
+        }
+        tokio::time::sleep(Duration::from_micros(due - now)).await;
     }
 }

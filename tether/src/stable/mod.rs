@@ -38,14 +38,16 @@ use crate::error::Error;
 pub enum ConduitState {
     /// Establishing the first link.
     Connecting,
-    /// A link is attached and frames flow.
+    /// The first link is attached and frames flow.
     Connected,
+    /// A later link is attached after a resume, and frames flow again.
+    Resumed,
     /// The link was lost; the client is getting a new one, or the server is
     /// waiting for the client to resume.
     Reconnecting,
     /// The session is lost for good (see [`SessionLost`](crate::SessionLost)).
     Lost,
-    /// Every handle was dropped and the session ended.
+    /// The session ended gracefully: closed by this side or by the peer.
     Closed,
 }
 
@@ -73,6 +75,13 @@ pub struct Stats {
     pub replay_bytes: usize,
     /// Bytes received and waiting for the application.
     pub recv_queue_bytes: usize,
+    /// The most bytes the replay buffer ever held.
+    pub max_replay_bytes: usize,
+    /// Links declared dead because no pong came within the keepalive
+    /// timeout.
+    pub keepalive_timeouts: u64,
+    /// Smoothed round-trip time from keepalive pings, once one was answered.
+    pub rtt: Option<std::time::Duration>,
 }
 
 /// A stable conduit: sends `S`, receives `R`.
@@ -129,6 +138,17 @@ impl<S, R> StableConduit<S, R> {
     }
 }
 
+impl<S, R> StableConduit<S, R> {
+    /// Closes the session gracefully: no new sends; waits until the peer
+    /// has acknowledged every message sent (or the close timeout passed),
+    /// tells the peer, and frees the session on both sides. The peer's
+    /// receiver then ends with `Ok(None)` after the messages it already
+    /// has. Dropping every handle closes the same way, in the background.
+    pub async fn close(self) -> Result<(), Error> {
+        self.tx.close().await
+    }
+}
+
 impl<S: Serialize, R> StableConduit<S, R> {
     /// Sends one message; see [`StableSender::send`].
     pub async fn send(&self, msg: &S) -> Result<(), Error> {
@@ -178,6 +198,13 @@ impl<S> StableSender<S> {
     /// Watches state changes.
     pub fn state_changes(&self) -> watch::Receiver<ConduitState> {
         self.shared.subscribe()
+    }
+
+    /// Closes the session gracefully; see [`StableConduit::close`]. Other
+    /// clones of this sender then get [`Error::Closed`].
+    pub async fn close(&self) -> Result<(), Error> {
+        self.shared.begin_close();
+        self.shared.wait_ended().await
     }
 }
 

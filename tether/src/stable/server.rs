@@ -287,6 +287,13 @@ async fn handle_link<L: Link>(inner: Arc<Inner<L>>, link: L) {
         client_extensions: hello.extensions,
     };
     match hello.resume_key {
+        None if inner.registry().sessions.len() >= inner.config.max_sessions => {
+            tracing::warn!(
+                max = inner.config.max_sessions,
+                "session limit reached: rejecting a new session"
+            );
+            reject(&inner, attach.tx).await;
+        }
         None => new_session(inner, attach).await,
         Some(key) => {
             let route = inner.registry().route(&key, fresh);
@@ -300,17 +307,21 @@ async fn handle_link<L: Link>(inner: Arc<Inner<L>>, link: L) {
                 },
                 None => attach,
             };
-            inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(?key, "rejecting resume");
-            let mut tx = attach.tx;
-            let reject = Bytes::copy_from_slice(&ServerHello::reject().encode());
-            let _ = timeout(inner.config.handshake_timeout, async {
-                let _ = tx.send(reject).await;
-                let _ = tx.close().await;
-            })
-            .await;
+            reject(&inner, attach.tx).await;
         }
     }
+}
+
+/// Answers with the rejected flag and closes the link.
+async fn reject<L: Link>(inner: &Inner<L>, mut tx: L::Tx) {
+    inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+    let reject = Bytes::copy_from_slice(&ServerHello::reject().encode());
+    let _ = timeout(inner.config.handshake_timeout, async {
+        let _ = tx.send(reject).await;
+        let _ = tx.close().await;
+    })
+    .await;
 }
 
 async fn new_session<L: Link>(inner: Arc<Inner<L>>, attach: Attach<L>) {
@@ -353,12 +364,19 @@ impl<L: Link> SessionDriver<L> {
             let attach = match next.take() {
                 Some(a) => a,
                 None => {
+                    let Some(window) = self.weak.upgrade().map(|i| i.config.resume_window) else {
+                        return self.end(Some(SessionLost::ServerShutdown));
+                    };
                     tokio::select! {
                         a = attach_rx.recv() => match a {
                             Some(a) => a,
                             None => return self.end(Some(SessionLost::ServerShutdown)),
                         },
                         () = self.endpoint.all_gone() => return self.end(None),
+                        () = tokio::time::sleep(window) => {
+                            tracing::info!(?window, "session expired: no resume");
+                            return self.end(Some(SessionLost::Expired));
+                        }
                     }
                 }
             };
@@ -403,8 +421,12 @@ impl<L: Link> SessionDriver<L> {
                     .reconnects
                     .fetch_add(1, Ordering::Relaxed);
             }
+            self.shared.set_state(if attached_before {
+                ConduitState::Resumed
+            } else {
+                ConduitState::Connected
+            });
             attached_before = true;
-            self.shared.set_state(ConduitState::Connected);
             let (weak, id) = (self.weak.clone(), self.id);
             let end = run_attachment(
                 &self.shared,
@@ -440,8 +462,8 @@ impl<L: Link> SessionDriver<L> {
                     tracing::debug!(error = %e, "session link failed; waiting for a resume");
                     self.shared.set_state(ConduitState::Reconnecting);
                 }
-                AttachEnd::Eof => {
-                    tracing::debug!("session link ended; waiting for a resume");
+                AttachEnd::Eof | AttachEnd::Timeout => {
+                    tracing::debug!("session link lost; waiting for a resume");
                     self.shared.set_state(ConduitState::Reconnecting);
                 }
             }
