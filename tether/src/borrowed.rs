@@ -32,8 +32,10 @@ use yoke::{Yoke, Yokeable};
 /// A type that can be decoded borrowing from a buffer: any
 /// [`Yokeable`] type whose borrowed form implements [`Deserialize`].
 ///
-/// Implemented automatically; `&'static str`, `&'static [u8]`,
-/// `Cow<'static, str>` and structs deriving `Yokeable` qualify.
+/// Implemented automatically; `&'static str`, `&'static [u8]` and structs
+/// deriving `Yokeable` (with `#[serde(borrow)]` on `Cow` fields) qualify.
+/// A top-level `Cow<'static, str>` is accepted too, but serde always
+/// decodes it as `Cow::Owned`: a copy.
 pub trait BorrowedMessage: for<'a> Yokeable<'a> + Sized {
     /// Decodes `bytes` (a whole postcard item) borrowing from them.
     fn decode_borrowed(bytes: Bytes) -> Result<Borrowed<Self>, FrameError>;

@@ -76,6 +76,16 @@ pub enum Error {
     /// The peer's handshake message was malformed.
     #[error("bad handshake from peer: {0}")]
     Handshake(#[from] HelloError),
+    /// The message is larger than the conduit accepts
+    /// ([`Config::max_message_size`](crate::Config::max_message_size)).
+    /// Nothing was sent; the conduit is still usable.
+    #[error("message of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Encoded size of the frame.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
     /// The conduit was closed by this side.
     #[error("the conduit is closed")]
     Closed,
@@ -99,6 +109,7 @@ impl From<Error> for std::io::Error {
             Error::Link(LinkError::Io(e)) => e.kind(),
             Error::Link(_) => ErrorKind::ConnectionReset,
             Error::Encode(_) | Error::Decode { .. } | Error::Handshake(_) => ErrorKind::InvalidData,
+            Error::TooLarge { .. } => ErrorKind::InvalidInput,
             Error::Closed => ErrorKind::NotConnected,
         };
         std::io::Error::new(kind, err)

@@ -686,3 +686,23 @@ async fn give_up_deadline_ends_the_session() {
     })
     .await;
 }
+
+/// A message over the size limit fails with a typed error and is not sent:
+/// it must not kill the link (and then be replayed into every new link).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_is_refused_and_the_session_goes_on() {
+    common::within(async {
+        let (listener, c) = mem::listener(16);
+        let mut server = Server::<Msg>::new(listener, config(17));
+        let mut cfg = config(17);
+        cfg.max_message_size(1024);
+        let client = StableConduit::<Msg>::connect(c, cfg).await.unwrap();
+        let mut session = server.accept().await.unwrap();
+        let err = client.send(&(0, 0, vec![7; 2000])).await.unwrap_err();
+        assert!(matches!(err, Error::TooLarge { max: 1024, .. }), "{err}");
+        client.send(&(0, 1, vec![7; 100])).await.unwrap();
+        assert_eq!(session.recv().await.unwrap().unwrap().1, 1);
+        assert_eq!(client.stats().reconnects, 0);
+    })
+    .await;
+}

@@ -69,6 +69,7 @@ pub struct Config {
     pub(crate) resume_window: Duration,
     pub(crate) max_sessions: usize,
     pub(crate) close_timeout: Duration,
+    pub(crate) max_message_size: usize,
 }
 
 /// The extensions this implementation speaks.
@@ -92,6 +93,7 @@ impl Default for Config {
             resume_window: Duration::from_secs(120),
             max_sessions: 100_000,
             close_timeout: Duration::from_secs(10),
+            max_message_size: crate::link::DEFAULT_MAX_PAYLOAD,
         }
     }
 }
@@ -197,6 +199,16 @@ impl Config {
     /// session is dropped anyway. Default 10 s.
     pub fn close_timeout(&mut self, value: Duration) -> &mut Self {
         self.close_timeout = value;
+        self
+    }
+
+    /// Largest encoded frame `send` accepts; a larger message fails with
+    /// [`Error::TooLarge`](crate::Error::TooLarge) and nothing is sent. Keep
+    /// it at most the links' maximum payload on both sides (default 8 MiB,
+    /// the links' default): a frame the link refuses could never be
+    /// delivered.
+    pub fn max_message_size(&mut self, value: usize) -> &mut Self {
+        self.max_message_size = value;
         self
     }
 

@@ -98,6 +98,7 @@ pub(crate) struct Shared {
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
     close_timeout: Duration,
+    max_message_size: usize,
     /// Time base for the atomics below.
     epoch: tokio::time::Instant,
     /// Nonce and send time (µs since `epoch`) of the last ping.
@@ -151,6 +152,7 @@ impl Shared {
             keepalive_interval: config.keepalive_interval,
             keepalive_timeout: config.keepalive_timeout,
             close_timeout: config.close_timeout,
+            max_message_size: config.max_message_size,
             epoch: tokio::time::Instant::now(),
             ping_nonce: AtomicU64::new(0),
             ping_sent_us: AtomicU64::new(0),
@@ -323,6 +325,14 @@ impl Shared {
             };
             ensure_chunk(&mut s.arena);
             encode_frame(&header, msg, &mut s.arena).map_err(Error::Encode)?;
+            if s.arena.len() > self.max_message_size {
+                let len = s.arena.len();
+                s.arena.clear();
+                return Err(Error::TooLarge {
+                    len,
+                    max: self.max_message_size,
+                });
+            }
             // Without standalone acks, a side that only receives never
             // acknowledges: enforcing the bound could deadlock two senders.
             if self.acks_negotiated() && !s.replay.has_room(s.arena.len()) {
