@@ -16,6 +16,7 @@ use serde::Serialize;
 use tether::fault::{FaultConfig, FaultProxy, ProxyStats};
 use tether::link::{TcpConnector, TcpListener};
 use tether::{Config, StableConduit, StableReceiver, Stats};
+use tokio::sync::mpsc;
 
 use crate::Bytes;
 
@@ -39,6 +40,9 @@ pub struct DemoOptions {
     pub stall_timeout: Duration,
     /// Print live progress to stderr.
     pub progress: bool,
+    /// Stream from client to server only (no echo): the server checks the
+    /// messages, and the client's replay buffer shows the bound holding.
+    pub one_way: bool,
 }
 
 /// What the demo measured.
@@ -71,6 +75,13 @@ pub struct DemoReport {
     pub client_replayed_frames: u64,
     /// Frames the server resent (0 with `--server`).
     pub server_replayed_frames: u64,
+    /// The most bytes any replay buffer held (client, and server sessions
+    /// when the server runs in this process).
+    pub max_replay_bytes: usize,
+    /// Links declared dead because keepalive pongs stopped.
+    pub keepalive_timeouts: u64,
+    /// Whether the run was one-way.
+    pub one_way: bool,
     /// Connections the proxy cut.
     pub cuts: u64,
     /// Of those, cut inside the handshake.
@@ -103,6 +114,9 @@ pub fn payload(seed: u64, idx: u64, size: usize) -> Vec<u8> {
     out
 }
 
+/// The demo's replay-buffer bound in bytes.
+pub const DEMO_REPLAY_BYTES: usize = 1 << 20;
+
 fn demo_config(seed: u64) -> Config {
     let mut c = Config::default();
     c.seed(seed)
@@ -110,7 +124,7 @@ fn demo_config(seed: u64) -> Config {
         // The replay bound is also the window of unacknowledged messages:
         // enough to keep loopback busy, small enough that a cut replays
         // little.
-        .max_replay(1 << 20, 4096);
+        .max_replay(DEMO_REPLAY_BYTES, 4096);
     c.reconnect_mut()
         .min_backoff(Duration::from_millis(1))
         .max_backoff(Duration::from_millis(100))
@@ -169,14 +183,30 @@ impl Checker {
     }
 }
 
+/// Where the checked messages come from: the client's receiver (echoes), or
+/// the in-process server's sessions (one-way).
+enum Source {
+    Echoes(StableReceiver<Bytes>),
+    Server(mpsc::UnboundedReceiver<Result<Option<Bytes>, tether::Error>>),
+}
+
+impl Source {
+    async fn next(&mut self) -> Result<Option<Bytes>, tether::Error> {
+        match self {
+            Source::Echoes(rx) => rx.recv().await,
+            Source::Server(rx) => rx.recv().await.unwrap_or(Ok(None)),
+        }
+    }
+}
+
 async fn receive_all(
-    mut rx: StableReceiver<Bytes>,
+    mut rx: Source,
     opts: &DemoOptions,
     progress: Arc<AtomicU64>,
 ) -> (Checker, Option<String>) {
     let mut checker = Checker::new(opts.messages);
     while checker.received < opts.messages {
-        match tokio::time::timeout(opts.stall_timeout, rx.recv()).await {
+        match tokio::time::timeout(opts.stall_timeout, rx.next()).await {
             Ok(Ok(Some(msg))) => {
                 checker.check(opts.seed, opts.size, &msg);
                 progress.store(checker.received, Ordering::Relaxed);
@@ -195,9 +225,16 @@ async fn receive_all(
 /// Runs the demo and reports. Errors only for setup failures (cannot bind,
 /// cannot connect); everything measured is in the report.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
+    if opts.one_way && opts.server.is_some() {
+        anyhow::bail!(
+            "--one-way needs the server in this process (it checks the messages); drop --server"
+        );
+    }
     let config = demo_config(opts.seed);
     // The echo server: in this process unless one was given.
     let server_stats: Arc<std::sync::Mutex<Vec<tether::StableSender<Bytes>>>> = Arc::default();
+    let (arrived_tx, arrived_rx) = mpsc::unbounded_channel();
+    let one_way = opts.one_way;
     let (upstream, server_task) = match opts.server {
         Some(addr) => (addr, None),
         None => {
@@ -209,10 +246,25 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
                 while let Some(conduit) = server.accept().await {
                     let (tx, mut rx) = conduit.split();
                     sessions.lock().expect("not poisoned").push(tx.clone());
+                    let arrived = arrived_tx.clone();
                     tokio::spawn(async move {
-                        while let Ok(Some(msg)) = rx.recv().await {
-                            if tx.send(&msg).await.is_err() {
-                                break;
+                        loop {
+                            let got = rx.recv().await;
+                            match got {
+                                Ok(Some(msg)) if !one_way => {
+                                    if tx.send(&msg).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                // One-way: hand everything to the checker.
+                                other if one_way => {
+                                    let end = !matches!(other, Ok(Some(_)));
+                                    let _ = arrived.send(other);
+                                    if end {
+                                        break;
+                                    }
+                                }
+                                _ => break,
                             }
                         }
                     });
@@ -268,7 +320,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
             }
         })
     });
-    let (checker, mut error) = receive_all(rx, &opts, received.clone()).await;
+    let source = if one_way {
+        drop(rx);
+        Source::Server(arrived_rx)
+    } else {
+        Source::Echoes(rx)
+    };
+    let (checker, mut error) = receive_all(source, &opts, received.clone()).await;
     let elapsed = started.elapsed();
     if let Some(t) = ticker {
         t.abort();
@@ -284,12 +342,22 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         _ => {}
     }
     let client: Stats = tx.stats();
-    let server_replayed: u64 = server_stats
+    let server_side: Vec<Stats> = server_stats
         .lock()
         .expect("not poisoned")
         .iter()
-        .map(|s| s.stats().frames_replayed)
-        .sum();
+        .map(|s| s.stats())
+        .collect();
+    let server_replayed: u64 = server_side.iter().map(|s| s.frames_replayed).sum();
+    let max_replay_bytes = server_side
+        .iter()
+        .map(|s| s.max_replay_bytes)
+        .fold(client.max_replay_bytes, usize::max);
+    let keepalive_timeouts = client.keepalive_timeouts
+        + server_side
+            .iter()
+            .map(|s| s.keepalive_timeouts)
+            .sum::<u64>();
     let p: ProxyStats = proxy.stats();
     proxy.shutdown();
     if let Some(t) = server_task {
@@ -316,6 +384,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         replayed_frames: client.frames_replayed + server_replayed,
         client_replayed_frames: client.frames_replayed,
         server_replayed_frames: server_replayed,
+        max_replay_bytes,
+        keepalive_timeouts,
+        one_way,
         cuts: p.cuts,
         handshake_cuts: p.handshake_cuts,
         mid_frame_cuts: p.mid_frame_cuts,
@@ -348,7 +419,9 @@ fn print_progress(n: u64, sent: &AtomicU64, received: &AtomicU64, s: &Stats, p: 
 /// The report as text for people.
 pub fn render(r: &DemoReport, opts: &DemoOptions) -> String {
     let mut out = String::new();
-    let verdict = if r.ok {
+    let verdict = if r.ok && r.one_way {
+        "OK: every message arrived exactly once, in order, intact".to_string()
+    } else if r.ok {
         "OK: every message came back exactly once, in order, intact".to_string()
     } else {
         format!(
@@ -360,19 +433,30 @@ pub fn render(r: &DemoReport, opts: &DemoOptions) -> String {
     };
     out.push_str(&format!("{verdict}\n"));
     out.push_str(&format!(
-        "  messages  sent {}, echoed {}, lost {}, duplicated {}, reordered {}, corrupted {}\n",
-        r.messages_sent, r.messages_received, r.lost, r.duplicated, r.reordered, r.corrupted
+        "  messages  sent {}, {} {}, lost {}, duplicated {}, reordered {}, corrupted {}\n",
+        r.messages_sent,
+        if r.one_way { "received" } else { "echoed" },
+        r.messages_received,
+        r.lost,
+        r.duplicated,
+        r.reordered,
+        r.corrupted
     ));
     out.push_str(&format!(
         "  faults    {} connections cut ({} in the handshake, ~{} mid-frame), mean every {} bytes\n",
         r.cuts, r.handshake_cuts, r.mid_frame_cuts, opts.cut_every
     ));
     out.push_str(&format!(
-        "  recovery  {} reconnects, {} frames replayed ({} by the client, {} by the server)\n",
-        r.reconnects, r.replayed_frames, r.client_replayed_frames, r.server_replayed_frames
+        "  recovery  {} reconnects, {} frames replayed ({} by the client, {} by the server), {} keepalive timeouts\n",
+        r.reconnects, r.replayed_frames, r.client_replayed_frames, r.server_replayed_frames, r.keepalive_timeouts
     ));
     out.push_str(&format!(
-        "  time      {:.2} s, {:.0} echoed messages/s of {} bytes (seed {})\n",
+        "  memory    replay buffer peak {} KiB (bound {} KiB)\n",
+        r.max_replay_bytes / 1024,
+        DEMO_REPLAY_BYTES / 1024
+    ));
+    out.push_str(&format!(
+        "  time      {:.2} s, {:.0} checked messages/s of {} bytes (seed {})\n",
         r.elapsed_s, r.round_trips_per_s, r.message_size, r.seed
     ));
     out

@@ -49,6 +49,10 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Stream from client to server only; the server checks. Shows the
+        /// replay buffer staying under its bound.
+        #[arg(long)]
+        one_way: bool,
     },
     /// Run a stable-conduit echo server over TCP (messages: byte strings).
     Echo {
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
                 server,
                 stall_timeout,
                 json,
+                one_way,
             } => {
                 let opts = DemoOptions {
                     messages,
@@ -101,11 +106,16 @@ fn main() -> ExitCode {
                     server,
                     stall_timeout: Duration::from_secs(stall_timeout),
                     progress: !json,
+                    one_way,
                 };
                 if !json {
                     eprintln!(
-                        "tether demo: {} messages of {} bytes echoed through a proxy cutting every ~{} bytes (seed {})",
-                        opts.messages, opts.size, opts.cut_every, opts.seed
+                        "tether demo: {} messages of {} bytes {} through a proxy cutting every ~{} bytes (seed {})",
+                        opts.messages,
+                        opts.size,
+                        if one_way { "streamed one way" } else { "echoed" },
+                        opts.cut_every,
+                        opts.seed
                     );
                 }
                 let report = demo::run(opts.clone()).await?;
