@@ -60,6 +60,9 @@ pub(crate) struct SendSide {
     arena: BytesMut,
     /// Next seq to write on the current link.
     pub(crate) cursor: Seq,
+    /// One past the highest seq ever handed to a link: frames before it
+    /// that a resume sends again are replays; later ones are first sends.
+    written_until: Seq,
     /// A graceful close was asked for: no new sends; the session ends once
     /// the peer acknowledged everything.
     closing: bool,
@@ -139,6 +142,7 @@ impl Shared {
                 ),
                 arena: BytesMut::new(),
                 cursor: config.initial_seq,
+                written_until: config.initial_seq,
                 closing: false,
             }),
             writer_wake: Notify::new(),
@@ -391,7 +395,10 @@ impl Shared {
             s.cursor = start;
             let mut frames = 0u64;
             let mut bytes = 0u64;
-            for (_, f) in s.replay.iter() {
+            for (seq, f) in s.replay.iter() {
+                if !seq.is_before(s.written_until) {
+                    break;
+                }
                 frames += 1;
                 bytes += f.len() as u64;
             }
@@ -586,6 +593,9 @@ async fn write_loop<Tx: LinkTx, P>(
                     }
                     None => break,
                 }
+            }
+            if s.cursor.is_after(s.written_until) {
+                s.written_until = s.cursor;
             }
         }
         if batch.is_empty() && (handles_gone || shared.is_closing()) {

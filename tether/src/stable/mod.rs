@@ -63,7 +63,8 @@ pub struct Stats {
     pub frames_sent: u64,
     /// Frames received and queued for the application (duplicates excluded).
     pub frames_received: u64,
-    /// Frames queued for resending after a resume.
+    /// Frames sent again after a resume because the peer had not received
+    /// them (frames first written after the resume are not counted).
     pub frames_replayed: u64,
     /// Bytes of those frames.
     pub bytes_replayed: u64,

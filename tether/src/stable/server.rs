@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use tether_proto::{ClientHello, RecvState, ResumeKey, Seq, ServerHello};
+use tether_proto::{ext, ClientHello, RecvState, ResumeKey, Seq, ServerHello};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -340,12 +340,11 @@ async fn new_session<L: Link>(inner: Arc<Inner<L>>, attach: Attach<L>) {
         shared,
         endpoint: ep,
         recv: RecvState::new(),
+        unaccepted: Arc::new(Mutex::new(Some(handles))),
     };
-    // The driver answers the client at once; if nobody ever accepts the
-    // session (the server is gone), its handles are dropped here and the
-    // driver ends it.
+    // The driver answers the client at once, and hands the session to
+    // `accept` once the client proves it holds the key.
     tokio::spawn(driver.run(attach, attach_rx));
-    let _ = inner.accepted.send(handles).await;
 }
 
 struct SessionDriver<L: Link> {
@@ -354,6 +353,31 @@ struct SessionDriver<L: Link> {
     shared: Arc<Shared>,
     endpoint: Endpoint,
     recv: RecvState,
+    /// The application's handles until the session is handed to `accept`.
+    ///
+    /// A ServerHello can be lost with its link; the client then opens
+    /// another session and this one is an orphan nobody holds. With
+    /// keepalive on, a tether client pings as soon as it is attached, so the
+    /// session is handed out only once the client proved it holds the key
+    /// (its first frame, or a resume); an orphan is never seen by the
+    /// application and expires after the resume window. Without keepalive
+    /// no prompt first frame is guaranteed, and the session is handed out at
+    /// once.
+    unaccepted: Arc<Mutex<Option<Handles>>>,
+}
+
+/// Hands the session's handles to `accept`, once.
+fn hand_off<L: Link>(weak: &std::sync::Weak<Inner<L>>, unaccepted: &Mutex<Option<Handles>>) {
+    let handles = unaccepted
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let (Some(handles), Some(inner)) = (handles, weak.upgrade()) {
+        let accepted = inner.accepted.clone();
+        tokio::spawn(async move {
+            let _ = accepted.send(handles).await;
+        });
+    }
 }
 
 impl<L: Link> SessionDriver<L> {
@@ -409,6 +433,11 @@ impl<L: Link> SessionDriver<L> {
                 self.shared.set_state(ConduitState::Reconnecting);
                 continue;
             }
+            if attached_before || extensions & ext::KEEPALIVE == 0 {
+                // A resume proves the client holds a key; without keepalive
+                // nothing better is coming.
+                hand_off(&self.weak, &self.unaccepted);
+            }
             if let Err(reason) =
                 self.shared
                     .resume(client_last_received, self.recv.last_received(), extensions)
@@ -427,7 +456,7 @@ impl<L: Link> SessionDriver<L> {
                 ConduitState::Connected
             });
             attached_before = true;
-            let (weak, id) = (self.weak.clone(), self.id);
+            let (weak, id, unaccepted) = (self.weak.clone(), self.id, self.unaccepted.clone());
             let end = run_attachment(
                 &self.shared,
                 &mut self.endpoint,
@@ -445,6 +474,7 @@ impl<L: Link> SessionDriver<L> {
                     if let Some(inner) = weak.upgrade() {
                         inner.registry().confirm(id, &key);
                     }
+                    hand_off(&weak, &unaccepted);
                 },
             )
             .await;
