@@ -61,7 +61,8 @@ impl<S, R> StableConduit<S, R> {
             key: hello.resume_key,
             rng,
         };
-        tokio::spawn(driver.run(halves));
+        let span = tracing::info_span!("tether_client");
+        tokio::spawn(tracing::Instrument::instrument(driver.run(halves), span));
         Ok(StableConduit::from_handles(handles))
     }
 }

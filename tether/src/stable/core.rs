@@ -300,7 +300,10 @@ impl Shared {
     }
 
     pub(crate) fn set_state(&self, state: ConduitState) {
-        self.state.send_replace(state);
+        let old = self.state.send_replace(state);
+        if old != state {
+            tracing::debug!(?old, new = ?state, "conduit state");
+        }
     }
 
     pub(crate) fn state(&self) -> ConduitState {
@@ -408,6 +411,13 @@ impl Shared {
         self.counters
             .frames_replayed
             .fetch_add(frames, Ordering::Relaxed);
+        tracing::debug!(
+            replayed_frames = frames,
+            replayed_bytes = bytes,
+            ?peer_last_received,
+            extensions,
+            "link attached"
+        );
         self.counters
             .bytes_replayed
             .fetch_add(bytes, Ordering::Relaxed);

@@ -279,6 +279,11 @@ async fn handle_link<L: Link>(inner: Arc<Inner<L>>, link: L) {
             return;
         }
     };
+    tracing::trace!(
+        resume = hello.resume_key.is_some(),
+        extensions = hello.extensions,
+        "client hello"
+    );
     let attach = Attach::<L> {
         tx,
         rx,
@@ -344,7 +349,11 @@ async fn new_session<L: Link>(inner: Arc<Inner<L>>, attach: Attach<L>) {
     };
     // The driver answers the client at once, and hands the session to
     // `accept` once the client proves it holds the key.
-    tokio::spawn(driver.run(attach, attach_rx));
+    let span = tracing::info_span!("tether_session", id);
+    tokio::spawn(tracing::Instrument::instrument(
+        driver.run(attach, attach_rx),
+        span,
+    ));
 }
 
 struct SessionDriver<L: Link> {
