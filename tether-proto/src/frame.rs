@@ -154,15 +154,16 @@ const KIND_ACK: u8 = 0x02;
 const KIND_PING: u8 = 0x03;
 const KIND_PONG: u8 = 0x04;
 const KIND_CLOSE: u8 = 0x05;
+const KIND_WINDOW: u8 = 0x06;
 
 /// A control frame: not sequenced, not delivered, not kept for replay. Only
 /// sent when its extension is negotiated.
 ///
 /// On the wire a control frame looks like a frame header whose seq is 0 and
 /// whose ack tag (`00`/`01` in the base format) is the kind: `02` ack, `03`
-/// ping, `04` pong, `05` close, followed by one varint (the acked seq, the
-/// ping's nonce, the echoed nonce, the closing side's next seq), and nothing
-/// after it.
+/// ping, `04` pong, `05` close, `06` window, followed by one varint (the
+/// acked seq, the ping's nonce, the echoed nonce, the closing side's next
+/// seq) or, for a window, two (frames, then bytes), and nothing after them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Control {
     /// The sender has delivered every frame up to this seq (extension
@@ -175,6 +176,15 @@ pub enum Control {
     /// The sender ends the session; it sent every frame before this seq
     /// ([`ext::CLOSE`]).
     Close(Seq),
+    /// The sender's replay-buffer bound: it holds at most this many
+    /// unacknowledged frames and bytes, so its peer should acknowledge by
+    /// half of either ([`ext::ACKS`]).
+    Window {
+        /// Frames.
+        frames: u32,
+        /// Bytes (saturated at `u32::MAX`).
+        bytes: u32,
+    },
 }
 
 impl Control {
@@ -184,6 +194,7 @@ impl Control {
             Control::Ping(n) => (KIND_PING, n, ext::KEEPALIVE),
             Control::Pong(n) => (KIND_PONG, n, ext::KEEPALIVE),
             Control::Close(seq) => (KIND_CLOSE, seq.0, ext::CLOSE),
+            Control::Window { frames, .. } => (KIND_WINDOW, frames, ext::ACKS),
         }
     }
 
@@ -195,10 +206,13 @@ impl Control {
     /// Appends the encoded frame to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
         let (kind, value, _) = self.kind_and_value();
-        out.reserve(2 + varint_len(value));
+        out.reserve(2 + 2 * MAX_VARINT_LEN);
         out.put_u8(0);
         out.put_u8(kind);
         put_varint(value, out);
+        if let Control::Window { bytes, .. } = *self {
+            put_varint(bytes, out);
+        }
     }
 }
 
@@ -251,6 +265,11 @@ pub fn decode_payload(payload: &[u8], extensions: u8) -> Result<Incoming, FrameE
         }
         KIND_CLOSE if extensions & ext::CLOSE != 0 => {
             Control::Close(Seq(take_varint(payload, &mut pos)?))
+        }
+        KIND_WINDOW if extensions & ext::ACKS != 0 => {
+            let frames = take_varint(payload, &mut pos)?;
+            let bytes = take_varint(payload, &mut pos)?;
+            Control::Window { frames, bytes }
         }
         other => return Err(FrameError::BadOptionTag(other)),
     };
@@ -615,6 +634,13 @@ mod tests {
             (Control::Ping(7), "00 03 07"),
             (Control::Pong(7), "00 04 07"),
             (Control::Close(Seq(u32::MAX)), "00 05 ff ff ff ff 0f"),
+            (
+                Control::Window {
+                    frames: 4096,
+                    bytes: 1 << 20,
+                },
+                "00 06 80 20 80 80 40",
+            ),
         ];
         let all = ext::ACKS | ext::KEEPALIVE | ext::CLOSE;
         for (control, hex) in cases {

@@ -116,6 +116,13 @@ fn doc_vectors_match_the_encoders() {
         ("control-ping", control(Control::Ping(7))),
         ("control-pong", control(Control::Pong(7))),
         ("control-close", control(Control::Close(Seq(u32::MAX)))),
+        (
+            "control-window",
+            control(Control::Window {
+                frames: 4096,
+                bytes: 1 << 20,
+            }),
+        ),
     ]
     .into_iter()
     .map(|(id, bytes)| (id.to_owned(), bytes))

@@ -144,3 +144,33 @@ async fn an_ack_goes_out_after_the_delay_when_few_frames_wait() {
     tokio::time::sleep(Duration::from_millis(60)).await;
     assert_eq!(client.stats().replay_frames, 0, "no ack after the delay");
 }
+
+/// Acks go out by half the peer's announced window: large messages with a
+/// byte window of four of them keep flowing although the frame count and
+/// the delay alone would hold acks back for an hour.
+#[tokio::test(start_paused = true)]
+async fn acks_follow_half_the_peers_window() {
+    let mut cfg = config(7);
+    cfg.max_replay(64 * 1024, 10_000)
+        .ack_policy(10_000, Duration::from_secs(3600));
+    let (listener, c) = mem::listener(8);
+    let mut server = Server::<Vec<u8>>::new(listener, cfg.clone());
+    let client = StableConduit::<Vec<u8>>::connect(c, cfg).await.unwrap();
+    let mut session = server.accept().await.unwrap();
+    let started = tokio::time::Instant::now();
+    let reader = tokio::spawn(async move {
+        for _ in 0..200 {
+            assert_eq!(session.recv().await.unwrap().unwrap().len(), 16 * 1024);
+        }
+    });
+    for _ in 0..200 {
+        client.send(&vec![7u8; 16 * 1024]).await.unwrap();
+    }
+    reader.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "acks waited for the delay: {:?}",
+        started.elapsed()
+    );
+    assert!(client.stats().max_replay_bytes <= 64 * 1024 + 16 * 1024 + 64);
+}

@@ -18,7 +18,7 @@
 //! reader task keeps reading the link.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -98,6 +98,14 @@ pub(crate) struct Shared {
     extensions: AtomicU8,
     ack_every: u32,
     ack_delay: Duration,
+    /// The peer's announced replay bound (0: not announced): acks go out by
+    /// half of it.
+    peer_window_frames: AtomicU32,
+    peer_window_bytes: AtomicU32,
+    /// Bytes consumed since the peer was last told an ack.
+    unacked_bytes: AtomicUsize,
+    /// Our own bound, announced to the peer.
+    window: (u32, u32),
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
     close_timeout: Duration,
@@ -153,6 +161,13 @@ impl Shared {
             extensions: AtomicU8::new(0),
             ack_every: config.ack_every,
             ack_delay: config.ack_delay,
+            peer_window_frames: AtomicU32::new(0),
+            peer_window_bytes: AtomicU32::new(0),
+            unacked_bytes: AtomicUsize::new(0),
+            window: (
+                u32::try_from(config.max_replay_frames).unwrap_or(u32::MAX),
+                u32::try_from(config.max_replay_bytes).unwrap_or(u32::MAX),
+            ),
             keepalive_interval: config.keepalive_interval,
             keepalive_timeout: config.keepalive_timeout,
             close_timeout: config.close_timeout,
@@ -186,6 +201,21 @@ impl Shared {
 
     fn set_ack_told(&self, seq: Option<Seq>) {
         self.ack_told.store(encode_seq(seq), Ordering::Release);
+        self.unacked_bytes.store(0, Ordering::Release);
+    }
+
+    /// Consumed frames and bytes that make an ack due: the configured
+    /// count, or half the peer's announced window, whichever is smaller.
+    fn ack_thresholds(&self) -> (u32, usize) {
+        let frames = match self.peer_window_frames.load(Ordering::Acquire) {
+            0 => self.ack_every,
+            w => self.ack_every.min((w / 2).max(1)),
+        };
+        let bytes = match self.peer_window_bytes.load(Ordering::Acquire) {
+            0 => usize::MAX,
+            w => (w as usize / 2).max(1),
+        };
+        (frames, bytes)
     }
 
     /// The consumed seq the peer has not been told yet, if standalone acks
@@ -385,6 +415,9 @@ impl Shared {
         extensions: u8,
     ) -> Result<u64, SessionLost> {
         self.extensions.store(extensions, Ordering::Release);
+        // A new link: the peer announces its window again.
+        self.peer_window_frames.store(0, Ordering::Release);
+        self.peer_window_bytes.store(0, Ordering::Release);
         self.last_pong_us.store(self.now_us(), Ordering::Release);
         self.pong_due.store(0, Ordering::Release);
         // The hello told the peer what we received; it trims on that.
@@ -452,13 +485,16 @@ impl Shared {
         self.set_consumed(seq);
         if self.acks_negotiated() {
             // Wake the writer when an ack becomes pending (it arms the ack
-            // delay) and when enough frames wait for one.
+            // delay) and when enough frames or bytes wait for one.
             let pending = match self.ack_told() {
                 Some(told) if !seq.is_after(told) => 0,
                 Some(told) => seq.distance_from(told),
                 None => 1,
             };
-            if pending == 1 || pending == self.ack_every {
+            let bytes_before = self.unacked_bytes.fetch_add(len, Ordering::AcqRel);
+            let (frames_due, bytes_due) = self.ack_thresholds();
+            let crossed_bytes = bytes_before < bytes_due && bytes_before + len >= bytes_due;
+            if pending == 1 || pending == frames_due || crossed_bytes {
                 self.writer_wake.notify_one();
             }
         }
@@ -565,6 +601,13 @@ async fn write_loop<Tx: LinkTx, P>(
     let mut next_ping = tokio::time::Instant::now();
     let mut close_deadline: Option<tokio::time::Instant> = None;
     let mut handles_gone = false;
+    if extensions & ext::ACKS != 0 {
+        let (frames, bytes) = shared.window;
+        Control::Window { frames, bytes }.encode(&mut control);
+        if let Err(e) = tx.send(control.split().freeze()).await {
+            return AttachEnd::Link(e);
+        }
+    }
     loop {
         let now = tokio::time::Instant::now();
         if keepalive && now >= next_ping {
@@ -634,7 +677,9 @@ async fn write_loop<Tx: LinkTx, P>(
                 let now = tokio::time::Instant::now();
                 let deadline = *ack_deadline.get_or_insert(now + shared.ack_delay);
                 let backlog = shared.ack_told().map_or(1, |t| ack.distance_from(t));
-                if backlog >= shared.ack_every || now >= deadline {
+                let (frames_due, bytes_due) = shared.ack_thresholds();
+                let bytes = shared.unacked_bytes.load(Ordering::Acquire);
+                if backlog >= frames_due || bytes >= bytes_due || now >= deadline {
                     Control::Ack(ack).encode(&mut control);
                     if let Err(e) = tx.send(control.split().freeze()).await {
                         return AttachEnd::Link(e);
@@ -752,6 +797,11 @@ async fn read_loop<Rx: LinkRx, P>(
             }
             Incoming::Control(Control::Pong(nonce)) => {
                 shared.on_pong(nonce);
+                continue;
+            }
+            Incoming::Control(Control::Window { frames, bytes }) => {
+                shared.peer_window_frames.store(frames, Ordering::Release);
+                shared.peer_window_bytes.store(bytes, Ordering::Release);
                 continue;
             }
             Incoming::Control(Control::Close(_)) => {
