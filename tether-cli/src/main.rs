@@ -25,7 +25,7 @@ enum Command {
     /// and check that every one comes back exactly once, in order.
     Demo {
         /// Messages to send (each is echoed back).
-        #[arg(long, default_value_t = 200_000)]
+        #[arg(long, default_value_t = 1_000_000)]
         messages: u64,
         /// Payload size in bytes (at least 8).
         #[arg(long, default_value_t = 64)]
