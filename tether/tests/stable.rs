@@ -236,6 +236,24 @@ async fn raw_handshake(c: &MemConnector, hello: ClientHello) -> (ServerHello, (R
     (ServerHello::decode(&reply).unwrap(), (tx, rx))
 }
 
+/// A ClientHello for a new session, base format.
+fn new_hello() -> ClientHello {
+    ClientHello {
+        resume_key: None,
+        last_received: None,
+        extensions: 0,
+    }
+}
+
+/// A ClientHello resuming with `key`, base format.
+fn resume_hello(key: ResumeKey, last_received: Option<Seq>) -> ClientHello {
+    ClientHello {
+        resume_key: Some(key),
+        last_received,
+        extensions: 0,
+    }
+}
+
 fn frame(seq: u32, msg: &Msg) -> Bytes {
     let mut buf = BytesMut::new();
     encode_frame(
@@ -255,15 +273,7 @@ async fn server_rotates_keys_and_rejects_replaced_and_forged_ones() {
     common::within(async move {
         let (listener, c) = mem::listener(16);
         let mut server = Server::<Msg>::new(listener, config(5));
-        let (h1, link1) = raw_handshake(
-            &c,
-            ClientHello {
-                resume_key: None,
-                last_received: None,
-                extensions: 0,
-            },
-        )
-        .await;
+        let (h1, link1) = raw_handshake(&c, new_hello()).await;
         assert!(!h1.rejected);
         let mut session = server.accept().await.unwrap();
         let (mut tx1, _rx1) = link1;
@@ -271,15 +281,7 @@ async fn server_rotates_keys_and_rejects_replaced_and_forged_ones() {
         assert_eq!(session.recv().await.unwrap().unwrap().1, 0);
 
         // Resume with K1: accepted, fresh K2 that differs.
-        let (h2, link2) = raw_handshake(
-            &c,
-            ClientHello {
-                resume_key: Some(h1.resume_key),
-                last_received: None,
-                extensions: 0,
-            },
-        )
-        .await;
+        let (h2, link2) = raw_handshake(&c, resume_hello(h1.resume_key, None)).await;
         assert!(!h2.rejected);
         assert_ne!(h2.resume_key, h1.resume_key);
         // The first frame on the new link proves the client holds K2.
@@ -288,37 +290,13 @@ async fn server_rotates_keys_and_rejects_replaced_and_forged_ones() {
         assert_eq!(session.recv().await.unwrap().unwrap().1, 1);
 
         // K1 is now replaced: rejected. A forged key: rejected.
-        let (h, _) = raw_handshake(
-            &c,
-            ClientHello {
-                resume_key: Some(h1.resume_key),
-                last_received: None,
-                extensions: 0,
-            },
-        )
-        .await;
+        let (h, _) = raw_handshake(&c, resume_hello(h1.resume_key, None)).await;
         assert!(h.rejected, "a replaced key was accepted");
         let forged = ResumeKey::generate().unwrap();
-        let (h, _) = raw_handshake(
-            &c,
-            ClientHello {
-                resume_key: Some(forged),
-                last_received: None,
-                extensions: 0,
-            },
-        )
-        .await;
+        let (h, _) = raw_handshake(&c, resume_hello(forged, None)).await;
         assert!(h.rejected, "a forged key was accepted");
         // K2 still works, and the session lives on.
-        let (h3, _link3) = raw_handshake(
-            &c,
-            ClientHello {
-                resume_key: Some(h2.resume_key),
-                last_received: Some(Seq(0)),
-                extensions: 0,
-            },
-        )
-        .await;
+        let (h3, _link3) = raw_handshake(&c, resume_hello(h2.resume_key, Some(Seq(0)))).await;
         assert!(!h3.rejected);
         assert_eq!(h3.last_received, Some(Seq(1)));
         assert_eq!(server.stats().rejected, 2);
@@ -333,46 +311,14 @@ async fn resume_with_previous_key_after_lost_server_hello() {
     common::within(async move {
         let (listener, c) = mem::listener(16);
         let _server = Server::<Msg>::new(listener, config(6));
-        let (h1, _l1) = raw_handshake(
-            &c,
-            ClientHello {
-                resume_key: None,
-                last_received: None,
-                extensions: 0,
-            },
-        )
-        .await;
+        let (h1, _l1) = raw_handshake(&c, new_hello()).await;
         // The client "never receives" K2: it resumes with K1 again, twice.
-        let (h2, _l2) = raw_handshake(
-            &c,
-            ClientHello {
-                resume_key: Some(h1.resume_key),
-                last_received: None,
-                extensions: 0,
-            },
-        )
-        .await;
+        let (h2, _l2) = raw_handshake(&c, resume_hello(h1.resume_key, None)).await;
         assert!(!h2.rejected);
-        let (h3, _l3) = raw_handshake(
-            &c,
-            ClientHello {
-                resume_key: Some(h1.resume_key),
-                last_received: None,
-                extensions: 0,
-            },
-        )
-        .await;
+        let (h3, _l3) = raw_handshake(&c, resume_hello(h1.resume_key, None)).await;
         assert!(!h3.rejected, "the key the client holds was rejected");
         // K2 was withdrawn when the client showed it never got it.
-        let (h, _) = raw_handshake(
-            &c,
-            ClientHello {
-                resume_key: Some(h2.resume_key),
-                last_received: None,
-                extensions: 0,
-            },
-        )
-        .await;
+        let (h, _) = raw_handshake(&c, resume_hello(h2.resume_key, None)).await;
         assert!(h.rejected);
     })
     .await;
@@ -562,12 +508,7 @@ async fn hostile_clients_do_not_disturb_a_healthy_session() {
         let mut hostile = Vec::new();
         // Bad magic.
         let (mut tx, mut rx) = c.connect().await.unwrap().split();
-        let mut bad = ClientHello {
-            resume_key: None,
-            last_received: None,
-            extensions: 0,
-        }
-        .encode();
+        let mut bad = new_hello().encode();
         bad[0] = b'X';
         tx.send(Bytes::copy_from_slice(&bad)).await.unwrap();
         assert!(
@@ -600,15 +541,7 @@ async fn hostile_clients_do_not_disturb_a_healthy_session() {
             "only the forged key is rejected"
         );
         // A valid hello, then garbage.
-        let (h, link) = raw_handshake(
-            &c,
-            ClientHello {
-                resume_key: None,
-                last_received: None,
-                extensions: 0,
-            },
-        )
-        .await;
+        let (h, link) = raw_handshake(&c, new_hello()).await;
         assert!(!h.rejected);
         let mut garbage_session = server.accept().await.unwrap();
         let (mut gtx, _grx) = link;
