@@ -498,3 +498,34 @@ async fn every_extension_combination_speaks_the_right_format() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_beyond_the_limit_are_rejected() {
+    within(async {
+        let mut cfg = config(8);
+        cfg.max_sessions(2);
+        let (listener, c) = mem::listener(8);
+        let mut server = Server::<Msg>::new(listener, cfg);
+        let a = StableConduit::<Msg>::connect(c.clone(), config(9))
+            .await
+            .unwrap();
+        let b = StableConduit::<Msg>::connect(c.clone(), config(10))
+            .await
+            .unwrap();
+        let third = StableConduit::<Msg>::connect(c.clone(), config(11)).await;
+        let err = third.expect_err("a third session was accepted");
+        assert_eq!(err.session_lost(), Some(&SessionLost::Rejected), "{err}");
+        assert_eq!(server.stats().sessions_open, 2);
+        // The two admitted sessions work (accepted in either order).
+        a.send(&(0, 0, vec![])).await.unwrap();
+        b.send(&(1, 0, vec![])).await.unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let mut session = server.accept().await.unwrap();
+            seen.push(session.recv().await.unwrap().unwrap().0);
+        }
+        seen.sort();
+        assert_eq!(seen, [0, 1]);
+    })
+    .await;
+}
