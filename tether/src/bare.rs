@@ -52,10 +52,34 @@ impl<L: Link, S, R> BareConduit<L, S, R> {
     }
 }
 
+impl<L: Link, S, R> BareConduit<L, S, R> {
+    /// Flushes queued messages; see [`BareSender::flush`].
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        self.tx.flush().await
+    }
+
+    /// Closes the sending side gracefully; see [`BareSender::close`].
+    pub async fn close(&mut self) -> Result<(), Error> {
+        self.tx.close().await
+    }
+
+    /// Receives a borrowed message; see [`BareReceiver::recv_borrowed`].
+    pub async fn recv_borrowed<Y: BorrowedMessage>(
+        &mut self,
+    ) -> Result<Option<Borrowed<Y>>, Error> {
+        self.rx.recv_borrowed().await
+    }
+}
+
 impl<L: Link, S: Serialize, R> BareConduit<L, S, R> {
     /// Sends one message and flushes it; see [`BareSender::send`].
     pub async fn send(&mut self, msg: &S) -> Result<(), Error> {
         self.tx.send(msg).await
+    }
+
+    /// Queues one message without flushing; see [`BareSender::feed`].
+    pub async fn feed(&mut self, msg: &S) -> Result<(), Error> {
+        self.tx.feed(msg).await
     }
 }
 
@@ -115,6 +139,12 @@ impl<T: LinkTx, S: Serialize> BareSender<T, S> {
     }
 
     /// Sends one message and flushes it.
+    ///
+    /// A message over the link's maximum payload is a link error
+    /// ([`LinkError::TooLarge`](crate::link::LinkError::TooLarge)) and, as
+    /// every link error, leaves the link dead: a bare conduit has no way to
+    /// recover. The stable conduit refuses such messages before they reach
+    /// the link.
     pub async fn send(&mut self, msg: &S) -> Result<(), Error> {
         let frame = self.encode(msg)?;
         Ok(self.tx.send(frame).await?)

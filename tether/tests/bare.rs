@@ -1186,3 +1186,20 @@ async fn oversized_message_is_link_error() {
     })
     .await;
 }
+
+/// The unsplit conduit offers the halves' methods: feed, flush, borrowed
+/// receive, close.
+#[tokio::test]
+async fn unsplit_conduit_feeds_borrows_and_closes() {
+    let (a, b) = tether::link::mem::pair(16);
+    let mut a = tether::BareConduit::<_, String>::new(a);
+    let mut b = tether::BareConduit::<_, String>::new(b);
+    a.feed(&"one".to_string()).await.unwrap();
+    a.feed(&"two".to_string()).await.unwrap();
+    a.flush().await.unwrap();
+    a.close().await.unwrap();
+    let one = b.recv_borrowed::<&'static str>().await.unwrap().unwrap();
+    assert_eq!(*one.get(), "one");
+    assert_eq!(b.recv().await.unwrap().as_deref(), Some("two"));
+    assert!(b.recv().await.unwrap().is_none());
+}
