@@ -49,6 +49,9 @@ pub struct BenchOptions {
     /// Sessions of the idle-memory and storm workloads, instead of 10,000
     /// (1,000 with `quick`).
     pub sessions: Option<usize>,
+    /// Compare only these systems (`framed`, `bare`, `stable`,
+    /// `stable_mem`); empty: all. Ratios need both of their systems.
+    pub systems: Vec<String>,
     /// Print progress to stderr.
     pub progress: bool,
 }
@@ -359,6 +362,7 @@ impl Progress {
 
 async fn throughput(
     p: &Progress,
+    list: &[System],
     name: &str,
     size: usize,
     count: u64,
@@ -368,13 +372,13 @@ async fn throughput(
     let mut figures: BTreeMap<&'static str, Figure> = BTreeMap::new();
     // One short unmeasured run each, so the first measured run is not the
     // one that faults in the buffers.
-    for system in System::ALL {
+    for &system in list {
         systems::throughput(system, size, (count / 20).max(1))
             .await
             .with_context(|| format!("{name}: {} warm-up", system.key()))?;
     }
     for run in 1..=runs {
-        for system in System::ALL {
+        for &system in list {
             let took = systems::throughput(system, size, count)
                 .await
                 .with_context(|| format!("{name}: {}", system.key()))?;
@@ -405,10 +409,10 @@ async fn throughput(
     })
 }
 
-async fn rtt(p: &Progress, rounds: usize, runs: usize) -> anyhow::Result<Rtt> {
+async fn rtt(p: &Progress, list: &[System], rounds: usize, runs: usize) -> anyhow::Result<Rtt> {
     let mut figures: BTreeMap<&'static str, RttFigure> = BTreeMap::new();
     for run in 1..=runs {
-        for system in System::ALL {
+        for &system in list {
             let mut samples = systems::ping_pong(system, SMALL, rounds)
                 .await
                 .with_context(|| format!("rtt: {}", system.key()))?;
@@ -434,9 +438,16 @@ async fn rtt(p: &Progress, rounds: usize, runs: usize) -> anyhow::Result<Rtt> {
     })
 }
 
-async fn resume(p: &Progress, cuts: usize) -> anyhow::Result<BTreeMap<&'static str, ResumeFigure>> {
+async fn resume(
+    p: &Progress,
+    list: &[System],
+    cuts: usize,
+) -> anyhow::Result<BTreeMap<&'static str, ResumeFigure>> {
     let mut out = BTreeMap::new();
     for (key, over_mem) in [("stable", false), ("stable_mem", true)] {
+        if !list.iter().any(|s| s.key() == key) {
+            continue;
+        }
         let run = resume::resume_latency(over_mem, cuts)
             .await
             .with_context(|| format!("resume: {key}"))?;
@@ -462,6 +473,7 @@ async fn resume(p: &Progress, cuts: usize) -> anyhow::Result<BTreeMap<&'static s
 
 fn allocs(
     p: &Progress,
+    list: &[System],
     rt: &tokio::runtime::Runtime,
     counter: &'static dyn AllocCounter,
     plan: &Plan,
@@ -479,7 +491,7 @@ fn allocs(
     counter.set_enabled(true);
     let mut out = BTreeMap::new();
     let mut result = Ok(());
-    for system in System::ALL {
+    for &system in list {
         let run = rt.block_on(systems::alloc_run(
             system,
             counter,
@@ -537,6 +549,16 @@ pub fn run(
         }
     }
     let want = |w: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == w);
+    for s in &opts.systems {
+        if !System::ALL.iter().any(|k| k.key() == s) {
+            anyhow::bail!("unknown system {s:?}; known: framed, bare, stable, stable_mem");
+        }
+    }
+    let list: Vec<System> = System::ALL
+        .into_iter()
+        .filter(|s| opts.systems.is_empty() || opts.systems.iter().any(|k| k == s.key()))
+        .collect();
+    let has = |key: &str| list.iter().any(|s| s.key() == key);
     let rt = sessions::runtime()?;
     let mut r = BenchReport {
         quick: opts.quick,
@@ -581,6 +603,7 @@ pub fn run(
     if want("small") {
         match rt.block_on(throughput(
             &p,
+            &list,
             "small",
             SMALL,
             plan.small_messages,
@@ -593,38 +616,38 @@ pub fn run(
     }
     if want("large") {
         let count = plan.large_64k_messages;
-        match rt.block_on(throughput(&p, "64 KiB", 64 * 1024, count, plan.runs, true)) {
+        match rt.block_on(throughput(&p, &list, "64 KiB", 64 * 1024, count, plan.runs, true)) {
             Ok(t) => r.large_64k = Some(t),
             Err(e) => record("large 64 KiB", e),
         }
         let count = plan.large_1m_messages;
-        match rt.block_on(throughput(&p, "1 MiB", 1024 * 1024, count, plan.runs, true)) {
+        match rt.block_on(throughput(&p, &list, "1 MiB", 1024 * 1024, count, plan.runs, true)) {
             Ok(t) => r.large_1m = Some(t),
             Err(e) => record("large 1 MiB", e),
         }
     }
     if want("rtt") {
-        match rt.block_on(rtt(&p, plan.round_trips, plan.runs)) {
+        match rt.block_on(rtt(&p, &list, plan.round_trips, plan.runs)) {
             Ok(t) => r.rtt = Some(t),
             Err(e) => record("rtt", e),
         }
     }
     if want("resume") {
-        match rt.block_on(resume(&p, plan.resume_cuts)) {
+        match rt.block_on(resume(&p, &list, plan.resume_cuts)) {
             Ok(t) => r.resume = Some(t),
             Err(e) => record("resume", e),
         }
     }
     if want("allocs") {
         match counter {
-            Some(c) => match allocs(&p, &rt, c, &plan) {
+            Some(c) => match allocs(&p, &list, &rt, c, &plan) {
                 Ok(a) => r.allocs = Some(a),
                 Err(e) => record("allocs", e),
             },
             None => record("allocs", anyhow::anyhow!("no counting allocator installed")),
         }
     }
-    if want("idle") {
+    if want("idle") && has("stable") {
         p.say(format_args!("idle: {} sessions over TCP", plan.sessions));
         match rt.block_on(sessions::idle_memory(plan.sessions)) {
             Ok(i) => {
@@ -646,6 +669,9 @@ pub fn run(
     if want("storm") {
         let mut storms = BTreeMap::new();
         for (key, over_mem) in [("stable", false), ("stable_mem", true)] {
+            if !has(key) {
+                continue;
+            }
             p.say(format_args!("storm {key}: {} sessions", plan.sessions));
             let storm = if over_mem {
                 rt.block_on(sessions::storm_mem(plan.sessions))
@@ -824,7 +850,7 @@ fn fmt_num(v: f64) -> String {
     if !v.is_finite() {
         return "-".into();
     }
-    if v.abs() >= 1000.0 {
+    if v.abs() >= 1000.0 || (v.fract() == 0.0 && v.abs() < 1e15) {
         let s = format!("{:.0}", v);
         let (sign, digits) = s.split_at(if s.starts_with('-') { 1 } else { 0 });
         let mut out = String::new();
@@ -840,7 +866,7 @@ fn fmt_num(v: f64) -> String {
     } else if v.abs() >= 10.0 {
         format!("{v:.1}")
     } else {
-        format!("{v:.2}")
+        format!("{v:.3}")
     }
 }
 

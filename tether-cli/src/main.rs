@@ -196,6 +196,10 @@ enum Command {
         /// resume, allocs, idle, storm.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Compare only these systems (comma-separated): framed, bare,
+        /// stable, stable_mem.
+        #[arg(long, value_delimiter = ',')]
+        systems: Vec<String>,
         /// Sessions of the idle-memory and storm workloads (default 10,000;
         /// 1,000 with --quick).
         #[arg(long)]
@@ -259,6 +263,7 @@ fn main() -> ExitCode {
         json,
         quick,
         only,
+        systems,
         sessions,
         fail_on_miss,
         role,
@@ -268,6 +273,7 @@ fn main() -> ExitCode {
         let opts = BenchOptions {
             quick,
             only,
+            systems,
             sessions,
             progress: role.is_none(),
         };
