@@ -616,12 +616,28 @@ pub fn run(
     }
     if want("large") {
         let count = plan.large_64k_messages;
-        match rt.block_on(throughput(&p, &list, "64 KiB", 64 * 1024, count, plan.runs, true)) {
+        match rt.block_on(throughput(
+            &p,
+            &list,
+            "64 KiB",
+            64 * 1024,
+            count,
+            plan.runs,
+            true,
+        )) {
             Ok(t) => r.large_64k = Some(t),
             Err(e) => record("large 64 KiB", e),
         }
         let count = plan.large_1m_messages;
-        match rt.block_on(throughput(&p, &list, "1 MiB", 1024 * 1024, count, plan.runs, true)) {
+        match rt.block_on(throughput(
+            &p,
+            &list,
+            "1 MiB",
+            1024 * 1024,
+            count,
+            plan.runs,
+            true,
+        )) {
             Ok(t) => r.large_1m = Some(t),
             Err(e) => record("large 1 MiB", e),
         }
