@@ -1,6 +1,7 @@
 //! Library side of the `tether` command: each subcommand's logic lives in a
 //! module here, and `main.rs` only parses arguments.
 
+pub mod bench;
 pub mod demo;
 pub mod echo;
 

@@ -1,0 +1,1077 @@
+//! `tether bench`: tether against a plain `tokio-util` baseline, every
+//! workload in one process run, each system side by side.
+//!
+//! Systems, all carrying the same postcard-encoded byte-string message over
+//! TCP on loopback unless said otherwise:
+//!
+//! - **Framed**: `Framed<TcpStream, LengthDelimitedCodec>`, postcard, fed
+//!   and flushed every 64 messages: what a competent user writes by hand;
+//! - **bare**: tether's bare conduit (`BareSender::feed`/`flush`);
+//! - **stable**: tether's stable conduit (`StableSender::send`);
+//! - **stable (mem)**: the stable conduit over the in-memory link, which
+//!   separates the protocol's cost from the socket's.
+//!
+//! Every ratio compares two figures measured in the same process run, with
+//! the systems' runs interleaved. `BENCHMARKS.md` describes the method.
+
+mod alloc;
+mod resume;
+mod sessions;
+mod systems;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
+
+pub use self::alloc::{AllocCounter, AllocCounts, SLOTS, SLOT_OTHER, SLOT_RECEIVER, SLOT_SENDER};
+use self::resume::ResumeRun;
+use self::sessions::{IdleReport, StormReport};
+use self::systems::{AllocRun, System};
+
+/// Every workload, by the name `--only` takes.
+pub const WORKLOADS: [&str; 7] = ["small", "large", "rtt", "resume", "allocs", "idle", "storm"];
+
+/// Payload of the small-message workloads, in bytes.
+const SMALL: usize = 32;
+
+/// What to run.
+#[derive(Clone, Debug, Default)]
+pub struct BenchOptions {
+    /// Smaller counts and 1,000 sessions, to finish in under a minute.
+    pub quick: bool,
+    /// Run only these workloads (names from [`WORKLOADS`]); empty: all.
+    pub only: Vec<String>,
+    /// Sessions of the idle-memory and storm workloads, instead of 10,000
+    /// (1,000 with `quick`).
+    pub sessions: Option<usize>,
+    /// Compare only these systems (`framed`, `bare`, `stable`,
+    /// `stable_mem`); empty: all. Ratios need both of their systems.
+    pub systems: Vec<String>,
+    /// Print progress to stderr.
+    pub progress: bool,
+}
+
+/// A child role of `tether bench` (used by the bench itself).
+#[derive(Clone, Debug)]
+pub enum Role {
+    /// Connect this many client sessions to `addr` and obey commands.
+    Clients {
+        /// The server.
+        addr: SocketAddr,
+        /// How many sessions.
+        sessions: usize,
+    },
+    /// Serve this many sessions from a child client process and report the
+    /// memory they take.
+    IdleServer {
+        /// How many sessions.
+        sessions: usize,
+    },
+}
+
+/// Runs a child role; see [`Role`].
+pub fn run_role(role: Role, counter: Option<&'static dyn AllocCounter>) -> anyhow::Result<()> {
+    match role {
+        Role::Clients { addr, sessions } => sessions::run_clients(addr, sessions),
+        Role::IdleServer { sessions } => sessions::run_idle_server(sessions, counter),
+    }
+}
+
+/// How much of each workload to run.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Plan {
+    small_messages: u64,
+    large_64k_messages: u64,
+    large_1m_messages: u64,
+    /// Interleaved runs per system of the throughput and round-trip
+    /// workloads; the median is reported.
+    runs: usize,
+    round_trips: usize,
+    resume_cuts: usize,
+    alloc_warmup: u64,
+    alloc_messages: u64,
+    sessions: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                small_messages: 200_000,
+                large_64k_messages: 2_048,
+                large_1m_messages: 128,
+                runs: 3,
+                round_trips: 2_000,
+                resume_cuts: 30,
+                alloc_warmup: 20_000,
+                alloc_messages: 50_000,
+                sessions: 1_000,
+            }
+        } else {
+            Plan {
+                small_messages: 2_000_000,
+                large_64k_messages: 16_384,
+                large_1m_messages: 1_024,
+                runs: 3,
+                round_trips: 20_000,
+                resume_cuts: 200,
+                alloc_warmup: 50_000,
+                alloc_messages: 200_000,
+                sessions: 10_000,
+            }
+        }
+    }
+}
+
+/// The machine the run happened on.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Machine {
+    cpus: usize,
+    cpu_model: String,
+    mem_total_bytes: u64,
+    kernel: String,
+    somaxconn: Option<u32>,
+    fd_limit: Option<u64>,
+}
+
+fn first_field(path: &str, key: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok()?.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().to_string())
+    })
+}
+
+impl Machine {
+    fn read() -> Machine {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model: first_field("/proc/cpuinfo", "model name").unwrap_or_default(),
+            mem_total_bytes: first_field("/proc/meminfo", "MemTotal")
+                .and_then(|v| v.trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map_or(0, |kib| kib * 1024),
+            kernel: read("/proc/sys/kernel/osrelease").unwrap_or_default(),
+            somaxconn: read("/proc/sys/net/core/somaxconn").and_then(|s| s.parse().ok()),
+            fd_limit: std::fs::read_to_string("/proc/self/limits")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("Max open files"))
+                        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+                }),
+        }
+    }
+}
+
+/// Several runs of one figure and their median.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct Figure {
+    runs: Vec<f64>,
+    median: f64,
+}
+
+impl Figure {
+    fn push(&mut self, v: f64) {
+        self.runs.push(round(v));
+        self.median = round(median(&self.runs));
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// Four significant digits at most, and no more than 3 decimals.
+fn round(v: f64) -> f64 {
+    if !v.is_finite() || v == 0.0 {
+        return v;
+    }
+    let digits = 4 - 1 - v.abs().log10().floor() as i32;
+    let scale = 10f64.powi(digits.clamp(0, 3));
+    (v * scale).round() / scale
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// A throughput workload: one figure per system.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Throughput {
+    payload_bytes: usize,
+    messages_per_run: u64,
+    unit: &'static str,
+    systems: BTreeMap<&'static str, Figure>,
+}
+
+/// Round trips per system, p50 and p99 in microseconds.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Rtt {
+    payload_bytes: usize,
+    round_trips_per_run: usize,
+    systems: BTreeMap<&'static str, RttFigure>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct RttFigure {
+    p50_us: Figure,
+    p99_us: Figure,
+}
+
+/// Resume latency per transport, in milliseconds.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct ResumeFigure {
+    cuts: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+    #[serde(flatten)]
+    run: ResumeRun,
+}
+
+/// Allocations per message per system.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct AllocFigure {
+    per_send: f64,
+    per_recv: f64,
+    run: AllocRun,
+}
+
+/// One target: the value, the target as text, and whether it is met.
+#[derive(Clone, Debug)]
+pub(crate) struct Target {
+    key: &'static str,
+    label: &'static str,
+    value: Option<f64>,
+    target: String,
+    met: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Targets(Vec<Target>);
+
+impl Serialize for Targets {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Entry<'a> {
+            value: Option<f64>,
+            target: &'a str,
+            met: bool,
+        }
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for t in &self.0 {
+            map.serialize_entry(
+                t.key,
+                &Entry {
+                    value: t.value,
+                    target: &t.target,
+                    met: t.met,
+                },
+            )?;
+        }
+        map.end()
+    }
+}
+
+/// Everything one `tether bench` run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub(crate) quick: bool,
+    pub(crate) machine: Machine,
+    pub(crate) plan: Plan,
+    // The headline figures.
+    pub(crate) small_stable_over_bare: Option<f64>,
+    pub(crate) small_bare_over_framed: Option<f64>,
+    pub(crate) small_stable_over_framed: Option<f64>,
+    pub(crate) small_stable_mem_over_stable: Option<f64>,
+    pub(crate) large_stable_over_framed: Option<f64>,
+    pub(crate) large_64k_stable_over_framed: Option<f64>,
+    pub(crate) rtt_p50_stable_over_bare: Option<f64>,
+    pub(crate) rtt_p50_bare_over_framed: Option<f64>,
+    pub(crate) resume_p50_ms: Option<f64>,
+    pub(crate) resume_p99_ms: Option<f64>,
+    pub(crate) allocs_per_send: Option<f64>,
+    pub(crate) allocs_per_recv: Option<f64>,
+    pub(crate) idle_session_bytes: Option<f64>,
+    pub(crate) storm_sessions: Option<usize>,
+    pub(crate) storm_resumed: Option<usize>,
+    pub(crate) storm_lost: Option<u64>,
+    pub(crate) storm_s: Option<f64>,
+    pub(crate) targets: Targets,
+    /// No workload failed and every delivery check passed.
+    pub(crate) ok: bool,
+    pub(crate) all_targets_met: bool,
+    pub(crate) errors: Vec<String>,
+    // The raw figures.
+    pub(crate) small: Option<Throughput>,
+    pub(crate) large_64k: Option<Throughput>,
+    pub(crate) large_1m: Option<Throughput>,
+    pub(crate) rtt: Option<Rtt>,
+    pub(crate) resume: Option<BTreeMap<&'static str, ResumeFigure>>,
+    pub(crate) allocs: Option<BTreeMap<&'static str, AllocFigure>>,
+    pub(crate) idle: Option<IdleReport>,
+    pub(crate) storm: Option<BTreeMap<&'static str, StormReport>>,
+    pub(crate) elapsed_s: f64,
+}
+
+impl BenchReport {
+    /// Whether every workload ran and every delivery check passed.
+    pub fn ok(&self) -> bool {
+        self.ok
+    }
+
+    /// Whether every target is met.
+    pub fn all_targets_met(&self) -> bool {
+        self.all_targets_met
+    }
+}
+
+struct Progress {
+    on: bool,
+    start: Instant,
+}
+
+impl Progress {
+    fn say(&self, what: impl std::fmt::Display) {
+        if self.on {
+            eprintln!("[{:6.1} s] {what}", self.start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+async fn throughput(
+    p: &Progress,
+    list: &[System],
+    name: &str,
+    size: usize,
+    count: u64,
+    runs: usize,
+    bytes: bool,
+) -> anyhow::Result<Throughput> {
+    let mut figures: BTreeMap<&'static str, Figure> = BTreeMap::new();
+    // One short unmeasured run each, so the first measured run is not the
+    // one that faults in the buffers.
+    for &system in list {
+        systems::throughput(system, size, (count / 20).max(1))
+            .await
+            .with_context(|| format!("{name}: {} warm-up", system.key()))?;
+    }
+    for run in 1..=runs {
+        for &system in list {
+            let took = systems::throughput(system, size, count)
+                .await
+                .with_context(|| format!("{name}: {}", system.key()))?;
+            let secs = took.as_secs_f64().max(1e-9);
+            let v = if bytes {
+                (count as f64 * size as f64) / secs / 1e6
+            } else {
+                count as f64 / secs
+            };
+            p.say(format_args!(
+                "{name} run {run}/{runs}: {:<13} {}",
+                system.label(),
+                if bytes {
+                    format!("{v:.0} MB/s")
+                } else {
+                    format!("{v:.0} msgs/s")
+                }
+            ));
+            figures.entry(system.key()).or_default().push(v);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(Throughput {
+        payload_bytes: size,
+        messages_per_run: count,
+        unit: if bytes { "MB/s" } else { "msgs/s" },
+        systems: figures,
+    })
+}
+
+async fn rtt(p: &Progress, list: &[System], rounds: usize, runs: usize) -> anyhow::Result<Rtt> {
+    let mut figures: BTreeMap<&'static str, RttFigure> = BTreeMap::new();
+    for run in 1..=runs {
+        for &system in list {
+            let mut samples = systems::ping_pong(system, SMALL, rounds)
+                .await
+                .with_context(|| format!("rtt: {}", system.key()))?;
+            samples.sort();
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            let (p50, p99) = (
+                us(percentile(&samples, 0.5)),
+                us(percentile(&samples, 0.99)),
+            );
+            p.say(format_args!(
+                "rtt run {run}/{runs}: {:<13} p50 {p50:.1} µs, p99 {p99:.1} µs",
+                system.label()
+            ));
+            let f = figures.entry(system.key()).or_default();
+            f.p50_us.push(p50);
+            f.p99_us.push(p99);
+        }
+    }
+    Ok(Rtt {
+        payload_bytes: SMALL,
+        round_trips_per_run: rounds,
+        systems: figures,
+    })
+}
+
+async fn resume(
+    p: &Progress,
+    list: &[System],
+    cuts: usize,
+) -> anyhow::Result<BTreeMap<&'static str, ResumeFigure>> {
+    let mut out = BTreeMap::new();
+    for (key, over_mem) in [("stable", false), ("stable_mem", true)] {
+        if !list.iter().any(|s| s.key() == key) {
+            continue;
+        }
+        let run = resume::resume_latency(over_mem, cuts)
+            .await
+            .with_context(|| format!("resume: {key}"))?;
+        let mut s = run.samples.clone();
+        s.sort();
+        let ms = |d: Duration| round(d.as_secs_f64() * 1e3);
+        let fig = ResumeFigure {
+            cuts: s.len(),
+            p50_ms: ms(percentile(&s, 0.5)),
+            p99_ms: ms(percentile(&s, 0.99)),
+            min_ms: ms(s.first().copied().unwrap_or_default()),
+            max_ms: ms(s.last().copied().unwrap_or_default()),
+            run,
+        };
+        p.say(format_args!(
+            "resume {key}: p50 {} ms, p99 {} ms over {} cuts",
+            fig.p50_ms, fig.p99_ms, fig.cuts
+        ));
+        out.insert(key, fig);
+    }
+    Ok(out)
+}
+
+fn allocs(
+    p: &Progress,
+    list: &[System],
+    rt: &tokio::runtime::Runtime,
+    counter: &'static dyn AllocCounter,
+    plan: &Plan,
+) -> anyhow::Result<BTreeMap<&'static str, AllocFigure>> {
+    let side = |slot: usize, name: &str| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(name)
+            .on_thread_start(move || counter.tag_thread(slot))
+            .enable_all()
+            .build()
+    };
+    let send_rt = side(SLOT_SENDER, "bench-send")?;
+    let recv_rt = side(SLOT_RECEIVER, "bench-recv")?;
+    counter.set_enabled(true);
+    let mut out = BTreeMap::new();
+    let mut result = Ok(());
+    for &system in list {
+        let run = rt.block_on(systems::alloc_run(
+            system,
+            counter,
+            send_rt.handle(),
+            recv_rt.handle(),
+            SMALL,
+            plan.alloc_warmup,
+            plan.alloc_messages,
+        ));
+        let run = match run {
+            Ok(run) => run,
+            Err(e) => {
+                result = Err(e.context(format!("allocs: {}", system.key())));
+                break;
+            }
+        };
+        let n = run.messages.max(1) as f64;
+        let fig = AllocFigure {
+            per_send: round(run.send.calls() as f64 / n),
+            per_recv: round(run.recv.calls() as f64 / n),
+            run,
+        };
+        p.say(format_args!(
+            "allocs: {:<13} {} per send, {} per receive",
+            system.label(),
+            fig.per_send,
+            fig.per_recv
+        ));
+        out.insert(system.key(), fig);
+    }
+    counter.set_enabled(false);
+    send_rt.shutdown_timeout(Duration::from_secs(5));
+    recv_rt.shutdown_timeout(Duration::from_secs(5));
+    result.map(|()| out)
+}
+
+/// Runs the workloads and builds the report. Fails only when it cannot
+/// start; a workload that fails is recorded in the report's errors.
+pub fn run(
+    opts: &BenchOptions,
+    counter: Option<&'static dyn AllocCounter>,
+) -> anyhow::Result<BenchReport> {
+    let started = Instant::now();
+    let p = Progress {
+        on: opts.progress,
+        start: started,
+    };
+    let mut plan = Plan::new(opts.quick);
+    if let Some(n) = opts.sessions {
+        plan.sessions = n.max(1);
+    }
+    for w in &opts.only {
+        if !WORKLOADS.contains(&w.as_str()) {
+            anyhow::bail!("unknown workload {w:?}; known: {}", WORKLOADS.join(", "));
+        }
+    }
+    let want = |w: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == w);
+    for s in &opts.systems {
+        if !System::ALL.iter().any(|k| k.key() == s) {
+            anyhow::bail!("unknown system {s:?}; known: framed, bare, stable, stable_mem");
+        }
+    }
+    let list: Vec<System> = System::ALL
+        .into_iter()
+        .filter(|s| opts.systems.is_empty() || opts.systems.iter().any(|k| k == s.key()))
+        .collect();
+    let has = |key: &str| list.iter().any(|s| s.key() == key);
+    let rt = sessions::runtime()?;
+    let mut r = BenchReport {
+        quick: opts.quick,
+        machine: Machine::read(),
+        plan: plan.clone(),
+        small_stable_over_bare: None,
+        small_bare_over_framed: None,
+        small_stable_over_framed: None,
+        small_stable_mem_over_stable: None,
+        large_stable_over_framed: None,
+        large_64k_stable_over_framed: None,
+        rtt_p50_stable_over_bare: None,
+        rtt_p50_bare_over_framed: None,
+        resume_p50_ms: None,
+        resume_p99_ms: None,
+        allocs_per_send: None,
+        allocs_per_recv: None,
+        idle_session_bytes: None,
+        storm_sessions: None,
+        storm_resumed: None,
+        storm_lost: None,
+        storm_s: None,
+        targets: Targets::default(),
+        ok: true,
+        all_targets_met: false,
+        errors: Vec::new(),
+        small: None,
+        large_64k: None,
+        large_1m: None,
+        rtt: None,
+        resume: None,
+        allocs: None,
+        idle: None,
+        storm: None,
+        elapsed_s: 0.0,
+    };
+    let mut errors = Vec::new();
+    let mut record = |what: &str, e: anyhow::Error| {
+        p.say(format_args!("{what} FAILED: {e:#}"));
+        errors.push(format!("{what}: {e:#}"));
+    };
+    if want("small") {
+        match rt.block_on(throughput(
+            &p,
+            &list,
+            "small",
+            SMALL,
+            plan.small_messages,
+            plan.runs,
+            false,
+        )) {
+            Ok(t) => r.small = Some(t),
+            Err(e) => record("small", e),
+        }
+    }
+    if want("large") {
+        let count = plan.large_64k_messages;
+        match rt.block_on(throughput(
+            &p,
+            &list,
+            "64 KiB",
+            64 * 1024,
+            count,
+            plan.runs,
+            true,
+        )) {
+            Ok(t) => r.large_64k = Some(t),
+            Err(e) => record("large 64 KiB", e),
+        }
+        let count = plan.large_1m_messages;
+        match rt.block_on(throughput(
+            &p,
+            &list,
+            "1 MiB",
+            1024 * 1024,
+            count,
+            plan.runs,
+            true,
+        )) {
+            Ok(t) => r.large_1m = Some(t),
+            Err(e) => record("large 1 MiB", e),
+        }
+    }
+    if want("rtt") {
+        match rt.block_on(rtt(&p, &list, plan.round_trips, plan.runs)) {
+            Ok(t) => r.rtt = Some(t),
+            Err(e) => record("rtt", e),
+        }
+    }
+    if want("resume") {
+        match rt.block_on(resume(&p, &list, plan.resume_cuts)) {
+            Ok(t) => r.resume = Some(t),
+            Err(e) => record("resume", e),
+        }
+    }
+    if want("allocs") {
+        match counter {
+            Some(c) => match allocs(&p, &list, &rt, c, &plan) {
+                Ok(a) => r.allocs = Some(a),
+                Err(e) => record("allocs", e),
+            },
+            None => record("allocs", anyhow::anyhow!("no counting allocator installed")),
+        }
+    }
+    if want("idle") && has("stable") {
+        p.say(format_args!("idle: {} sessions over TCP", plan.sessions));
+        match rt.block_on(sessions::idle_memory(plan.sessions)) {
+            Ok(i) => {
+                p.say(format_args!(
+                    "idle: {:.0} bytes resident per server session ({:.0} before any message)",
+                    i.rss_per_session, i.rss_per_fresh_session
+                ));
+                if !i.delivery.ok() {
+                    record(
+                        "idle",
+                        anyhow::anyhow!("delivery check failed: {:?}", i.delivery),
+                    );
+                }
+                r.idle = Some(i);
+            }
+            Err(e) => record("idle", e),
+        }
+    }
+    if want("storm") {
+        let mut storms = BTreeMap::new();
+        for (key, over_mem) in [("stable", false), ("stable_mem", true)] {
+            if !has(key) {
+                continue;
+            }
+            p.say(format_args!("storm {key}: {} sessions", plan.sessions));
+            let storm = if over_mem {
+                rt.block_on(sessions::storm_mem(plan.sessions))
+            } else {
+                rt.block_on(sessions::storm_tcp(plan.sessions))
+            };
+            match storm {
+                Ok(s) => {
+                    p.say(format_args!(
+                        "storm {key}: {}/{} resumed in {:.3} s, {} lost",
+                        s.resumed, s.sessions, s.elapsed_s, s.lost
+                    ));
+                    if !s.ok {
+                        record(
+                            &format!("storm {key}"),
+                            anyhow::anyhow!("check failed: {:?}", s.delivery),
+                        );
+                    }
+                    storms.insert(key, s);
+                }
+                Err(e) => record(&format!("storm {key}"), e),
+            }
+        }
+        r.storm = Some(storms);
+    }
+    rt.shutdown_timeout(Duration::from_secs(5));
+    r.errors = errors;
+    r.ok = r.errors.is_empty();
+    headline(&mut r);
+    r.elapsed_s = round(started.elapsed().as_secs_f64());
+    Ok(r)
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some((a / b * 1000.0).round() / 1000.0),
+        _ => None,
+    }
+}
+
+fn median_of(t: &Option<Throughput>, system: System) -> Option<f64> {
+    t.as_ref()?.systems.get(system.key()).map(|f| f.median)
+}
+
+/// Fills in the headline figures and the targets.
+fn headline(r: &mut BenchReport) {
+    use System::*;
+    r.small_stable_over_bare = ratio(median_of(&r.small, Stable), median_of(&r.small, Bare));
+    r.small_bare_over_framed = ratio(median_of(&r.small, Bare), median_of(&r.small, Framed));
+    r.small_stable_over_framed = ratio(median_of(&r.small, Stable), median_of(&r.small, Framed));
+    r.small_stable_mem_over_stable =
+        ratio(median_of(&r.small, StableMem), median_of(&r.small, Stable));
+    r.large_stable_over_framed = ratio(
+        median_of(&r.large_1m, Stable),
+        median_of(&r.large_1m, Framed),
+    );
+    r.large_64k_stable_over_framed = ratio(
+        median_of(&r.large_64k, Stable),
+        median_of(&r.large_64k, Framed),
+    );
+    let p50 = |s: System| {
+        r.rtt
+            .as_ref()
+            .and_then(|t| t.systems.get(s.key()))
+            .map(|f| f.p50_us.median)
+    };
+    r.rtt_p50_stable_over_bare = ratio(p50(Stable), p50(Bare));
+    r.rtt_p50_bare_over_framed = ratio(p50(Bare), p50(Framed));
+    let tcp_resume = r.resume.as_ref().and_then(|m| m.get("stable"));
+    r.resume_p50_ms = tcp_resume.map(|f| f.p50_ms);
+    r.resume_p99_ms = tcp_resume.map(|f| f.p99_ms);
+    let stable_allocs = r.allocs.as_ref().and_then(|m| m.get("stable"));
+    r.allocs_per_send = stable_allocs.map(|f| f.per_send);
+    r.allocs_per_recv = stable_allocs.map(|f| f.per_recv);
+    r.idle_session_bytes = r.idle.as_ref().map(|i| i.rss_per_session.round());
+    let tcp_storm = r.storm.as_ref().and_then(|m| m.get("stable"));
+    r.storm_sessions = tcp_storm.map(|s| s.sessions);
+    r.storm_resumed = tcp_storm.map(|s| s.resumed);
+    r.storm_lost = tcp_storm.map(|s| s.lost);
+    r.storm_s = tcp_storm.map(|s| round(s.elapsed_s));
+
+    let mut t = Vec::new();
+    let mut at_least = |key, label, value: Option<f64>, min: f64| {
+        t.push(Target {
+            key,
+            label,
+            value,
+            target: format!(">= {min}"),
+            met: value.is_some_and(|v| v >= min),
+        })
+    };
+    at_least(
+        "small_stable_over_bare",
+        "small msgs/s: stable / bare",
+        r.small_stable_over_bare,
+        0.9,
+    );
+    at_least(
+        "small_bare_over_framed",
+        "small msgs/s: bare / Framed",
+        r.small_bare_over_framed,
+        1.0,
+    );
+    at_least(
+        "large_stable_over_framed",
+        "1 MiB MB/s: stable / Framed",
+        r.large_stable_over_framed,
+        0.8,
+    );
+    let mut at_most = |key, label, value: Option<f64>, max: f64, strict: bool| {
+        t.push(Target {
+            key,
+            label,
+            value,
+            target: format!("{} {max}", if strict { "<" } else { "<=" }),
+            met: value.is_some_and(|v| if strict { v < max } else { v <= max }),
+        })
+    };
+    at_most(
+        "rtt_p50_stable_over_bare",
+        "round trip p50: stable / bare",
+        r.rtt_p50_stable_over_bare,
+        1.15,
+        false,
+    );
+    at_most(
+        "resume_p50_ms",
+        "resume p50 (TCP), ms",
+        r.resume_p50_ms,
+        2.0,
+        true,
+    );
+    at_most(
+        "allocs_per_send",
+        "stable: allocations per send",
+        r.allocs_per_send,
+        1.0,
+        false,
+    );
+    at_most(
+        "allocs_per_recv",
+        "stable: allocations per receive",
+        r.allocs_per_recv,
+        1.0,
+        false,
+    );
+    at_most(
+        "idle_session_bytes",
+        "resident bytes per idle session",
+        r.idle_session_bytes,
+        16384.0,
+        false,
+    );
+    let required = if r.quick { r.plan.sessions } else { 10_000 };
+    for (key, label, storm) in [
+        ("storm_lost", "storm (TCP): all resumed, 0 lost", tcp_storm),
+        (
+            "storm_mem_lost",
+            "storm (mem): all resumed, 0 lost",
+            r.storm.as_ref().and_then(|m| m.get("stable_mem")),
+        ),
+    ] {
+        t.push(Target {
+            key,
+            label,
+            value: storm.map(|s| s.lost as f64),
+            target: format!("== 0, {required} sessions resumed"),
+            met: storm.is_some_and(|s| s.ok && s.sessions >= required && s.resumed == s.sessions),
+        });
+    }
+    r.all_targets_met = t.iter().all(|t| t.met);
+    r.targets = Targets(t);
+}
+
+fn fmt_num(v: f64) -> String {
+    if !v.is_finite() {
+        return "-".into();
+    }
+    if v.abs() >= 1000.0 || (v.fract() == 0.0 && v.abs() < 1e15) {
+        let s = format!("{:.0}", v);
+        let (sign, digits) = s.split_at(if s.starts_with('-') { 1 } else { 0 });
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        format!("{sign}{out}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// The report as a table for people.
+pub fn render(r: &BenchReport) -> String {
+    let mut out = String::new();
+    let m = &r.machine;
+    let _ = writeln!(
+        out,
+        "tether bench{}: {} CPUs ({}), {:.1} GiB, Linux {}; {} interleaved runs per system, medians",
+        if r.quick { " --quick" } else { "" },
+        m.cpus,
+        m.cpu_model,
+        m.mem_total_bytes as f64 / (1u64 << 30) as f64,
+        m.kernel,
+        r.plan.runs
+    );
+    let _ = writeln!(out);
+    let _ = write!(out, "{:<34}", "workload");
+    for s in System::ALL {
+        let _ = write!(out, "{:>14}", s.label());
+    }
+    let _ = writeln!(out);
+    let row = |out: &mut String, name: String, cells: [Option<f64>; 4]| {
+        let _ = write!(out, "{name:<34}");
+        for c in cells {
+            let _ = write!(out, "{:>14}", c.map_or("-".to_string(), fmt_num));
+        }
+        let _ = writeln!(out);
+    };
+    let per = |t: &Option<Throughput>| System::ALL.map(|s| median_of(t, s));
+    if r.small.is_some() {
+        row(
+            &mut out,
+            format!("small 32 B, msgs/s ({})", fmt_count(r.plan.small_messages)),
+            per(&r.small),
+        );
+    }
+    if r.large_64k.is_some() {
+        row(
+            &mut out,
+            format!("64 KiB, MB/s ({})", fmt_count(r.plan.large_64k_messages)),
+            per(&r.large_64k),
+        );
+    }
+    if r.large_1m.is_some() {
+        row(
+            &mut out,
+            format!("1 MiB, MB/s ({})", fmt_count(r.plan.large_1m_messages)),
+            per(&r.large_1m),
+        );
+    }
+    if let Some(t) = &r.rtt {
+        let get = |f: fn(&RttFigure) -> f64| System::ALL.map(|s| t.systems.get(s.key()).map(f));
+        row(
+            &mut out,
+            format!(
+                "round trip p50, µs ({})",
+                fmt_count(t.round_trips_per_run as u64)
+            ),
+            get(|f| f.p50_us.median),
+        );
+        row(
+            &mut out,
+            "round trip p99, µs".into(),
+            get(|f| f.p99_us.median),
+        );
+    }
+    if let Some(res) = &r.resume {
+        let get = |f: fn(&ResumeFigure) -> f64| {
+            [
+                None,
+                None,
+                res.get("stable").map(f),
+                res.get("stable_mem").map(f),
+            ]
+        };
+        let n = res.get("stable").map_or(0, |f| f.cuts);
+        row(
+            &mut out,
+            format!("resume p50, ms ({n} cuts)"),
+            get(|f| f.p50_ms),
+        );
+        row(&mut out, "resume p99, ms".into(), get(|f| f.p99_ms));
+    }
+    if let Some(a) = &r.allocs {
+        let get = |f: fn(&AllocFigure) -> f64| System::ALL.map(|s| a.get(s.key()).map(f));
+        row(&mut out, "allocations per send".into(), get(|f| f.per_send));
+        row(
+            &mut out,
+            "allocations per receive".into(),
+            get(|f| f.per_recv),
+        );
+    }
+    if let Some(i) = &r.idle {
+        row(
+            &mut out,
+            format!(
+                "idle server session, bytes ({})",
+                fmt_count(i.sessions as u64)
+            ),
+            [None, None, Some(i.rss_per_session), None],
+        );
+        row(
+            &mut out,
+            "  before any message, bytes".into(),
+            [None, None, Some(i.rss_per_fresh_session), None],
+        );
+    }
+    if let Some(st) = &r.storm {
+        let get = |f: fn(&StormReport) -> f64| {
+            [
+                None,
+                None,
+                st.get("stable").map(f),
+                st.get("stable_mem").map(f),
+            ]
+        };
+        let n = st.values().map(|s| s.sessions).max().unwrap_or(0);
+        row(
+            &mut out,
+            format!("storm: s until all resumed ({})", fmt_count(n as u64)),
+            get(|s| s.elapsed_s),
+        );
+        row(
+            &mut out,
+            "storm: sessions resumed".into(),
+            get(|s| s.resumed as f64),
+        );
+        row(
+            &mut out,
+            "storm: messages lost".into(),
+            get(|s| s.lost as f64),
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "ratios and targets (same run)");
+    for t in &r.targets.0 {
+        let _ = writeln!(
+            out,
+            "  {} {:<36}{:>12}   target {:<30}",
+            if t.met { "✓" } else { "✗" },
+            t.label,
+            t.value.map_or("not run".to_string(), fmt_num),
+            t.target
+        );
+    }
+    let extra = [
+        ("small msgs/s: stable / Framed", r.small_stable_over_framed),
+        (
+            "small msgs/s: stable mem / stable TCP",
+            r.small_stable_mem_over_stable,
+        ),
+        (
+            "64 KiB MB/s: stable / Framed",
+            r.large_64k_stable_over_framed,
+        ),
+        ("round trip p50: bare / Framed", r.rtt_p50_bare_over_framed),
+    ];
+    for (label, v) in extra {
+        if let Some(v) = v {
+            let _ = writeln!(out, "    {label:<36}{:>12}", fmt_num(v));
+        }
+    }
+    if r.quick {
+        let _ = writeln!(
+            out,
+            "  (--quick: {} sessions for the idle and storm workloads, fewer messages)",
+            r.plan.sessions
+        );
+    }
+    for e in &r.errors {
+        let _ = writeln!(out, "ERROR {e}");
+    }
+    let _ = writeln!(
+        out,
+        "{} in {:.1} s",
+        if r.ok { "done" } else { "FAILED" },
+        r.elapsed_s
+    );
+    out
+}
+
+fn fmt_count(n: u64) -> String {
+    if n >= 1_000_000 && n % 1_000_000 == 0 {
+        format!("{}M", n / 1_000_000)
+    } else if n >= 1000 && n % 1000 == 0 {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
