@@ -32,6 +32,7 @@ use tether_proto::{
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::config::Config;
+use super::inbox::{Delivered, Inbox};
 use super::{ConduitState, Stats};
 use crate::bare::ensure_chunk;
 use crate::error::{Error, SessionLost};
@@ -42,8 +43,9 @@ const MAX_BATCH: usize = 256;
 /// Bytes handed to the link per flush at most.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
-/// A received item on its way to the application.
-pub(crate) type Delivered = (Seq, Bytes);
+/// Items handed to the receiver per batch at most, and bytes.
+const MAX_DELIVER_BATCH: usize = 256;
+const MAX_DELIVER_BATCH_BYTES: usize = 256 * 1024;
 
 /// How a session ended for good.
 #[derive(Debug, Clone)]
@@ -123,6 +125,8 @@ pub(crate) struct Shared {
     pong_due: AtomicU64,
     queued_bytes: AtomicUsize,
     max_queued_bytes: usize,
+    /// Received items on their way to the application.
+    pub(crate) inbox: Inbox,
     terminal: OnceLock<Terminal>,
     state: watch::Sender<ConduitState>,
     pub(crate) counters: Counters,
@@ -180,6 +184,7 @@ impl Shared {
             pong_due: AtomicU64::new(0),
             queued_bytes: AtomicUsize::new(0),
             max_queued_bytes: config.max_recv_queue_bytes,
+            inbox: Inbox::default(),
             terminal: OnceLock::new(),
             state: watch::Sender::new(initial),
             counters: Counters::default(),
@@ -508,27 +513,30 @@ impl Shared {
 /// The driver's side of the application handles: where received items go,
 /// and how it learns that every handle is gone.
 pub(crate) struct Endpoint {
-    pub(crate) deliver: mpsc::UnboundedSender<Delivered>,
+    shared: Arc<Shared>,
     pub(crate) senders: mpsc::Receiver<Infallible>,
+    /// Items read from the link and not yet handed to the inbox. It lives
+    /// here, not in the reader, so that nothing the receive state already
+    /// counted as delivered is lost when an attachment's futures are
+    /// dropped.
+    batch: Vec<Delivered>,
 }
 
 /// The application's side, before it is wrapped in typed handles.
 pub(crate) struct Handles {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) delivered: mpsc::UnboundedReceiver<Delivered>,
     pub(crate) alive: mpsc::Sender<Infallible>,
 }
 
 pub(crate) fn endpoint(shared: Arc<Shared>) -> (Endpoint, Handles) {
-    let (deliver, delivered) = mpsc::unbounded_channel();
     let (alive, senders) = mpsc::channel(1);
     (
-        Endpoint { deliver, senders },
-        Handles {
-            shared,
-            delivered,
-            alive,
+        Endpoint {
+            shared: shared.clone(),
+            senders,
+            batch: Vec::new(),
         },
+        Handles { shared, alive },
     )
 }
 
@@ -537,7 +545,39 @@ impl Endpoint {
     pub(crate) async fn all_gone(&mut self) {
         // `recv` can only ever return `None`: the channel carries `Infallible`.
         let _ = self.senders.recv().await;
-        self.deliver.closed().await;
+        self.shared.inbox.wait_receiver_gone().await;
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        deliver_batch(&self.shared, &mut self.batch);
+        self.shared.inbox.close_driver();
+    }
+}
+
+/// Hands the reader's batch to the application (or, when the receiver is
+/// gone, counts it consumed so that the peer can free it).
+fn deliver_batch(shared: &Shared, batch: &mut Vec<Delivered>) {
+    if batch.is_empty() {
+        return;
+    }
+    let len: usize = batch.iter().map(|(_, b)| b.len()).sum();
+    shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
+    if !shared.inbox.push(batch) {
+        for (seq, item) in batch.drain(..) {
+            shared.consumed(seq, item.len());
+        }
+    }
+}
+
+/// Polls `fut` once: its output if it is ready now.
+fn poll_now<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
     }
 }
 
@@ -575,22 +615,26 @@ where
     Tx: LinkTx,
     Rx: LinkRx,
 {
-    let Endpoint { deliver, senders } = endpoint;
+    let Endpoint { senders, batch, .. } = endpoint;
+    deliver_batch(shared, batch);
     let extensions = shared.extensions.load(Ordering::Acquire);
-    tokio::select! {
+    let end = tokio::select! {
         biased;
         p = preempt => AttachEnd::Preempted(p),
-        end = read_loop(shared, rx, recv, deliver, extensions, on_first_frame) => end,
-        end = write_loop(shared, tx, senders, deliver, extensions) => end,
+        end = read_loop(shared, rx, recv, batch, extensions, on_first_frame) => end,
+        end = write_loop(shared, tx, senders, extensions) => end,
         end = watchdog(shared, extensions) => end,
-    }
+    };
+    // Whatever the reader had decoded when the attachment ended is the
+    // application's.
+    deliver_batch(shared, batch);
+    end
 }
 
 async fn write_loop<Tx: LinkTx, P>(
     shared: &Shared,
     tx: &mut Tx,
     senders: &mut mpsc::Receiver<Infallible>,
-    deliver: &mpsc::UnboundedSender<Delivered>,
     extensions: u8,
 ) -> AttachEnd<P> {
     let mut batch: Vec<Bytes> = Vec::with_capacity(64);
@@ -711,7 +755,7 @@ async fn write_loop<Tx: LinkTx, P>(
                 () = timer => {}
                 _ = async {
                     let _ = senders.recv().await;
-                    deliver.closed().await;
+                    shared.inbox.wait_receiver_gone().await;
                 }, if !handles_gone => {
                     // Every handle is gone: close gracefully, so that what
                     // was sent still reaches the peer.
@@ -747,7 +791,7 @@ async fn read_loop<Rx: LinkRx, P>(
     shared: &Shared,
     rx: &mut Rx,
     recv: &mut RecvState,
-    deliver: &mpsc::UnboundedSender<Delivered>,
+    batch: &mut Vec<Delivered>,
     extensions: u8,
     on_first_frame: impl FnOnce(),
 ) -> AttachEnd<P> {
@@ -759,92 +803,97 @@ async fn read_loop<Rx: LinkRx, P>(
             tokio::pin!(notified);
             notified.as_mut().enable();
             if shared.queued_bytes.load(Ordering::Acquire) > shared.max_queued_bytes
-                && !deliver.is_closed()
+                && !shared.inbox.receiver_gone()
             {
                 notified.await;
             }
             continue;
         }
-        let payload = match rx.recv().await {
-            Ok(Some(p)) => p,
-            Ok(None) => return AttachEnd::Eof,
-            Err(e) => return AttachEnd::Link(e),
-        };
-        let incoming = match decode_payload(&payload, extensions) {
-            Ok(incoming) => incoming,
-            Err(e) => return AttachEnd::Protocol(format!("malformed frame: {e}")),
-        };
-        if let Some(f) = on_first_frame.take() {
-            f();
-        }
-        let (header, offset) = match incoming {
-            Incoming::Data {
-                header,
-                item_offset,
-            } => (header, item_offset),
-            Incoming::Control(Control::Ack(ack)) => {
-                if let Err(e) = apply_ack(shared, ack) {
-                    return AttachEnd::Protocol(e);
+        // Everything the link has ready now becomes one batch for the
+        // receiver: one lock and one wake-up per batch, not per message.
+        let mut next = rx.recv().await;
+        let mut batch_bytes = 0;
+        loop {
+            let payload = match next {
+                Ok(Some(p)) => p,
+                Ok(None) => return AttachEnd::Eof,
+                Err(e) => return AttachEnd::Link(e),
+            };
+            let incoming = match decode_payload(&payload, extensions) {
+                Ok(incoming) => incoming,
+                Err(e) => return AttachEnd::Protocol(format!("malformed frame: {e}")),
+            };
+            if let Some(f) = on_first_frame.take() {
+                f();
+            }
+            match incoming {
+                Incoming::Data {
+                    header,
+                    item_offset,
+                } => {
+                    if let Some(ack) = header.ack {
+                        if last_ack != Some(ack) {
+                            last_ack = Some(ack);
+                            if let Err(e) = apply_ack(shared, ack) {
+                                return AttachEnd::Protocol(e);
+                            }
+                        }
+                    }
+                    match recv.on_frame(header.seq) {
+                        Ok(Delivery::Deliver) => {
+                            // The first frame of the session anchors the ack
+                            // state: the peer needs no ack for anything
+                            // before it.
+                            let _ = shared.ack_told.compare_exchange(
+                                0,
+                                encode_seq(Some(Seq(header.seq.0.wrapping_sub(1)))),
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
+                            shared
+                                .counters
+                                .frames_received
+                                .fetch_add(1, Ordering::Relaxed);
+                            let item = payload.slice(item_offset..);
+                            batch_bytes += item.len();
+                            batch.push((header.seq, item));
+                        }
+                        Ok(Delivery::Duplicate) => {
+                            shared.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => return AttachEnd::Protocol(format!("sequence error: {e}")),
+                    }
                 }
-                continue;
-            }
-            Incoming::Control(Control::Ping(nonce)) => {
-                shared
-                    .pong_due
-                    .store(encode_seq(Some(Seq(nonce))), Ordering::Release);
-                shared.writer_wake.notify_one();
-                continue;
-            }
-            Incoming::Control(Control::Pong(nonce)) => {
-                shared.on_pong(nonce);
-                continue;
-            }
-            Incoming::Control(Control::Window { frames, bytes }) => {
-                shared.peer_window_frames.store(frames, Ordering::Release);
-                shared.peer_window_bytes.store(bytes, Ordering::Release);
-                continue;
-            }
-            Incoming::Control(Control::Close(_)) => {
-                tracing::debug!("peer closed the session");
-                return AttachEnd::Finished;
-            }
-        };
-        if let Some(ack) = header.ack {
-            if last_ack != Some(ack) {
-                last_ack = Some(ack);
-                if let Err(e) = apply_ack(shared, ack) {
-                    return AttachEnd::Protocol(e);
+                Incoming::Control(Control::Ack(ack)) => {
+                    if let Err(e) = apply_ack(shared, ack) {
+                        return AttachEnd::Protocol(e);
+                    }
+                }
+                Incoming::Control(Control::Ping(nonce)) => {
+                    shared
+                        .pong_due
+                        .store(encode_seq(Some(Seq(nonce))), Ordering::Release);
+                    shared.writer_wake.notify_one();
+                }
+                Incoming::Control(Control::Pong(nonce)) => shared.on_pong(nonce),
+                Incoming::Control(Control::Window { frames, bytes }) => {
+                    shared.peer_window_frames.store(frames, Ordering::Release);
+                    shared.peer_window_bytes.store(bytes, Ordering::Release);
+                }
+                Incoming::Control(Control::Close(_)) => {
+                    tracing::debug!("peer closed the session");
+                    return AttachEnd::Finished;
                 }
             }
-        }
-        match recv.on_frame(header.seq) {
-            Ok(Delivery::Deliver) => {
-                // The first frame of the session anchors the ack state: the
-                // peer needs no ack for anything before it.
-                let _ = shared.ack_told.compare_exchange(
-                    0,
-                    encode_seq(Some(Seq(header.seq.0.wrapping_sub(1)))),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-                shared
-                    .counters
-                    .frames_received
-                    .fetch_add(1, Ordering::Relaxed);
-                let item = payload.slice(offset..);
-                let len = item.len();
-                shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
-                if deliver.send((header.seq, item)).is_err() {
-                    // Nobody will read it: count it consumed so the peer can
-                    // free it.
-                    shared.consumed(header.seq, len);
-                }
+            if batch.len() >= MAX_DELIVER_BATCH || batch_bytes >= MAX_DELIVER_BATCH_BYTES {
+                break;
             }
-            Ok(Delivery::Duplicate) => {
-                shared.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            match poll_now(rx.recv()) {
+                Some(more) => next = more,
+                None => break,
             }
-            Err(e) => return AttachEnd::Protocol(format!("sequence error: {e}")),
         }
+        deliver_batch(shared, batch);
     }
 }
 

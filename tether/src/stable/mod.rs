@@ -16,8 +16,10 @@
 mod client;
 mod config;
 pub(crate) mod core;
+mod inbox;
 mod server;
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -27,7 +29,8 @@ use tether_proto::frame::decode_item;
 use tokio::sync::{mpsc, watch};
 
 pub use self::config::{Config, ReconnectPolicy};
-use self::core::{Delivered, Handles, Shared, Terminal};
+use self::core::{Handles, Shared, Terminal};
+use self::inbox::{Delivered, Taken};
 pub use self::server::{Server, ServerStats};
 use crate::borrowed::{Borrowed, BorrowedMessage};
 use crate::error::Error;
@@ -104,11 +107,7 @@ impl<S, R> std::fmt::Debug for StableConduit<S, R> {
 
 impl<S, R> StableConduit<S, R> {
     pub(crate) fn from_handles(handles: Handles) -> Self {
-        let Handles {
-            shared,
-            delivered,
-            alive,
-        } = handles;
+        let Handles { shared, alive } = handles;
         StableConduit {
             tx: StableSender {
                 shared: shared.clone(),
@@ -117,7 +116,7 @@ impl<S, R> StableConduit<S, R> {
             },
             rx: StableReceiver {
                 shared,
-                delivered,
+                ready: VecDeque::new(),
                 _msg: PhantomData,
             },
         }
@@ -229,8 +228,20 @@ impl<S: Serialize> StableSender<S> {
 /// The receiving half of a stable conduit.
 pub struct StableReceiver<R> {
     shared: Arc<Shared>,
-    delivered: mpsc::UnboundedReceiver<Delivered>,
+    /// Items taken from the inbox in one batch, not yet returned.
+    ready: VecDeque<Delivered>,
     _msg: PhantomData<fn() -> R>,
+}
+
+impl<R> Drop for StableReceiver<R> {
+    fn drop(&mut self) {
+        // Nobody will read these: count them consumed so that the peer can
+        // free them.
+        let queued = self.shared.inbox.close_receiver();
+        for (seq, item) in self.ready.drain(..).chain(queued) {
+            self.shared.consumed(seq, item.len());
+        }
+    }
 }
 
 impl<R> std::fmt::Debug for StableReceiver<R> {
@@ -243,15 +254,25 @@ impl<R> std::fmt::Debug for StableReceiver<R> {
 
 impl<R> StableReceiver<R> {
     async fn next_item(&mut self) -> Result<Option<Delivered>, Error> {
-        match self.delivered.recv().await {
-            Some((seq, bytes)) => {
+        loop {
+            if let Some((seq, bytes)) = self.ready.pop_front() {
                 self.shared.consumed(seq, bytes.len());
-                Ok(Some((seq, bytes)))
+                return Ok(Some((seq, bytes)));
             }
-            None => match self.shared.terminal() {
-                Some(Terminal::Lost(reason)) => Err(Error::SessionLost(reason.clone())),
-                Some(Terminal::Closed) | None => Ok(None),
-            },
+            let inbox = &self.shared.inbox;
+            let ready = inbox.ready();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            match inbox.take(&mut self.ready) {
+                Taken::Items => {}
+                Taken::Empty => ready.await,
+                Taken::Ended => {
+                    return match self.shared.terminal() {
+                        Some(Terminal::Lost(reason)) => Err(Error::SessionLost(reason.clone())),
+                        Some(Terminal::Closed) | None => Ok(None),
+                    }
+                }
+            }
         }
     }
 

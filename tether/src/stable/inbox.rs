@@ -1,0 +1,126 @@
+//! The queue between a session's link reader and the application's
+//! receiver.
+//!
+//! The reader hands over items in batches (everything one wake-up of the
+//! link yielded) and the receiver takes the whole queue at once into a local
+//! buffer, so the lock is taken once per batch on each side rather than once
+//! per message, and the two `VecDeque`s swap places instead of allocating.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use tether_proto::Seq;
+use tokio::sync::Notify;
+
+/// A received item on its way to the application.
+pub(crate) type Delivered = (Seq, Bytes);
+
+#[derive(Default)]
+struct State {
+    items: VecDeque<Delivered>,
+    /// The driver ended: nothing more will be pushed.
+    driver_done: bool,
+    /// The receiver was dropped: nothing pushed will ever be read.
+    receiver_gone: bool,
+}
+
+/// See the module documentation.
+#[derive(Default)]
+pub(crate) struct Inbox {
+    state: Mutex<State>,
+    /// Wakes the receiver: items arrived or the driver ended.
+    ready: Notify,
+    /// Wakes the driver: the receiver is gone.
+    gone: Notify,
+}
+
+/// What [`Inbox::take`] found.
+pub(crate) enum Taken {
+    /// Items were moved into the caller's buffer.
+    Items,
+    /// Nothing yet; wait for [`Inbox::ready`].
+    Empty,
+    /// Nothing, and nothing more will come.
+    Ended,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is a queue and two flags; none is left half-updated.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends `batch` (emptying it) and wakes the receiver. Returns `false`
+    /// and leaves `batch` as it is when the receiver is gone.
+    pub(crate) fn push(&self, batch: &mut Vec<Delivered>) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        {
+            let mut s = self.lock();
+            if s.receiver_gone {
+                return false;
+            }
+            s.items.extend(batch.drain(..));
+        }
+        self.ready.notify_one();
+        true
+    }
+
+    /// Moves every queued item into `into`, which must be empty (its
+    /// allocation is handed to the reader side in exchange).
+    pub(crate) fn take(&self, into: &mut VecDeque<Delivered>) -> Taken {
+        debug_assert!(into.is_empty());
+        let mut s = self.lock();
+        if !s.items.is_empty() {
+            std::mem::swap(&mut s.items, into);
+            Taken::Items
+        } else if s.driver_done {
+            Taken::Ended
+        } else {
+            Taken::Empty
+        }
+    }
+
+    /// A future that resolves on the next push or end; create and enable it
+    /// before [`take`](Self::take) so that no wake-up is missed.
+    pub(crate) fn ready(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ready.notified()
+    }
+
+    /// The driver ended: the receiver gets what is queued, then the end.
+    pub(crate) fn close_driver(&self) {
+        self.lock().driver_done = true;
+        self.ready.notify_one();
+    }
+
+    /// The receiver was dropped: nothing more is queued. Returns what was,
+    /// for the caller to count as consumed and free.
+    pub(crate) fn close_receiver(&self) -> VecDeque<Delivered> {
+        let items = {
+            let mut s = self.lock();
+            s.receiver_gone = true;
+            std::mem::take(&mut s.items)
+        };
+        self.gone.notify_waiters();
+        items
+    }
+
+    pub(crate) fn receiver_gone(&self) -> bool {
+        self.lock().receiver_gone
+    }
+
+    /// Resolves once the receiver is gone.
+    pub(crate) async fn wait_receiver_gone(&self) {
+        loop {
+            let notified = self.gone.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.receiver_gone() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
