@@ -66,20 +66,9 @@ fn varint_len(value: u32) -> usize {
     }
 }
 
-fn put_varint(mut value: u32, out: &mut BytesMut) {
+fn put_varint(value: u32, out: &mut BytesMut) {
     let mut buf = [0u8; MAX_VARINT_LEN];
-    let mut n = 0;
-    loop {
-        let low = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            buf[n] = low;
-            n += 1;
-            break;
-        }
-        buf[n] = low | 0x80;
-        n += 1;
-    }
+    let n = put_varint_slice(value, &mut buf);
     out.put_slice(&buf[..n]);
 }
 
@@ -102,6 +91,19 @@ fn take_varint(frame: &[u8], pos: &mut usize) -> Result<u32, FrameError> {
     Err(FrameError::BadVarint)
 }
 
+/// Writes the varint of `value` at the start of `out` (which has room for
+/// five bytes) and returns its length.
+fn put_varint_slice(mut value: u32, out: &mut [u8]) -> usize {
+    let mut i = 0;
+    while value >= 0x80 {
+        out[i] = (value as u8 & 0x7f) | 0x80;
+        value >>= 7;
+        i += 1;
+    }
+    out[i] = value as u8;
+    i + 1
+}
+
 impl FrameHeader {
     /// Number of bytes [`FrameHeader::encode`] appends.
     #[must_use]
@@ -120,6 +122,27 @@ impl FrameHeader {
                 put_varint(ack.0, out);
             }
         }
+    }
+
+    /// The header's wire bytes in a fixed array: the first `len` bytes of
+    /// the returned pair. For writing a header in front of an item that
+    /// was serialized before its seq was known.
+    #[must_use]
+    pub fn to_array(&self) -> ([u8; MAX_HEADER_LEN], usize) {
+        let mut out = [0u8; MAX_HEADER_LEN];
+        let mut len = put_varint_slice(self.seq.0, &mut out);
+        match self.ack {
+            None => {
+                out[len] = OPTION_NONE;
+                len += 1;
+            }
+            Some(ack) => {
+                out[len] = OPTION_SOME;
+                len += 1;
+                len += put_varint_slice(ack.0, &mut out[len..]);
+            }
+        }
+        (out, len)
     }
 
     /// Parses the header at the start of `frame`. Returns it with its length

@@ -230,6 +230,8 @@ proptest! {
         prop_assert_eq!(&out[..], expected.as_slice());
         prop_assert_eq!(out.len(), h.encoded_len());
         prop_assert!(out.len() <= tether_proto::MAX_HEADER_LEN);
+        let (array, len) = h.to_array();
+        prop_assert_eq!(&array[..len], expected.as_slice());
     }
 
     /// On arbitrary bytes, decoding agrees with postcard decoding the

@@ -22,12 +22,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use tether_proto::{
     decode_payload, ext,
-    frame::{encode_frame, FrameHeader},
-    Control, Delivery, Incoming, RecvState, ReplayBuffer, Seq,
+    frame::{encode_item, FrameHeader},
+    Control, Delivery, Incoming, RecvState, ReplayBuffer, Seq, MAX_HEADER_LEN,
 };
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -58,8 +58,6 @@ pub(crate) enum Terminal {
 /// an await.
 pub(crate) struct SendSide {
     pub(crate) replay: ReplayBuffer,
-    /// Frames are serialized here and split off; they share its chunks.
-    arena: BytesMut,
     /// Next seq to write on the current link.
     pub(crate) cursor: Seq,
     /// One past the highest seq ever handed to a link: frames before it
@@ -85,6 +83,9 @@ pub(crate) struct Counters {
 /// What the handles and the driver of one session share.
 pub(crate) struct Shared {
     send: Mutex<SendSide>,
+    /// Messages are serialized here, outside the send lock, and split off;
+    /// frames share its chunks.
+    arena: Mutex<BytesMut>,
     /// Wakes the writer when a frame is pushed (one waiter: `notify_one`).
     writer_wake: Notify,
     /// Wakes senders blocked on a full replay buffer.
@@ -152,11 +153,11 @@ impl Shared {
                     config.max_replay_bytes,
                     config.max_replay_frames,
                 ),
-                arena: BytesMut::new(),
                 cursor: config.initial_seq,
                 written_until: config.initial_seq,
                 closing: false,
             }),
+            arena: Mutex::new(BytesMut::new()),
             writer_wake: Notify::new(),
             space_wake: Notify::new(),
             queue_space: Notify::new(),
@@ -268,7 +269,8 @@ impl Shared {
         let mut s = lock(&self.send);
         let next = s.replay.next_seq();
         s.replay = ReplayBuffer::with_limits(next, s.replay.max_bytes(), s.replay.max_frames());
-        s.arena = BytesMut::new();
+        drop(s);
+        *self.arena.lock().unwrap_or_else(PoisonError::into_inner) = BytesMut::new();
     }
 
     /// Asks for a graceful close: no new sends; the session ends once the
@@ -349,9 +351,24 @@ impl Shared {
         self.state.subscribe()
     }
 
-    /// Encodes `msg` as the next frame and queues it, unless the replay
-    /// buffer is full.
-    pub(crate) fn try_send<T: Serialize + ?Sized>(&self, msg: &T) -> Result<TrySend, Error> {
+    /// Serializes `msg` once into the encode arena, behind a gap of
+    /// [`MAX_HEADER_LEN`] bytes where [`try_push`](Self::try_push) writes
+    /// the header once the seq is known. Runs outside the send lock, so a
+    /// large message never holds up the writer or the ack path.
+    fn encode<T: Serialize + ?Sized>(&self, msg: &T) -> Result<BytesMut, Error> {
+        let mut arena = self.arena.lock().unwrap_or_else(PoisonError::into_inner);
+        ensure_chunk(&mut arena);
+        arena.put_bytes(0, MAX_HEADER_LEN);
+        if let Err(e) = encode_item(msg, &mut arena) {
+            arena.clear();
+            return Err(Error::Encode(e));
+        }
+        Ok(arena.split())
+    }
+
+    /// Writes the header in front of the encoded item and queues the frame,
+    /// unless the replay buffer is full; `item` is taken only when queued.
+    fn try_push(&self, item: &mut Option<BytesMut>) -> Result<TrySend, Error> {
         {
             let mut guard = lock(&self.send);
             if let Some(err) = self.terminal_error() {
@@ -361,15 +378,17 @@ impl Shared {
             if s.closing {
                 return Err(Error::Closed);
             }
+            let Some(encoded) = item.as_ref() else {
+                return Ok(TrySend::Sent);
+            };
             let header = FrameHeader {
                 seq: s.replay.next_seq(),
                 ack: self.ack_value(),
             };
-            ensure_chunk(&mut s.arena);
-            encode_frame(&header, msg, &mut s.arena).map_err(Error::Encode)?;
-            if s.arena.len() > self.max_message_size {
-                let len = s.arena.len();
-                s.arena.clear();
+            let (header_bytes, header_len) = header.to_array();
+            let len = encoded.len() - MAX_HEADER_LEN + header_len;
+            if len > self.max_message_size {
+                *item = None;
                 return Err(Error::TooLarge {
                     len,
                     max: self.max_message_size,
@@ -377,12 +396,16 @@ impl Shared {
             }
             // Without standalone acks, a side that only receives never
             // acknowledges: enforcing the bound could deadlock two senders.
-            if self.acks_negotiated() && !s.replay.has_room(s.arena.len()) {
-                s.arena.clear();
+            if self.acks_negotiated() && !s.replay.has_room(len) {
                 return Ok(TrySend::Full);
             }
-            let frame = s.arena.split().freeze();
-            s.replay.push(frame);
+            let Some(mut frame) = item.take() else {
+                return Ok(TrySend::Sent);
+            };
+            let start = MAX_HEADER_LEN - header_len;
+            frame[start..MAX_HEADER_LEN].copy_from_slice(&header_bytes[..header_len]);
+            frame.advance(start);
+            s.replay.push(frame.freeze());
             self.counters
                 .max_replay_bytes
                 .fetch_max(s.replay.bytes(), Ordering::Relaxed);
@@ -391,10 +414,15 @@ impl Shared {
         Ok(TrySend::Sent)
     }
 
-    /// Sends `msg`, waiting while the replay buffer is full.
+    /// Sends `msg`, waiting while the replay buffer is full. It is
+    /// serialized once, whatever the wait.
     pub(crate) async fn send<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(), Error> {
+        if let Some(err) = self.terminal_error() {
+            return Err(err);
+        }
+        let mut item = Some(self.encode(msg)?);
         loop {
-            if let TrySend::Sent = self.try_send(msg)? {
+            if let TrySend::Sent = self.try_push(&mut item)? {
                 return Ok(());
             }
             // Register for a wake-up before looking again, so an ack that
@@ -402,7 +430,7 @@ impl Shared {
             let notified = self.space_wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let TrySend::Sent = self.try_send(msg)? {
+            if let TrySend::Sent = self.try_push(&mut item)? {
                 return Ok(());
             }
             notified.await;
