@@ -16,16 +16,42 @@ use crate::borrowed::{Borrowed, BorrowedMessage};
 use crate::error::Error;
 use crate::link::{Link, LinkRx, LinkTx};
 
-/// Size of the chunks the encoder serializes into. Frames share a chunk until
-/// it is full, so small messages cost no allocation of their own.
+/// Largest chunk the encoder serializes into. Frames share a chunk until it
+/// is full, so small messages cost no allocation of their own.
 pub(crate) const ENCODE_CHUNK: usize = 16 * 1024;
 
-/// Makes sure `buf` has room for a typical small message without growing
-/// mid-serialization; allocates a fresh chunk only when the current one is
-/// used up.
-pub(crate) fn ensure_chunk(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < 256 {
-        buf.reserve(ENCODE_CHUNK);
+/// First chunk of an encoder; each later chunk doubles, up to
+/// [`ENCODE_CHUNK`]. A conduit that sends little holds little (an idle
+/// server session is mostly its buffers), one that streams reaches full
+/// chunks after a handful of allocations.
+const FIRST_CHUNK: usize = 512;
+
+/// Room a chunk must have left for another message to go in without growing
+/// mid-serialization.
+const MIN_SPARE: usize = 128;
+
+/// The buffer messages are serialized into and split off from.
+#[derive(Debug)]
+pub(crate) struct Arena {
+    pub(crate) buf: BytesMut,
+    next_chunk: usize,
+}
+
+impl Arena {
+    pub(crate) fn new() -> Self {
+        Arena {
+            buf: BytesMut::new(),
+            next_chunk: FIRST_CHUNK,
+        }
+    }
+
+    /// Makes sure there is room for a typical small message; allocates a
+    /// fresh chunk only when the current one is used up.
+    pub(crate) fn ensure_chunk(&mut self) {
+        if self.buf.capacity() - self.buf.len() < MIN_SPARE {
+            self.buf.reserve(self.next_chunk);
+            self.next_chunk = (self.next_chunk * 2).min(ENCODE_CHUNK);
+        }
     }
 }
 
@@ -93,7 +119,7 @@ impl<L: Link, S, R: DeserializeOwned> BareConduit<L, S, R> {
 /// The sending half of a [`BareConduit`].
 pub struct BareSender<T, S> {
     tx: T,
-    buf: BytesMut,
+    arena: Arena,
     _msg: PhantomData<fn(&S)>,
 }
 
@@ -102,7 +128,7 @@ impl<T: LinkTx, S> BareSender<T, S> {
     pub fn new(tx: T) -> Self {
         BareSender {
             tx,
-            buf: BytesMut::new(),
+            arena: Arena::new(),
             _msg: PhantomData,
         }
     }
@@ -126,9 +152,9 @@ impl<T: LinkTx, S> BareSender<T, S> {
 
 impl<T: LinkTx, S: Serialize> BareSender<T, S> {
     fn encode(&mut self, msg: &S) -> Result<Bytes, Error> {
-        ensure_chunk(&mut self.buf);
-        encode_item(msg, &mut self.buf).map_err(Error::Encode)?;
-        Ok(self.buf.split().freeze())
+        self.arena.ensure_chunk();
+        encode_item(msg, &mut self.arena.buf).map_err(Error::Encode)?;
+        Ok(self.arena.buf.split().freeze())
     }
 
     /// Queues one message without flushing, so that several messages can

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use super::config::Config;
 use super::inbox::{Delivered, Inbox};
 use super::{ConduitState, Stats};
-use crate::bare::ensure_chunk;
+use crate::bare::Arena;
 use crate::error::{Error, SessionLost};
 use crate::link::{LinkError, LinkRx, LinkTx};
 
@@ -85,7 +85,7 @@ pub(crate) struct Shared {
     send: Mutex<SendSide>,
     /// Messages are serialized here, outside the send lock, and split off;
     /// frames share its chunks.
-    arena: Mutex<BytesMut>,
+    arena: Mutex<Arena>,
     /// Wakes the writer when a frame is pushed (one waiter: `notify_one`).
     writer_wake: Notify,
     /// Wakes senders blocked on a full replay buffer.
@@ -157,7 +157,7 @@ impl Shared {
                 written_until: config.initial_seq,
                 closing: false,
             }),
-            arena: Mutex::new(BytesMut::new()),
+            arena: Mutex::new(Arena::new()),
             writer_wake: Notify::new(),
             space_wake: Notify::new(),
             queue_space: Notify::new(),
@@ -270,7 +270,7 @@ impl Shared {
         let next = s.replay.next_seq();
         s.replay = ReplayBuffer::with_limits(next, s.replay.max_bytes(), s.replay.max_frames());
         drop(s);
-        *self.arena.lock().unwrap_or_else(PoisonError::into_inner) = BytesMut::new();
+        *self.arena.lock().unwrap_or_else(PoisonError::into_inner) = Arena::new();
     }
 
     /// Asks for a graceful close: no new sends; the session ends once the
@@ -357,13 +357,14 @@ impl Shared {
     /// large message never holds up the writer or the ack path.
     fn encode<T: Serialize + ?Sized>(&self, msg: &T) -> Result<BytesMut, Error> {
         let mut arena = self.arena.lock().unwrap_or_else(PoisonError::into_inner);
-        ensure_chunk(&mut arena);
-        arena.put_bytes(0, MAX_HEADER_LEN);
-        if let Err(e) = encode_item(msg, &mut arena) {
-            arena.clear();
+        arena.ensure_chunk();
+        let buf = &mut arena.buf;
+        buf.put_bytes(0, MAX_HEADER_LEN);
+        if let Err(e) = encode_item(msg, buf) {
+            buf.clear();
             return Err(Error::Encode(e));
         }
-        Ok(arena.split())
+        Ok(buf.split())
     }
 
     /// Writes the header in front of the encoded item and queues the frame,
@@ -665,7 +666,8 @@ async fn write_loop<Tx: LinkTx, P>(
     senders: &mut mpsc::Receiver<Infallible>,
     extensions: u8,
 ) -> AttachEnd<P> {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    // Grows to the largest batch seen; an idle session's stays small.
+    let mut batch: Vec<Bytes> = Vec::new();
     let mut control = BytesMut::new();
     // When the current pending ack (if any) must go out at the latest.
     let mut ack_deadline: Option<tokio::time::Instant> = None;

@@ -67,7 +67,7 @@ struct Attach<L: Link> {
 struct Entry<L: Link> {
     confirmed: Option<ResumeKey>,
     pending: Option<ResumeKey>,
-    attach: mpsc::Sender<Attach<L>>,
+    attach: mpsc::Sender<Box<Attach<L>>>,
 }
 
 struct Registry<L: Link> {
@@ -77,7 +77,7 @@ struct Registry<L: Link> {
 }
 
 impl<L: Link> Registry<L> {
-    fn insert(&mut self, key: ResumeKey, attach: mpsc::Sender<Attach<L>>) -> u64 {
+    fn insert(&mut self, key: ResumeKey, attach: mpsc::Sender<Box<Attach<L>>>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.by_key.insert(key, id);
@@ -94,7 +94,7 @@ impl<L: Link> Registry<L> {
 
     /// Looks `key` up and rotates: returns the session's attach channel and
     /// its fresh key, or `None` if the key is not (or no longer) valid.
-    fn route(&mut self, key: &ResumeKey, fresh: ResumeKey) -> Option<mpsc::Sender<Attach<L>>> {
+    fn route(&mut self, key: &ResumeKey, fresh: ResumeKey) -> Option<mpsc::Sender<Box<Attach<L>>>> {
         // HashMap lookup hashes with a per-process random SipHash key; the
         // final comparison is `ResumeKey`'s constant-time equality.
         let id = *self.by_key.get(key)?;
@@ -303,12 +303,14 @@ async fn handle_link<L: Link>(inner: Arc<Inner<L>>, link: L) {
         Some(key) => {
             let route = inner.registry().route(&key, fresh);
             let attach = match route {
-                Some(session) => match session.send(attach).await {
+                // Boxed: the channel's slots then cost a pointer each, not
+                // a whole pair of link halves, in every idle session.
+                Some(session) => match session.send(Box::new(attach)).await {
                     Ok(()) => {
                         inner.counters.resumes.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
-                    Err(mpsc::error::SendError(attach)) => attach,
+                    Err(mpsc::error::SendError(attach)) => *attach,
                 },
                 None => attach,
             };
@@ -390,7 +392,7 @@ fn hand_off<L: Link>(weak: &std::sync::Weak<Inner<L>>, unaccepted: &Mutex<Option
 }
 
 impl<L: Link> SessionDriver<L> {
-    async fn run(mut self, first: Attach<L>, mut attach_rx: mpsc::Receiver<Attach<L>>) {
+    async fn run(mut self, first: Attach<L>, mut attach_rx: mpsc::Receiver<Box<Attach<L>>>) {
         let mut next = Some(first);
         let mut attached_before = false;
         loop {
@@ -402,7 +404,7 @@ impl<L: Link> SessionDriver<L> {
                     };
                     tokio::select! {
                         a = attach_rx.recv() => match a {
-                            Some(a) => a,
+                            Some(a) => *a,
                             None => return self.end(Some(SessionLost::ServerShutdown)),
                         },
                         () = self.endpoint.all_gone() => return self.end(None),
@@ -474,7 +476,7 @@ impl<L: Link> SessionDriver<L> {
                 &mut self.recv,
                 async {
                     match attach_rx.recv().await {
-                        Some(newer) => newer,
+                        Some(newer) => *newer,
                         // The server is gone: keep this link while it lasts.
                         None => std::future::pending().await,
                     }

@@ -11,9 +11,16 @@ use crate::link::{LinkError, LinkRx};
 /// Size of the length prefix.
 const HEAD_LEN: usize = 4;
 
-/// The least free space offered to one read, so that many small frames can
-/// arrive in one system call. Large frames reserve exactly what they need.
+/// The most free space offered to one read beyond the current frame, so
+/// that many small frames can arrive in one system call. Large frames
+/// reserve exactly what they need.
 const READ_CHUNK: usize = 8 * 1024;
+
+/// The free space offered to the first read. It doubles, up to
+/// [`READ_CHUNK`], each time a read fills what was offered: a busy link
+/// soon reads in full chunks, and a quiet one (most of an idle server's
+/// sessions) holds a small buffer.
+const FIRST_READ_CHUNK: usize = 512;
 
 /// Where the decoder is within the current frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +49,8 @@ pub struct StreamRx<R> {
     decode: Decode,
     state: State,
     max_payload: usize,
+    /// Free space offered to the next read (see [`FIRST_READ_CHUNK`]).
+    read_chunk: usize,
 }
 
 impl<R> StreamRx<R>
@@ -55,6 +64,7 @@ where
             decode: Decode::Head,
             state: State::Open,
             max_payload: config.effective_max(),
+            read_chunk: FIRST_READ_CHUNK,
         }
     }
 
@@ -135,7 +145,7 @@ where
             }
             // `missing` is small for a prefix and exact for a payload whose
             // length already passed the maximum check.
-            self.buf.reserve(self.missing().max(READ_CHUNK));
+            self.buf.reserve(self.missing().max(self.read_chunk));
             // The only await point. `read_buf` is cancel-safe: dropped
             // before completion, it read nothing.
             match self.reader.read_buf(&mut self.buf).await {
@@ -149,7 +159,11 @@ where
                         Some(err) => self.fail(err),
                     };
                 }
-                Ok(_) => {}
+                Ok(n) => {
+                    if n >= self.read_chunk {
+                        self.read_chunk = (self.read_chunk * 2).min(READ_CHUNK);
+                    }
+                }
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => return self.fail(err.into()),
             }

@@ -20,8 +20,12 @@ const HEAD_LEN: usize = 4;
 /// slice in a vectored write.
 const COPY_THRESHOLD: usize = 4 * 1024;
 
-/// The least the coalescing buffer grows by when it runs out of room.
+/// The most the coalescing buffer grows by when it runs out of room.
 const COALESCE_CHUNK: usize = 8 * 1024;
+
+/// The first growth of the coalescing buffer; each later one doubles, up to
+/// [`COALESCE_CHUNK`], so that a link that sends little holds little.
+const FIRST_COALESCE_CHUNK: usize = 512;
 
 /// Most slices handed to one vectored write (Linux accepts 1024; a few dozen
 /// already amortise the system call).
@@ -54,6 +58,8 @@ pub struct StreamTx<W> {
     max_payload: usize,
     write_buffer: usize,
     state: State,
+    /// The next growth of `coalesce` (see [`FIRST_COALESCE_CHUNK`]).
+    next_chunk: usize,
 }
 
 impl<W> StreamTx<W>
@@ -69,6 +75,7 @@ where
             max_payload: config.effective_max(),
             write_buffer: config.write_buffer,
             state: State::Open,
+            next_chunk: FIRST_COALESCE_CHUNK,
         }
     }
 
@@ -101,7 +108,8 @@ where
         let copied = len <= COPY_THRESHOLD;
         let need = HEAD_LEN + if copied { len } else { 0 };
         if self.coalesce.capacity() - self.coalesce.len() < need {
-            self.coalesce.reserve(need.max(COALESCE_CHUNK));
+            self.coalesce.reserve(need.max(self.next_chunk));
+            self.next_chunk = (self.next_chunk * 2).min(COALESCE_CHUNK);
         }
         // `len <= max_payload <= u32::MAX`, checked by `feed`.
         self.coalesce.put_u32_le(len as u32);
