@@ -19,9 +19,9 @@ use tokio::io::{AsyncRead, ReadBuf};
 /// The length prefix of a stream frame (PROTOCOL.md §1).
 const HEAD_LEN: usize = 4;
 
-/// The decoder's read chunk: the least free space it offers one read
-/// (`READ_CHUNK` in `tether/src/link/stream/rx.rs`).
-const READ_CHUNK: usize = 8 * 1024;
+/// The decoder's largest read chunk: the most free space it offers one read
+/// beyond the current frame (`READ_CHUNK` in `tether/src/link/stream/rx.rs`).
+const READ_CHUNK: usize = 32 * 1024;
 
 /// `max_payload` by the two low bits of the config byte: mostly 4096, the
 /// size the decoder is meant to be fuzzed at, plus two tiny limits that put

@@ -1416,3 +1416,42 @@ proptest! {
         prop_assert_eq!((got, end), (want, want_end));
     }
 }
+
+/// A quiet stream link holds a small read buffer; one that streams grows
+/// its reads (so that many frames share a system call), bounded.
+#[tokio::test]
+async fn read_buffer_starts_small_and_grows_with_traffic() {
+    bounded(async {
+        let (mut raw, ours) = tokio::io::duplex(1 << 20);
+        let (_tx, mut rx) = StreamLink::new(ours, StreamConfig::default()).split();
+        raw.write_all(&[3, 0, 0, 0, b'a', b'b', b'c'])
+            .await
+            .unwrap();
+        assert_eq!(&rx.recv().await.unwrap().unwrap()[..], b"abc");
+        let quiet = rx.read_buffer_capacity();
+        assert!(quiet <= 1024, "a quiet link holds {quiet} bytes");
+
+        // 64 KiB of small frames written at once: reads fill what they are
+        // offered, so the offer grows.
+        let frame = [28u8, 0, 0, 0]
+            .iter()
+            .copied()
+            .chain([7u8; 28])
+            .collect::<Vec<_>>();
+        let burst: Vec<u8> = frame
+            .iter()
+            .copied()
+            .cycle()
+            .take(frame.len() * 2048)
+            .collect();
+        raw.write_all(&burst).await.unwrap();
+        let mut most = 0;
+        for _ in 0..2048 {
+            assert_eq!(rx.recv().await.unwrap().unwrap().len(), 28);
+            most = most.max(rx.read_buffer_capacity());
+        }
+        assert!(most >= 8 * 1024, "a busy link reads {most} bytes at most");
+        assert!(most <= 2 * (32 * 1024 + 32), "read buffer grew to {most}");
+    })
+    .await;
+}

@@ -14,7 +14,7 @@ const HEAD_LEN: usize = 4;
 /// The most free space offered to one read beyond the current frame, so
 /// that many small frames can arrive in one system call. Large frames
 /// reserve exactly what they need.
-const READ_CHUNK: usize = 8 * 1024;
+const READ_CHUNK: usize = 32 * 1024;
 
 /// The free space offered to the first read. It doubles, up to
 /// [`READ_CHUNK`], each time a read fills what was offered: a busy link
