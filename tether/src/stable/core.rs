@@ -196,11 +196,6 @@ impl Shared {
         decode_seq(self.consumed.load(Ordering::Acquire))
     }
 
-    fn set_consumed(&self, seq: Seq) {
-        self.consumed
-            .store(encode_seq(Some(seq)), Ordering::Release);
-    }
-
     fn ack_told(&self) -> Option<Seq> {
         decode_seq(self.ack_told.load(Ordering::Acquire))
     }
@@ -516,7 +511,8 @@ impl Shared {
 
     /// Called by the application's receiver for each item it takes.
     pub(crate) fn consumed(&self, seq: Seq, len: usize) {
-        self.set_consumed(seq);
+        self.consumed
+            .store(encode_seq(Some(seq)), Ordering::Release);
         if self.acks_negotiated() {
             // Wake the writer when an ack becomes pending (it arms the ack
             // delay) and when enough frames or bytes wait for one.
@@ -884,7 +880,9 @@ async fn read_loop<Rx: LinkRx, P>(
                                 .counters
                                 .frames_received
                                 .fetch_add(1, Ordering::Relaxed);
-                            let item = payload.slice(item_offset..);
+                            // In place: no second reference to the buffer.
+                            let mut item = payload;
+                            item.advance(item_offset);
                             batch_bytes += item.len();
                             batch.push((header.seq, item));
                         }
