@@ -80,7 +80,7 @@ impl Default for Config {
         Config {
             handshake_timeout: Duration::from_secs(10),
             reconnect: ReconnectPolicy::default(),
-            max_replay_bytes: 16 * 1024 * 1024,
+            max_replay_bytes: 4 * 1024 * 1024,
             max_replay_frames: 1 << 16,
             max_recv_queue_bytes: 64 * 1024 * 1024,
             initial_seq: Seq::ZERO,
@@ -120,9 +120,17 @@ impl Config {
     /// Bound of the replay buffer (sent but unacknowledged frames), in bytes
     /// and in frames. When it is full, `send` waits for acknowledgements:
     /// backpressure instead of growth. One message larger than the byte bound
-    /// is still accepted when the buffer is empty. Defaults: 16 MiB, 65,536
+    /// is still accepted when the buffer is empty. Defaults: 4 MiB, 65,536
     /// frames. Memory per session is at most about this much while the peer
     /// is not acknowledging.
+    ///
+    /// The bound is also the session's flow-control window: acks report what
+    /// the peer's application consumed, so one session carries at most about
+    /// `bytes` per round trip (4 MiB at 100 ms: about 40 MiB/s). Raise it for
+    /// fast links with long round trips. Larger is not free on short ones:
+    /// a sender that runs a whole large window ahead touches that much
+    /// memory per cycle, and on loopback 16 MiB measured slower than 4 MiB
+    /// for 1 MiB messages (`BENCHMARKS.md`).
     pub fn max_replay(&mut self, bytes: usize, frames: usize) -> &mut Self {
         self.max_replay_bytes = bytes;
         self.max_replay_frames = frames.max(1);

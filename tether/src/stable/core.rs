@@ -1,9 +1,11 @@
 //! The state one stable session shares between the application's handles and
 //! its driver task, and the loop that runs one link attachment.
 //!
-//! Sending: `send` takes the send lock, encodes the frame once into a shared
-//! arena, pushes the frozen bytes into the replay buffer and wakes the
-//! writer. The replay buffer *is* the outgoing queue: the writer keeps a
+//! Sending: `send` encodes the message once into an arena, behind a gap
+//! for the header, outside any lock shared with the driver; then it takes
+//! the send lock, writes the header (seq, ack) into the gap, pushes the
+//! frozen bytes into the replay buffer and wakes the writer. The replay
+//! buffer *is* the outgoing queue: the writer keeps a
 //! cursor (next seq to write on the current link) and hands the same `Bytes`
 //! to the link. A resume only moves the cursor back to the first frame the
 //! peer lacks. A message accepted by `send` is therefore in the buffer before
@@ -12,7 +14,8 @@
 //!
 //! Receiving: the driver's reader decodes the frame header, applies the
 //! piggybacked ack to the replay buffer, drops duplicates, and queues the
-//! item bytes (a slice of the link's buffer, not a copy) for the application.
+//! item bytes (a slice of the link's buffer, not a copy) for the application,
+//! a batch at a time (`inbox.rs`).
 //! Acks report what the application has *consumed*, so a slow reader pushes
 //! back on the sender through the sender's replay-buffer bound while the
 //! reader task keeps reading the link.
