@@ -116,6 +116,25 @@ impl ReplayBuffer {
     /// A stale ack (before the oldest held frame) drops nothing. An ack for
     /// a seq that was never sent is an error and changes nothing.
     pub fn ack(&mut self, max_delivered: Seq) -> Result<usize, ReplayError> {
+        self.ack_with(max_delivered, drop)
+    }
+
+    /// Like [`ack`](Self::ack), but appends the frames it removes to `out`
+    /// instead of dropping them, so that a caller holding a lock around the
+    /// buffer can release their memory after unlocking.
+    pub fn ack_into(
+        &mut self,
+        max_delivered: Seq,
+        out: &mut Vec<Bytes>,
+    ) -> Result<usize, ReplayError> {
+        self.ack_with(max_delivered, |frame| out.push(frame))
+    }
+
+    fn ack_with(
+        &mut self,
+        max_delivered: Seq,
+        sink: impl FnMut(Bytes),
+    ) -> Result<usize, ReplayError> {
         if !max_delivered.is_before(self.next_seq) {
             return Err(ReplayError::AckBeyondSent {
                 ack: max_delivered,
@@ -126,13 +145,14 @@ impl ReplayBuffer {
             return Ok(0);
         }
         let count = max_delivered.distance_from(self.first_seq) as usize + 1;
-        self.drop_front(count);
+        self.drop_front(count, sink);
         Ok(count)
     }
 
-    fn drop_front(&mut self, count: usize) {
+    fn drop_front(&mut self, count: usize, mut sink: impl FnMut(Bytes)) {
         for frame in self.frames.drain(..count) {
             self.bytes -= frame.len();
+            sink(frame);
         }
         self.first_seq = self.first_seq.wrapping_add(count as u32);
         if count > 0 {
@@ -166,7 +186,7 @@ impl ReplayBuffer {
                     return Err(missing);
                 }
                 let count = last.next().distance_from(self.first_seq) as usize;
-                self.drop_front(count);
+                self.drop_front(count, drop);
                 Ok(self.first_seq)
             }
         }

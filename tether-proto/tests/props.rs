@@ -442,7 +442,18 @@ proptest! {
                     } else {
                         model.first + (k % model.held.len()) as i64
                     };
-                    prop_assert_eq!(buf.ack(wire(pos)), model.ack(pos));
+                    if k % 2 == 0 {
+                        prop_assert_eq!(buf.ack(wire(pos)), model.ack(pos));
+                    } else {
+                        // `ack_into` hands over exactly the frames `ack`
+                        // would drop, oldest first, as the same buffers.
+                        let held: Vec<usize> = model.held.iter().map(|h| h.2).collect();
+                        let expected = model.ack(pos);
+                        let mut out = Vec::new();
+                        prop_assert_eq!(buf.ack_into(wire(pos), &mut out), expected.clone());
+                        let taken: Vec<usize> = out.iter().map(|f| f.as_ptr() as usize).collect();
+                        prop_assert_eq!(taken, held[..expected.unwrap_or(0)].to_vec());
+                    }
                 }
                 ReplayOp::AckStale(k) => {
                     let pos = model.first - 1 - i64::from(k);
