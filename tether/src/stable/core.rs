@@ -405,9 +405,14 @@ impl Shared {
             frame[start..MAX_HEADER_LEN].copy_from_slice(&header_bytes[..header_len]);
             frame.advance(start);
             s.replay.push(frame.freeze());
-            self.counters
-                .max_replay_bytes
-                .fetch_max(s.replay.bytes(), Ordering::Relaxed);
+            // Only the sender, under this lock, raises the peak: a plain
+            // store when it grows, no read-modify-write per message.
+            let bytes = s.replay.bytes();
+            if bytes > self.counters.max_replay_bytes.load(Ordering::Relaxed) {
+                self.counters
+                    .max_replay_bytes
+                    .store(bytes, Ordering::Relaxed);
+            }
         }
         self.writer_wake.notify_one();
         Ok(TrySend::Sent)
@@ -416,9 +421,6 @@ impl Shared {
     /// Sends `msg`, waiting while the replay buffer is full. It is
     /// serialized once, whatever the wait.
     pub(crate) async fn send<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(), Error> {
-        if let Some(err) = self.terminal_error() {
-            return Err(err);
-        }
         let mut item = Some(self.encode(msg)?);
         loop {
             if let TrySend::Sent = self.try_push(&mut item)? {
