@@ -39,6 +39,9 @@ struct TestConnector {
     /// Stall flags of the links made so far.
     stalls: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
     refuse: Arc<AtomicBool>,
+    /// Every flush lingers 20 ms after the payloads went out, so the peer
+    /// can react (and drop the link) before the flush returns.
+    slow_flush: Arc<AtomicBool>,
 }
 
 impl TestConnector {
@@ -48,6 +51,7 @@ impl TestConnector {
             log: Arc::default(),
             stalls: Arc::default(),
             refuse: Arc::default(),
+            slow_flush: Arc::default(),
         }
     }
 
@@ -63,6 +67,7 @@ impl TestConnector {
 struct TestTx {
     inner: <MemLink as Link>::Tx,
     stalled: Arc<AtomicBool>,
+    slow_flush: Arc<AtomicBool>,
     log: Arc<Mutex<Log>>,
     idx: usize,
 }
@@ -94,7 +99,11 @@ impl LinkTx for TestTx {
         if self.stalled.load(Ordering::SeqCst) {
             return Ok(());
         }
-        self.inner.flush().await
+        self.inner.flush().await?;
+        if self.slow_flush.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
     async fn close(&mut self) -> Result<(), LinkError> {
         self.inner.close().await
@@ -141,6 +150,7 @@ impl Connector for TestConnector {
             TestTx {
                 inner: tx,
                 stalled: stalled.clone(),
+                slow_flush: self.slow_flush.clone(),
                 log: self.log.clone(),
                 idx,
             },
@@ -330,6 +340,30 @@ async fn graceful_close_delivers_everything_then_ends_both_sides() {
             0,
             "closed session still registered"
         );
+    })
+    .await;
+}
+
+/// The peer ends its side as soon as the close frame arrives, so the link
+/// can fail under the closing side before its own send of the close frame
+/// has returned: that is still a clean close, never a reconnect (which the
+/// server, having freed the session, would reject: a spurious loss).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_is_clean_even_when_the_peer_drops_the_link_at_once() {
+    within(async {
+        let (server, connector, client, mut session) = setup(config(7), config(7)).await;
+        client.send(&(0, 1, vec![1; 10])).await.unwrap();
+        assert_eq!(session.recv().await.unwrap().unwrap().1, 1);
+        // Let the ack come back first, so the close frame is the only
+        // thing still to send.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        connector.slow_flush.store(true, Ordering::SeqCst);
+        let states = client.state_changes();
+        let closed = client.close().await;
+        assert!(closed.is_ok(), "close() = {closed:?}");
+        assert!(session.recv().await.unwrap().is_none());
+        assert_eq!(*states.borrow(), ConduitState::Closed);
+        assert_eq!(server.stats().rejected, 0, "the client tried to resume");
     })
     .await;
 }

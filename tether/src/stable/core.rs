@@ -21,7 +21,7 @@
 //! reader task keeps reading the link.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -131,6 +131,9 @@ pub(crate) struct Shared {
     max_queued_bytes: usize,
     /// Received items on their way to the application.
     pub(crate) inbox: Inbox,
+    /// The close frame was handed to a link: every frame had been
+    /// acknowledged, and the peer ends the session when it arrives.
+    close_sent: AtomicBool,
     terminal: OnceLock<Terminal>,
     state: watch::Sender<ConduitState>,
     pub(crate) counters: Counters,
@@ -189,6 +192,7 @@ impl Shared {
             queued_bytes: AtomicUsize::new(0),
             max_queued_bytes: config.max_recv_queue_bytes,
             inbox: Inbox::default(),
+            close_sent: AtomicBool::new(false),
             terminal: OnceLock::new(),
             state: watch::Sender::new(initial),
             counters: Counters::default(),
@@ -658,7 +662,17 @@ where
     // Whatever the reader had decoded when the attachment ended is the
     // application's.
     deliver_batch(shared, batch);
-    end
+    match end {
+        // Everything was acknowledged and the close frame went out: the peer
+        // ends its side on receipt and may drop the link before our send of
+        // it has returned. The session is over, not the link lost.
+        AttachEnd::Link(_) | AttachEnd::Eof | AttachEnd::Timeout
+            if shared.close_sent.load(Ordering::Acquire) =>
+        {
+            AttachEnd::Finished
+        }
+        end => end,
+    }
 }
 
 async fn write_loop<Tx: LinkTx, P>(
@@ -734,6 +748,7 @@ async fn write_loop<Tx: LinkTx, P>(
             };
             if let Some(next) = done {
                 if extensions & ext::CLOSE != 0 {
+                    shared.close_sent.store(true, Ordering::Release);
                     Control::Close(next).encode(&mut control);
                     if let Err(e) = tx.send(control.split().freeze()).await {
                         return AttachEnd::Link(e);
