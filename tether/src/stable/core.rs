@@ -596,6 +596,10 @@ fn deliver_batch(shared: &Shared, batch: &mut Vec<Delivered>) {
     if batch.is_empty() {
         return;
     }
+    shared
+        .counters
+        .frames_received
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
     let len: usize = batch.iter().map(|(_, b)| b.len()).sum();
     shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
     if !shared.inbox.push(batch) {
@@ -891,16 +895,16 @@ async fn read_loop<Rx: LinkRx, P>(
                             // The first frame of the session anchors the ack
                             // state: the peer needs no ack for anything
                             // before it.
-                            let _ = shared.ack_told.compare_exchange(
-                                0,
-                                encode_seq(Some(Seq(header.seq.0.wrapping_sub(1)))),
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            );
-                            shared
-                                .counters
-                                .frames_received
-                                .fetch_add(1, Ordering::Relaxed);
+                            // (A load first: no locked instruction per
+                            // message on a line the receiver reads.)
+                            if shared.ack_told.load(Ordering::Acquire) == 0 {
+                                let _ = shared.ack_told.compare_exchange(
+                                    0,
+                                    encode_seq(Some(Seq(header.seq.0.wrapping_sub(1)))),
+                                    Ordering::AcqRel,
+                                    Ordering::Acquire,
+                                );
+                            }
                             // In place: no second reference to the buffer.
                             let mut item = payload;
                             item.advance(item_offset);
