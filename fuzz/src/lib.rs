@@ -7,5 +7,6 @@
 //! without libFuzzer. So these modules must not use libFuzzer, and may use
 //! only crates those test files can see (the tested crate's own dependencies).
 
+pub mod corpus;
 pub mod proto_checks;
 pub mod stream_checks;
