@@ -370,8 +370,9 @@ impl Shared {
     }
 
     /// Writes the header in front of the encoded item and queues the frame,
-    /// unless the replay buffer is full; `item` is taken only when queued.
-    fn try_push(&self, item: &mut Option<BytesMut>) -> Result<TrySend, Error> {
+    /// unless the replay buffer is full; `item` is taken (left empty) only
+    /// when queued.
+    fn try_push(&self, item: &mut BytesMut) -> Result<TrySend, Error> {
         {
             let mut guard = lock(&self.send);
             if let Some(err) = self.terminal_error() {
@@ -381,17 +382,13 @@ impl Shared {
             if s.closing {
                 return Err(Error::Closed);
             }
-            let Some(encoded) = item.as_ref() else {
-                return Ok(TrySend::Sent);
-            };
             let header = FrameHeader {
                 seq: s.replay.next_seq(),
                 ack: self.ack_value(),
             };
             let (header_bytes, header_len) = header.to_array();
-            let len = encoded.len() - MAX_HEADER_LEN + header_len;
+            let len = item.len() - MAX_HEADER_LEN + header_len;
             if len > self.max_message_size {
-                *item = None;
                 return Err(Error::TooLarge {
                     len,
                     max: self.max_message_size,
@@ -402,9 +399,7 @@ impl Shared {
             if self.acks_negotiated() && !s.replay.has_room(len) {
                 return Ok(TrySend::Full);
             }
-            let Some(mut frame) = item.take() else {
-                return Ok(TrySend::Sent);
-            };
+            let mut frame = item.split();
             let start = MAX_HEADER_LEN - header_len;
             frame[start..MAX_HEADER_LEN].copy_from_slice(&header_bytes[..header_len]);
             frame.advance(start);
@@ -425,7 +420,7 @@ impl Shared {
     /// Sends `msg`, waiting while the replay buffer is full. It is
     /// serialized once, whatever the wait.
     pub(crate) async fn send<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(), Error> {
-        let mut item = Some(self.encode(msg)?);
+        let mut item = self.encode(msg)?;
         loop {
             if let TrySend::Sent = self.try_push(&mut item)? {
                 return Ok(());

@@ -64,10 +64,16 @@ struct Attach<L: Link> {
     client_extensions: u8,
 }
 
+/// Where a session's driver receives the links that resume it. Boxed: the
+/// channel's slots then cost a pointer each, not a whole pair of link
+/// halves, in every idle session.
+type AttachTx<L> = mpsc::Sender<Box<Attach<L>>>;
+type AttachRx<L> = mpsc::Receiver<Box<Attach<L>>>;
+
 struct Entry<L: Link> {
     confirmed: Option<ResumeKey>,
     pending: Option<ResumeKey>,
-    attach: mpsc::Sender<Box<Attach<L>>>,
+    attach: AttachTx<L>,
 }
 
 struct Registry<L: Link> {
@@ -77,7 +83,7 @@ struct Registry<L: Link> {
 }
 
 impl<L: Link> Registry<L> {
-    fn insert(&mut self, key: ResumeKey, attach: mpsc::Sender<Box<Attach<L>>>) -> u64 {
+    fn insert(&mut self, key: ResumeKey, attach: AttachTx<L>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.by_key.insert(key, id);
@@ -94,7 +100,7 @@ impl<L: Link> Registry<L> {
 
     /// Looks `key` up and rotates: returns the session's attach channel and
     /// its fresh key, or `None` if the key is not (or no longer) valid.
-    fn route(&mut self, key: &ResumeKey, fresh: ResumeKey) -> Option<mpsc::Sender<Box<Attach<L>>>> {
+    fn route(&mut self, key: &ResumeKey, fresh: ResumeKey) -> Option<AttachTx<L>> {
         // HashMap lookup hashes with a per-process random SipHash key; the
         // final comparison is `ResumeKey`'s constant-time equality.
         let id = *self.by_key.get(key)?;
@@ -303,8 +309,6 @@ async fn handle_link<L: Link>(inner: Arc<Inner<L>>, link: L) {
         Some(key) => {
             let route = inner.registry().route(&key, fresh);
             let attach = match route {
-                // Boxed: the channel's slots then cost a pointer each, not
-                // a whole pair of link halves, in every idle session.
                 Some(session) => match session.send(Box::new(attach)).await {
                     Ok(()) => {
                         inner.counters.resumes.fetch_add(1, Ordering::Relaxed);
@@ -392,7 +396,7 @@ fn hand_off<L: Link>(weak: &std::sync::Weak<Inner<L>>, unaccepted: &Mutex<Option
 }
 
 impl<L: Link> SessionDriver<L> {
-    async fn run(mut self, first: Attach<L>, mut attach_rx: mpsc::Receiver<Box<Attach<L>>>) {
+    async fn run(mut self, first: Attach<L>, mut attach_rx: AttachRx<L>) {
         let mut next = Some(first);
         let mut attached_before = false;
         loop {
