@@ -210,6 +210,8 @@ enum RefFrame {
         /// the same bytes).
         minimal: bool,
     },
+    /// A piece of a message, more follow (tag `08`, extension `0x20`).
+    Fragment { seq: u32, item_offset: usize },
     Control {
         kind: u8,
         value: u32,
@@ -271,7 +273,7 @@ fn ref_control_extension(kind: u8) -> Option<u8> {
     match kind {
         0x02 | 0x06 => Some(0x04),
         0x03 | 0x04 => Some(0x08),
-        0x05 => Some(0x10),
+        0x05 | 0x07 => Some(0x10),
         _ => None,
     }
 }
@@ -298,6 +300,10 @@ fn ref_decode(payload: &[u8], extensions: u8) -> Result<RefFrame, RefError> {
                 minimal: seq.minimal && ack.minimal,
             })
         }
+        0x08 if extensions & 0x20 != 0 => Ok(RefFrame::Fragment {
+            seq: seq.value,
+            item_offset: pos,
+        }),
         kind if ref_control_extension(kind).is_some_and(|bit| extensions & bit != 0) => {
             let value = ref_varint(&payload[pos..])?;
             pos += value.len;
@@ -343,6 +349,7 @@ fn control_parts(control: Control) -> (u8, u32, Option<u32>) {
         Control::Pong(nonce) => (0x04, nonce, None),
         Control::Close(seq) => (0x05, seq.0, None),
         Control::Window { frames, bytes } => (0x06, frames, Some(bytes)),
+        Control::Closed(seq) => (0x07, seq.0, None),
     }
 }
 
@@ -459,6 +466,29 @@ fn check_incoming(
             assert_eq!(
                 FrameHeader::decode(&out).unwrap(),
                 (*header, header.encoded_len())
+            );
+        }
+        (
+            Ok(Incoming::Fragment { seq, item_offset }),
+            Ok(RefFrame::Fragment {
+                seq: ref_seq,
+                item_offset: ref_offset,
+            }),
+        ) => {
+            assert_ne!(extensions & 0x20, 0);
+            assert_eq!((*seq, *item_offset), (Seq(ref_seq), ref_offset));
+            // A data frame with the same seq differs only in its tag.
+            let mut as_data = payload.to_vec();
+            as_data[item_offset - 1] = 0x00;
+            assert_eq!(
+                decode_payload(&as_data, extensions).unwrap(),
+                Incoming::Data {
+                    header: FrameHeader {
+                        seq: *seq,
+                        ack: None
+                    },
+                    item_offset: *item_offset
+                }
             );
         }
         (

@@ -145,6 +145,17 @@ impl FrameHeader {
         (out, len)
     }
 
+    /// The header of a fragment frame with this seq ([`ext::FRAGMENTS`]):
+    /// its seq, then the fragment tag `08` and no ack. The first `len` bytes
+    /// of the returned pair, like [`to_array`](Self::to_array).
+    #[must_use]
+    pub fn fragment_array(seq: Seq) -> ([u8; MAX_HEADER_LEN], usize) {
+        let mut out = [0u8; MAX_HEADER_LEN];
+        let len = put_varint_slice(seq.0, &mut out);
+        out[len] = TAG_FRAGMENT;
+        (out, len + 1)
+    }
+
     /// Parses the header at the start of `frame`. Returns it with its length
     /// in bytes; the item starts at that offset.
     pub fn decode(frame: &[u8]) -> Result<(FrameHeader, usize), FrameError> {
@@ -169,8 +180,29 @@ pub mod ext {
     pub const ACKS: u8 = 0x04;
     /// Keepalive ping/pong frames.
     pub const KEEPALIVE: u8 = 0x08;
-    /// Graceful session close.
+    /// The close handshake: a sequenced close frame from each side and a
+    /// closed frame from the server.
     pub const CLOSE: u8 = 0x10;
+    /// Large messages travel as bounded pieces.
+    pub const FRAGMENTS: u8 = 0x20;
+
+    /// Every extension this crate knows.
+    pub const ALL: u8 = ACKS | KEEPALIVE | CLOSE | FRAGMENTS;
+
+    /// What is on for a link when one side offers `offered` and the other
+    /// accepts `accepted`: the bits both have, except that keepalive, close
+    /// and fragments are only ever on together with acks (a keepalive peer
+    /// must keep reading, and a close or a fragmented message is
+    /// acknowledged by ack frames).
+    #[must_use]
+    pub fn negotiate(offered: u8, accepted: u8) -> u8 {
+        let both = offered & accepted & ALL;
+        if both & ACKS == 0 {
+            0
+        } else {
+            both
+        }
+    }
 }
 
 const KIND_ACK: u8 = 0x02;
@@ -178,15 +210,22 @@ const KIND_PING: u8 = 0x03;
 const KIND_PONG: u8 = 0x04;
 const KIND_CLOSE: u8 = 0x05;
 const KIND_WINDOW: u8 = 0x06;
+const KIND_CLOSED: u8 = 0x07;
+/// In the ack-tag position of a data frame: a piece of a message, more
+/// pieces follow, no ack.
+const TAG_FRAGMENT: u8 = 0x08;
 
-/// A control frame: not sequenced, not delivered, not kept for replay. Only
-/// sent when its extension is negotiated.
+/// A control frame. Only sent when its extension is negotiated.
 ///
 /// On the wire a control frame looks like a frame header whose seq is 0 and
 /// whose ack tag (`00`/`01` in the base format) is the kind: `02` ack, `03`
-/// ping, `04` pong, `05` close, `06` window, followed by one varint (the
-/// acked seq, the ping's nonce, the echoed nonce, the closing side's next
-/// seq) or, for a window, two (frames, then bytes), and nothing after them.
+/// ping, `04` pong, `05` close, `06` window, `07` closed, followed by one
+/// varint (the acked seq, the ping's nonce, the echoed nonce, the close
+/// frame's own seq, the seq of the client's close frame) or, for a window,
+/// two (frames, then bytes), and nothing after them.
+///
+/// Control frames are not delivered to the application and, except for
+/// [`Control::Close`], not sequenced and never kept for replay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Control {
     /// The sender has delivered every frame up to this seq (extension
@@ -196,9 +235,15 @@ pub enum Control {
     Ping(u32),
     /// Answers a ping ([`ext::KEEPALIVE`]).
     Pong(u32),
-    /// The sender ends the session; it sent every frame before this seq
-    /// ([`ext::CLOSE`]).
+    /// The sender sends nothing after this frame ([`ext::CLOSE`]). Unlike
+    /// the other control frames it is sequenced: its value is the seq it
+    /// occupies (the one after the sender's last data frame), it is kept
+    /// for replay and acknowledged like a data frame.
     Close(Seq),
+    /// The server's side of the close is complete: it received every frame
+    /// up to and including the client's close frame, whose seq this is, and
+    /// its own frames were all acknowledged ([`ext::CLOSE`]).
+    Closed(Seq),
     /// The sender's replay-buffer bound: it holds at most this many
     /// unacknowledged frames and bytes, so its peer should acknowledge by
     /// half of either ([`ext::ACKS`]).
@@ -217,6 +262,7 @@ impl Control {
             Control::Ping(n) => (KIND_PING, n, ext::KEEPALIVE),
             Control::Pong(n) => (KIND_PONG, n, ext::KEEPALIVE),
             Control::Close(seq) => (KIND_CLOSE, seq.0, ext::CLOSE),
+            Control::Closed(seq) => (KIND_CLOSED, seq.0, ext::CLOSE),
             Control::Window { frames, .. } => (KIND_WINDOW, frames, ext::ACKS),
         }
     }
@@ -249,6 +295,14 @@ pub enum Incoming {
         /// Where the item's bytes start in the payload.
         item_offset: usize,
     },
+    /// A piece of a message that continues in the next frame
+    /// ([`ext::FRAGMENTS`]); its bytes start at `item_offset`.
+    Fragment {
+        /// Its seq.
+        seq: Seq,
+        /// Where the piece's bytes start in the payload.
+        item_offset: usize,
+    },
     /// A control frame.
     Control(Control),
 }
@@ -277,6 +331,12 @@ pub fn decode_payload(payload: &[u8], extensions: u8) -> Result<Incoming, FrameE
                 item_offset: pos,
             });
         }
+        TAG_FRAGMENT if extensions & ext::FRAGMENTS != 0 => {
+            return Ok(Incoming::Fragment {
+                seq,
+                item_offset: pos,
+            })
+        }
         KIND_ACK if extensions & ext::ACKS != 0 => {
             Control::Ack(Seq(take_varint(payload, &mut pos)?))
         }
@@ -288,6 +348,9 @@ pub fn decode_payload(payload: &[u8], extensions: u8) -> Result<Incoming, FrameE
         }
         KIND_CLOSE if extensions & ext::CLOSE != 0 => {
             Control::Close(Seq(take_varint(payload, &mut pos)?))
+        }
+        KIND_CLOSED if extensions & ext::CLOSE != 0 => {
+            Control::Closed(Seq(take_varint(payload, &mut pos)?))
         }
         KIND_WINDOW if extensions & ext::ACKS != 0 => {
             let frames = take_varint(payload, &mut pos)?;
@@ -333,6 +396,84 @@ pub fn encode_item<T: Serialize + ?Sized>(item: &T, out: &mut BytesMut) -> Resul
         out.truncate(start);
         FrameError::Encode(err)
     })
+}
+
+/// A flavor that leaves a gap of `gap` bytes in front of every `piece`
+/// bytes of output, so that the item can be cut into pieces that each get
+/// a frame header written into the gap in front of them, without a copy.
+struct GappedFlavor<'a> {
+    out: &'a mut BytesMut,
+    gap: usize,
+    piece: usize,
+    /// Room left in the current piece.
+    room: usize,
+}
+
+impl GappedFlavor<'_> {
+    fn put(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.room == 0 {
+                self.out.put_bytes(0, self.gap);
+                self.room = self.piece;
+            }
+            let n = data.len().min(self.room);
+            self.out.put_slice(&data[..n]);
+            self.room -= n;
+            data = &data[n..];
+        }
+    }
+}
+
+impl postcard::ser_flavors::Flavor for GappedFlavor<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> Result<(), postcard::Error> {
+        self.put(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> Result<(), postcard::Error> {
+        self.put(&[data]);
+        Ok(())
+    }
+
+    fn finalize(self) -> Result<(), postcard::Error> {
+        Ok(())
+    }
+}
+
+/// Appends `gap` zero bytes and then the postcard encoding of `item` to
+/// `out`, with another gap of `gap` bytes in front of every further `piece`
+/// bytes of the encoding: `[gap][piece][gap][piece]..[gap][rest]`, the last
+/// piece 1 to `piece` bytes long (an empty item is one empty piece). Returns
+/// the length of the encoding, gaps not counted. Serializes once; on error
+/// `out` is left as it was. `piece` must be at least 1.
+pub fn encode_item_gapped<T: Serialize + ?Sized>(
+    item: &T,
+    out: &mut BytesMut,
+    gap: usize,
+    piece: usize,
+) -> Result<usize, FrameError> {
+    assert!(piece > 0, "pieces must hold at least one byte");
+    let start = out.len();
+    out.put_bytes(0, gap);
+    let flavor = GappedFlavor {
+        out: &mut *out,
+        gap,
+        piece,
+        room: piece,
+    };
+    match postcard::serialize_with_flavor(item, flavor) {
+        Ok(()) => {
+            let written = out.len() - start;
+            let pieces = written.div_ceil(gap + piece).max(1);
+            Ok(written - pieces * gap)
+        }
+        Err(err) => {
+            out.truncate(start);
+            Err(FrameError::Encode(err))
+        }
+    }
 }
 
 /// Appends a whole frame (header, then item) to `out`. On error, `out` is
@@ -650,6 +791,68 @@ mod tests {
         assert_eq!(&out[..], b"keep");
     }
 
+    fn hex(bytes: &[u8]) -> String {
+        let parts: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        parts.join(" ")
+    }
+
+    #[test]
+    fn fragment_vector() {
+        // A piece of a message with seq 300, more to follow: seq, tag 08,
+        // the piece's bytes.
+        let (header, len) = FrameHeader::fragment_array(Seq(300));
+        let mut frame = header[..len].to_vec();
+        frame.extend_from_slice(b"ab");
+        assert_eq!(hex(&frame), "ac 02 08 61 62");
+        assert_eq!(
+            decode_payload(&frame, ext::ALL).unwrap(),
+            Incoming::Fragment {
+                seq: Seq(300),
+                item_offset: 3
+            }
+        );
+        assert!(matches!(
+            decode_payload(&frame, ext::ALL & !ext::FRAGMENTS),
+            Err(FrameError::BadOptionTag(0x08))
+        ));
+    }
+
+    #[test]
+    fn gapped_encoding_leaves_a_gap_before_every_piece() {
+        let item: Vec<u8> = (0..10).collect();
+        let mut plain = BytesMut::new();
+        encode_item(&item, &mut plain).unwrap();
+        assert_eq!(plain.len(), 11, "a length byte, then ten bytes");
+        for piece in [1, 3, 4, 11, 12, 100] {
+            let mut out = BytesMut::from(&b"xy"[..]);
+            let len = encode_item_gapped(&item, &mut out, 2, piece).unwrap();
+            assert_eq!(len, 11);
+            assert_eq!(&out[..2], b"xy", "what was there stays");
+            let body = &out[2..];
+            let mut joined = Vec::new();
+            for (i, chunk) in body.chunks(2 + piece).enumerate() {
+                assert_eq!(&chunk[..2], &[0, 0], "gap {i} with pieces of {piece}");
+                assert!(chunk.len() > 2, "no empty trailing piece");
+                joined.extend_from_slice(&chunk[2..]);
+            }
+            assert_eq!(joined, plain.to_vec(), "pieces of {piece}");
+        }
+        let mut out = BytesMut::new();
+        assert_eq!(encode_item_gapped(&(), &mut out, 3, 8).unwrap(), 0);
+        assert_eq!(out.len(), 3, "an empty item is one gap and an empty piece");
+    }
+
+    #[test]
+    fn negotiation_needs_acks_for_the_rest() {
+        assert_eq!(ext::negotiate(ext::ALL, ext::ALL), ext::ALL);
+        assert_eq!(ext::negotiate(ext::KEEPALIVE | ext::CLOSE, ext::ALL), 0);
+        assert_eq!(
+            ext::negotiate(0xfc, ext::ACKS | ext::CLOSE),
+            ext::ACKS | ext::CLOSE
+        );
+        assert_eq!(ext::negotiate(ext::ALL, 0), 0);
+    }
+
     #[test]
     fn control_frame_vectors() {
         let cases = [
@@ -657,6 +860,7 @@ mod tests {
             (Control::Ping(7), "00 03 07"),
             (Control::Pong(7), "00 04 07"),
             (Control::Close(Seq(u32::MAX)), "00 05 ff ff ff ff 0f"),
+            (Control::Closed(Seq(41)), "00 07 29"),
             (
                 Control::Window {
                     frames: 4096,
@@ -665,7 +869,7 @@ mod tests {
                 "00 06 80 20 80 80 40",
             ),
         ];
-        let all = ext::ACKS | ext::KEEPALIVE | ext::CLOSE;
+        let all = ext::ALL;
         for (control, hex) in cases {
             let mut out = BytesMut::new();
             control.encode(&mut out);

@@ -215,6 +215,25 @@ impl ServerHello {
             extensions: 0,
         }
     }
+
+    /// The answer to a resume of a session whose close already completed
+    /// (tether's close handshake, [`crate::ext::CLOSE`]): the rejected flag
+    /// with the close bit, an all-zero key, no last received. A client that
+    /// offered the close extension reads it as "closed"
+    /// ([`is_closed`](Self::is_closed)); any other reads it as a rejection.
+    #[must_use]
+    pub fn closed() -> ServerHello {
+        ServerHello {
+            extensions: crate::ext::CLOSE,
+            ..ServerHello::reject()
+        }
+    }
+
+    /// Whether this is the [`closed`](Self::closed) answer.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.rejected && self.extensions & crate::ext::CLOSE != 0
+    }
 }
 
 #[cfg(test)]
@@ -300,6 +319,16 @@ mod tests {
         assert_eq!(decoded.resume_key.as_bytes(), &[0u8; 16]);
         assert_eq!(decoded.last_received, None);
         assert_eq!(decoded.extensions, 0);
+    }
+
+    #[test]
+    fn server_hello_closed_vector() {
+        let bytes =
+            unhex("52 4f 53 48 11 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00");
+        assert_eq!(ServerHello::closed().encode().as_slice(), bytes.as_slice());
+        let decoded = ServerHello::decode(&bytes).unwrap();
+        assert!(decoded.rejected && decoded.is_closed());
+        assert!(!ServerHello::reject().is_closed());
     }
 
     #[test]

@@ -16,13 +16,13 @@ pub mod replay;
 pub mod seq;
 
 pub use frame::{
-    decode_frame, decode_item, decode_payload, encode_frame, encode_item, ext, Control, FrameError,
-    FrameHeader, Incoming, MAX_HEADER_LEN,
+    decode_frame, decode_item, decode_payload, encode_frame, encode_item, encode_item_gapped, ext,
+    Control, FrameError, FrameHeader, Incoming, MAX_HEADER_LEN,
 };
 pub use hello::{
     flags, ClientHello, HelloError, ServerHello, CLIENT_MAGIC, HELLO_LEN, SERVER_MAGIC,
 };
 pub use key::{KeyError, ResumeKey};
-pub use recv::{Delivery, RecvError, RecvState};
+pub use recv::{Delivery, Reassembly, RecvError, RecvState};
 pub use replay::{ReplayBuffer, ReplayError};
 pub use seq::Seq;

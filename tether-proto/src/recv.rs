@@ -1,4 +1,7 @@
-//! The receiver's view of one direction: which seq it delivered last.
+//! The receiver's view of one direction: which seq it delivered last, and
+//! the message being put back together from its pieces.
+
+use bytes::{Bytes, BytesMut};
 
 use crate::Seq;
 
@@ -69,6 +72,69 @@ impl RecvState {
     }
 }
 
+/// The pieces of a fragmented message received so far
+/// ([`crate::ext::FRAGMENTS`]), bounded by the largest message accepted.
+#[derive(Debug, Default)]
+pub struct Reassembly {
+    buf: BytesMut,
+    /// Whether a piece was received since the last complete message.
+    started: bool,
+}
+
+/// The pieces of a message add up to more than the receiver accepts.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("fragmented message of at least {len} bytes is over the maximum of {max}")]
+pub struct TooLarge {
+    /// Bytes received for the message so far.
+    pub len: usize,
+    /// The maximum.
+    pub max: usize,
+}
+
+impl Reassembly {
+    /// Whether pieces of an unfinished message are held.
+    #[must_use]
+    pub fn is_started(&self) -> bool {
+        self.started
+    }
+
+    /// Bytes held for the unfinished message.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether no byte is held.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Appends a piece that more pieces follow. Fails, keeping nothing of
+    /// the message, if the pieces add up to more than `max` bytes.
+    pub fn push(&mut self, piece: &[u8], max: usize) -> Result<(), TooLarge> {
+        let len = self.buf.len() + piece.len();
+        if len > max {
+            *self = Reassembly::default();
+            return Err(TooLarge { len, max });
+        }
+        self.buf.extend_from_slice(piece);
+        self.started = true;
+        Ok(())
+    }
+
+    /// The last piece arrived: returns the whole message. A message that
+    /// was not fragmented is returned as it is, without a copy.
+    pub fn finish(&mut self, last: Bytes, max: usize) -> Result<Bytes, TooLarge> {
+        if !self.started {
+            return Ok(last);
+        }
+        self.push(&last, max)?;
+        self.started = false;
+        Ok(self.buf.split().freeze())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +192,30 @@ mod tests {
             }
             .to_string(),
             "gap in frame sequence: expected seq 2, got seq 9"
+        );
+    }
+
+    #[test]
+    fn reassembly_joins_pieces_and_passes_whole_messages_through() {
+        let mut r = Reassembly::default();
+        let whole = Bytes::from_static(b"whole");
+        assert_eq!(r.finish(whole.clone(), 5).unwrap().as_ptr(), whole.as_ptr());
+        r.push(b"ab", 6).unwrap();
+        r.push(b"", 6).unwrap();
+        assert!(r.is_started());
+        assert_eq!(
+            r.finish(Bytes::from_static(b"cd"), 6).unwrap(),
+            &b"abcd"[..]
+        );
+        assert!(!r.is_started() && r.is_empty());
+        r.push(b"abcd", 6).unwrap();
+        assert_eq!(
+            r.finish(Bytes::from_static(b"efg"), 6),
+            Err(TooLarge { len: 7, max: 6 })
+        );
+        assert!(
+            !r.is_started() && r.is_empty(),
+            "nothing kept after an error"
         );
     }
 }

@@ -192,6 +192,30 @@ impl ReplayBuffer {
         }
     }
 
+    /// Like [`resume_from`](Self::resume_from), but drops nothing: returns
+    /// the seq of the first frame the peer lacks and keeps every held frame
+    /// until it is acknowledged. For a peer whose acks report what its
+    /// application consumed, which can be less than what it received: the
+    /// frames in between stay counted against the bound, so a reader that
+    /// stalls across resumes still holds its peer to the bound. Errors
+    /// change nothing.
+    pub fn rewind_to(&self, peer_last_received: Option<Seq>) -> Result<Seq, ReplayError> {
+        let missing = ReplayError::PeerMissingTrimmed {
+            peer_last_received,
+            first_held: self.first_seq,
+        };
+        match peer_last_received {
+            None if self.trimmed => Err(missing),
+            None => Ok(self.first_seq),
+            Some(last) if !last.is_before(self.next_seq) => Err(ReplayError::AckBeyondSent {
+                ack: last,
+                next_seq: self.next_seq,
+            }),
+            Some(last) if last.next().is_before(self.first_seq) => Err(missing),
+            Some(last) => Ok(last.next()),
+        }
+    }
+
     /// Number of held frames.
     #[must_use]
     pub fn len(&self) -> usize {
@@ -224,13 +248,22 @@ impl ReplayBuffer {
         self.max_frames
     }
 
-    /// Whether a frame of `frame_len` bytes fits within the limits. An empty
-    /// buffer always takes one frame (if `max_frames` allows any), so a
-    /// single oversized message cannot deadlock the sender.
+    /// Whether a frame of `frame_len` bytes fits within the limits (a
+    /// message of one frame, see [`has_room_for`](Self::has_room_for)).
     #[must_use]
     pub fn has_room(&self, frame_len: usize) -> bool {
-        self.len() < self.max_frames
-            && (self.bytes.saturating_add(frame_len) <= self.max_bytes || self.is_empty())
+        self.has_room_for(1, frame_len)
+    }
+
+    /// Whether a message of `frames` frames and `bytes` bytes in all fits
+    /// within the limits, taken whole: an empty buffer always takes one
+    /// message, however large, so that it cannot deadlock the sender (if
+    /// `max_frames` allows any frame at all).
+    #[must_use]
+    pub fn has_room_for(&self, frames: usize, bytes: usize) -> bool {
+        self.max_frames > 0 && self.is_empty()
+            || (self.len().saturating_add(frames) <= self.max_frames
+                && self.bytes.saturating_add(bytes) <= self.max_bytes)
     }
 
     /// The held frames with their seqs, oldest first.
@@ -388,6 +421,34 @@ mod tests {
     }
 
     #[test]
+    fn rewind_keeps_what_the_peer_received_but_did_not_acknowledge() {
+        let mut buf = ReplayBuffer::new(Seq(10));
+        for seq in 10..15 {
+            buf.push(frame(seq, 3));
+        }
+        assert_eq!(buf.rewind_to(Some(Seq(12))), Ok(Seq(13)));
+        assert_eq!((buf.len(), buf.first_seq()), (5, Seq(10)));
+        assert_eq!(buf.rewind_to(None), Ok(Seq(10)));
+        assert_eq!(
+            buf.rewind_to(Some(Seq(15))),
+            Err(ReplayError::AckBeyondSent {
+                ack: Seq(15),
+                next_seq: Seq(15)
+            })
+        );
+        buf.ack(Seq(11)).unwrap();
+        assert_eq!(
+            buf.rewind_to(Some(Seq(9))),
+            Err(ReplayError::PeerMissingTrimmed {
+                peer_last_received: Some(Seq(9)),
+                first_held: Seq(12)
+            })
+        );
+        assert!(buf.rewind_to(None).is_err());
+        assert_eq!(buf.rewind_to(Some(Seq(11))), Ok(Seq(12)));
+    }
+
+    #[test]
     fn has_room_limits() {
         let mut buf = ReplayBuffer::with_limits(Seq(0), 10, 3);
         assert_eq!((buf.max_bytes(), buf.max_frames()), (10, 3));
@@ -405,6 +466,17 @@ mod tests {
         // Frame limit reached.
         assert!(!buf.has_room(0));
         assert!(buf.has_room(usize::MAX) == buf.is_empty());
+        // A message of several frames is taken whole or not at all.
+        buf.ack(Seq(3)).unwrap();
+        buf.push(frame(4, 1));
+        assert!(buf.has_room_for(2, 9));
+        assert!(!buf.has_room_for(3, 1));
+        assert!(!buf.has_room_for(1, 10));
+        buf.ack(Seq(4)).unwrap();
+        assert!(
+            buf.has_room_for(100, 1 << 20),
+            "empty takes any one message"
+        );
 
         let unbounded = ReplayBuffer::new(Seq(0));
         assert_eq!(unbounded.max_bytes(), usize::MAX);
