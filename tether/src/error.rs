@@ -46,6 +46,11 @@ pub enum SessionLost {
     /// The client did not resume within the server's resume window.
     #[error("the client did not resume within the resume window")]
     Expired,
+    /// A close did not complete within the close timeout, with messages
+    /// still undelivered ([`Stats::undelivered`](crate::Stats::undelivered)
+    /// says how many of this side's).
+    #[error("the close did not complete within the close timeout")]
+    CloseTimedOut,
 }
 
 /// The error type of conduits, clients and servers.
@@ -86,7 +91,8 @@ pub enum Error {
         /// The maximum.
         max: usize,
     },
-    /// The conduit was closed by this side.
+    /// The conduit is closing or closed (by this side, or by the peer):
+    /// it accepts no new messages.
     #[error("the conduit is closed")]
     Closed,
 }

@@ -53,21 +53,24 @@ async fn one_way(client_cfg: Config, server_cfg: Config, n: u64) -> usize {
     let client = StableConduit::<u64>::connect(c.clone(), client_cfg)
         .await
         .unwrap();
-    let mut session = server.accept().await.unwrap();
-    let reader = tokio::spawn(async move {
+    // The client speaks first: a base-format client proves its key only
+    // with its first message, and only then does the server hand the
+    // session to `accept`.
+    let sender = tokio::spawn(async move {
+        let mut max_frames = 0;
         for i in 0..n {
-            assert_eq!(session.recv().await.unwrap(), Some(i));
+            client.send(&i).await.unwrap();
+            if i % 64 == 0 {
+                max_frames = max_frames.max(client.stats().replay_frames);
+            }
         }
-        session
+        (client, max_frames)
     });
-    let mut max_frames = 0;
+    let mut session = server.accept().await.unwrap();
     for i in 0..n {
-        client.send(&i).await.unwrap();
-        if i % 64 == 0 {
-            max_frames = max_frames.max(client.stats().replay_frames);
-        }
+        assert_eq!(session.recv().await.unwrap(), Some(i));
     }
-    let _session = reader.await.unwrap();
+    let (client, max_frames) = sender.await.unwrap();
     max_frames.max(client.stats().replay_frames)
 }
 

@@ -7,11 +7,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tether_proto::{ClientHello, RecvState, ResumeKey, Seq, ServerHello};
+use tether_proto::{ext, ClientHello, ResumeKey, Seq, ServerHello};
 use tokio::time::{timeout, Instant};
 
+use super::attach::{endpoint, run_attachment, AttachEnd, Endpoint};
 use super::config::Config;
-use super::core::{endpoint, run_attachment, AttachEnd, Endpoint, Shared};
+use super::shared::{Role, Shared};
 use super::{ConduitState, StableConduit};
 use crate::error::{Error, SessionLost};
 use crate::link::{Connector, Link, LinkRx, LinkTx};
@@ -25,7 +26,15 @@ type Halves<C> = (
 enum Attempt<C: Connector> {
     Attached(Halves<C>, ServerHello),
     Rejected,
+    /// The server answered that the session's close already completed.
+    Closed,
     Failed(String),
+}
+
+/// What getting a link back can end in, short of losing the session.
+enum Reconnected<C: Connector> {
+    Attached(Halves<C>, ServerHello),
+    Closed,
 }
 
 impl<S, R> StableConduit<S, R> {
@@ -37,18 +46,21 @@ impl<S, R> StableConduit<S, R> {
     /// this fails only if the server rejects the session or the give-up
     /// deadline passes.
     pub async fn connect<C: Connector>(connector: C, config: Config) -> Result<Self, Error> {
-        let shared = Shared::new(&config, ConduitState::Connecting);
+        let shared = Shared::new(&config, Role::Client, ConduitState::Connecting);
         let mut rng = match config.seed {
             Some(seed) => SmallRng::seed_from_u64(seed),
             None => SmallRng::from_os_rng(),
         };
-        let recv = RecvState::new();
-        let (halves, hello) = reconnect(&connector, None, &recv, &config, &mut rng).await?;
+        let Reconnected::Attached(halves, hello) =
+            reconnect(&connector, &shared, None, None, &config, &mut rng).await?
+        else {
+            unreachable!("a session that never closed is not answered closed");
+        };
         let (ep, handles) = endpoint(shared.clone());
         shared.resume(
             hello.last_received,
-            recv.last_received(),
-            hello.extensions & config.extensions,
+            None,
+            ext::negotiate(config.extensions, hello.extensions),
         )?;
         shared.set_state(ConduitState::Connected);
         tracing::debug!("stable conduit connected");
@@ -57,7 +69,6 @@ impl<S, R> StableConduit<S, R> {
             config,
             shared,
             endpoint: ep,
-            recv,
             key: hello.resume_key,
             rng,
         };
@@ -72,7 +83,6 @@ struct ClientDriver<C> {
     config: Config,
     shared: Arc<Shared>,
     endpoint: Endpoint,
-    recv: RecvState,
     key: ResumeKey,
     rng: SmallRng,
 }
@@ -86,21 +96,17 @@ impl<C: Connector> ClientDriver<C> {
                 &mut self.endpoint,
                 tx,
                 rx,
-                &mut self.recv,
                 std::future::pending::<()>(),
                 || {},
             )
             .await;
             match end {
                 AttachEnd::Finished => {
-                    let _ = tx.close().await;
-                    self.shared.finish();
-                    return;
+                    let _ = timeout(self.config.handshake_timeout, tx.close()).await;
+                    return self.shared.finish();
                 }
-                AttachEnd::Protocol(msg) => {
-                    self.shared.fail(SessionLost::Protocol(msg));
-                    return;
-                }
+                AttachEnd::CloseTimedOut => return self.shared.fail(SessionLost::CloseTimedOut),
+                AttachEnd::Protocol(msg) => return self.shared.fail(SessionLost::Protocol(msg)),
                 AttachEnd::Link(e) => tracing::debug!(error = %e, "link failed"),
                 AttachEnd::Eof => tracing::debug!("link ended by peer"),
                 AttachEnd::Timeout => tracing::debug!("keepalive timeout"),
@@ -108,36 +114,41 @@ impl<C: Connector> ClientDriver<C> {
             }
             drop(halves);
             self.shared.set_state(ConduitState::Reconnecting);
+            // A close that began (or begins now) goes on over the next link,
+            // within its own deadline.
             let attempt = tokio::select! {
                 biased;
-                () = self.endpoint.all_gone() => {
-                    self.shared.finish();
-                    return;
+                () = self.shared.close_expired() => {
+                    return self.shared.fail(SessionLost::CloseTimedOut);
                 }
-                r = reconnect(&self.connector, Some(self.key), &self.recv, &self.config, &mut self.rng) => r,
+                r = reconnect(
+                    &self.connector,
+                    &self.shared,
+                    Some(self.key),
+                    self.endpoint.last_received(),
+                    &self.config,
+                    &mut self.rng,
+                ) => r,
             };
             let hello = match attempt {
-                Ok((h, hello)) => {
+                Ok(Reconnected::Attached(h, hello)) => {
                     halves = h;
                     hello
                 }
-                Err(Error::SessionLost(reason)) => {
-                    self.shared.fail(reason);
-                    return;
+                Ok(Reconnected::Closed) => {
+                    tracing::debug!("the server had completed the close");
+                    return self.shared.finish();
                 }
-                Err(e) => {
-                    self.shared.fail(SessionLost::Protocol(e.to_string()));
-                    return;
-                }
+                Err(Error::SessionLost(reason)) => return self.shared.fail(reason),
+                Err(e) => return self.shared.fail(SessionLost::Protocol(e.to_string())),
             };
             self.key = hello.resume_key;
             if let Err(reason) = self.shared.resume(
                 hello.last_received,
-                self.recv.last_received(),
-                hello.extensions & self.config.extensions,
+                self.endpoint.last_received(),
+                ext::negotiate(self.config.extensions, hello.extensions),
             ) {
-                self.shared.fail(reason);
-                return;
+                return self.shared.fail(reason);
             }
             self.shared
                 .counters
@@ -153,11 +164,12 @@ impl<C: Connector> ClientDriver<C> {
 /// and full jitter until the give-up deadline.
 async fn reconnect<C: Connector>(
     connector: &C,
+    shared: &Shared,
     key: Option<ResumeKey>,
-    recv: &RecvState,
+    last_received: Option<Seq>,
     config: &Config,
     rng: &mut SmallRng,
-) -> Result<(Halves<C>, ServerHello), Error> {
+) -> Result<Reconnected<C>, Error> {
     let policy = &config.reconnect;
     let started = Instant::now();
     let mut attempts: u32 = 0;
@@ -166,7 +178,7 @@ async fn reconnect<C: Connector>(
         attempts += 1;
         let outcome = match timeout(
             config.handshake_timeout,
-            attempt::<C>(connector, key, recv.last_received(), config.extensions),
+            attempt::<C>(connector, shared, key, last_received, config.extensions),
         )
         .await
         {
@@ -177,7 +189,8 @@ async fn reconnect<C: Connector>(
             )),
         };
         let last_error = match outcome {
-            Attempt::Attached(halves, hello) => return Ok((halves, hello)),
+            Attempt::Attached(halves, hello) => return Ok(Reconnected::Attached(halves, hello)),
+            Attempt::Closed => return Ok(Reconnected::Closed),
             Attempt::Rejected => return Err(SessionLost::Rejected.into()),
             Attempt::Failed(e) => e,
         };
@@ -205,6 +218,7 @@ async fn reconnect<C: Connector>(
 
 async fn attempt<C: Connector>(
     connector: &C,
+    shared: &Shared,
     key: Option<ResumeKey>,
     last_received: Option<Seq>,
     extensions: u8,
@@ -232,6 +246,9 @@ async fn attempt<C: Connector>(
         (Err(e), Ok(())) => return Attempt::Failed(format!("waiting for the server's hello: {e}")),
     };
     match ServerHello::decode(&reply) {
+        // "Closed" completes a close this side began with the close
+        // handshake; any other time it is a rejection like any other.
+        Ok(hello) if hello.is_closed() && shared.close_frame_queued() => Attempt::Closed,
         Ok(hello) if hello.rejected => Attempt::Rejected,
         Ok(hello) => Attempt::Attached((tx, rx), hello),
         Err(e) => Attempt::Failed(format!("bad server hello: {e}")),

@@ -70,10 +70,11 @@ pub struct Config {
     pub(crate) max_sessions: usize,
     pub(crate) close_timeout: Duration,
     pub(crate) max_message_size: usize,
+    pub(crate) fragment_size: usize,
 }
 
 /// The extensions this implementation speaks.
-pub(crate) const SUPPORTED_EXTENSIONS: u8 = ext::ACKS | ext::KEEPALIVE | ext::CLOSE;
+pub(crate) const SUPPORTED_EXTENSIONS: u8 = ext::ALL;
 
 impl Default for Config {
     fn default() -> Self {
@@ -94,6 +95,7 @@ impl Default for Config {
             max_sessions: 100_000,
             close_timeout: Duration::from_secs(10),
             max_message_size: crate::link::DEFAULT_MAX_PAYLOAD,
+            fragment_size: 64 * 1024,
         }
     }
 }
@@ -138,8 +140,15 @@ impl Config {
     }
 
     /// Bound of received messages waiting for the application, in bytes.
-    /// While it is exceeded the conduit stops reading from the link, which
-    /// pushes back on the peer. Default 64 MiB.
+    /// Default 64 MiB.
+    ///
+    /// With standalone acks (the default) the peer's window (its replay
+    /// bound) already bounds them, since acks report consumption: the link
+    /// is always read, so that keepalive and the close keep working while
+    /// the application is slow, and a peer that sends more than its window
+    /// plus one message, and more than this bound, breaks the protocol. In
+    /// the base format the conduit stops reading from the link while the
+    /// bound is exceeded, which pushes back on the peer.
     pub fn max_recv_queue_bytes(&mut self, value: usize) -> &mut Self {
         self.max_recv_queue_bytes = value;
         self
@@ -154,8 +163,10 @@ impl Config {
 
     /// Which protocol extensions to offer (client) or accept (server), as
     /// the bits of [`tether_proto::ext`]; only supported ones are used.
-    /// Default: all supported (standalone acks). `0` speaks the base
-    /// protocol of `shared/PROTOCOL.md` only.
+    /// Default: all supported (standalone acks, keepalive, the close
+    /// handshake, fragments). `0` speaks the base protocol of
+    /// `shared/PROTOCOL.md` only. Keepalive, close and fragments are only
+    /// ever on together with standalone acks.
     ///
     /// Without standalone acks a side that only receives never
     /// acknowledges, so the replay bound ([`max_replay`](Self::max_replay))
@@ -202,9 +213,12 @@ impl Config {
         self
     }
 
-    /// How long a graceful close (explicit, or because every handle was
-    /// dropped) waits for the peer to acknowledge what is pending before the
-    /// session is dropped anyway. Default 10 s.
+    /// How long a graceful close (explicit, because every handle was
+    /// dropped, or because the peer closed) may take as a whole, across
+    /// every link it needs; if everything was delivered both ways by then
+    /// the session ends as closed, otherwise it is lost with
+    /// [`SessionLost::CloseTimedOut`](crate::SessionLost::CloseTimedOut).
+    /// Default 10 s.
     pub fn close_timeout(&mut self, value: Duration) -> &mut Self {
         self.close_timeout = value;
         self
@@ -217,6 +231,20 @@ impl Config {
     /// delivered.
     pub fn max_message_size(&mut self, value: usize) -> &mut Self {
         self.max_message_size = value;
+        self
+    }
+
+    /// With fragments (extension `FRAGMENTS`, on by default): a message
+    /// whose encoding is larger than this travels as pieces of this many
+    /// bytes, each its own frame, so that a resume continues from the last
+    /// piece the peer holds instead of the message's first byte, and a
+    /// link that lives long enough to carry one piece makes progress.
+    /// Default 64 KiB. Smaller pieces make progress on shorter-lived links
+    /// and cost a header (2 to 6 bytes) and a frame each; the receiver
+    /// copies a fragmented message once to put it back together (smaller
+    /// messages are never copied).
+    pub fn fragment_size(&mut self, value: usize) -> &mut Self {
+        self.fragment_size = value.max(1);
         self
     }
 

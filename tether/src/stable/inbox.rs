@@ -31,8 +31,6 @@ pub(crate) struct Inbox {
     state: Mutex<State>,
     /// Wakes the receiver: items arrived or the driver ended.
     ready: Notify,
-    /// Wakes the driver: the receiver is gone.
-    gone: Notify,
 }
 
 /// What [`Inbox::take`] found.
@@ -89,7 +87,8 @@ impl Inbox {
         self.ready.notified()
     }
 
-    /// The driver ended: the receiver gets what is queued, then the end.
+    /// Nothing more will be pushed (the driver ended, or the peer closed
+    /// its side): the receiver gets what is queued, then the end.
     pub(crate) fn close_driver(&self) {
         self.lock().driver_done = true;
         self.ready.notify_one();
@@ -98,29 +97,12 @@ impl Inbox {
     /// The receiver was dropped: nothing more is queued. Returns what was,
     /// for the caller to count as consumed and free.
     pub(crate) fn close_receiver(&self) -> VecDeque<Delivered> {
-        let items = {
-            let mut s = self.lock();
-            s.receiver_gone = true;
-            std::mem::take(&mut s.items)
-        };
-        self.gone.notify_waiters();
-        items
+        let mut s = self.lock();
+        s.receiver_gone = true;
+        std::mem::take(&mut s.items)
     }
 
     pub(crate) fn receiver_gone(&self) -> bool {
         self.lock().receiver_gone
-    }
-
-    /// Resolves once the receiver is gone.
-    pub(crate) async fn wait_receiver_gone(&self) {
-        loop {
-            let notified = self.gone.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.receiver_gone() {
-                return;
-            }
-            notified.await;
-        }
     }
 }

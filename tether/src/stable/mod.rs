@@ -13,25 +13,28 @@
 //! tasks; the receiving half ([`StableReceiver`]) lives on one task. Sending
 //! never waits on receiving or the other way round.
 
+mod attach;
 mod client;
 mod config;
-pub(crate) mod core;
 mod inbox;
+mod recv;
+mod send;
 mod server;
+mod shared;
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
 use serde::{de::DeserializeOwned, Serialize};
 use tether_proto::frame::decode_item;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
+use self::attach::Handles;
 pub use self::config::{Config, ReconnectPolicy};
-use self::core::{Handles, Shared, Terminal};
 use self::inbox::{Delivered, Taken};
 pub use self::server::{Server, ServerStats};
+use self::shared::{Shared, Terminal};
 use crate::borrowed::{Borrowed, BorrowedMessage};
 use crate::error::Error;
 
@@ -86,6 +89,11 @@ pub struct Stats {
     pub keepalive_timeouts: u64,
     /// Smoothed round-trip time from keepalive pings, once one was answered.
     pub rtt: Option<std::time::Duration>,
+    /// Once the session is lost: how many of the messages this side's
+    /// `send` accepted the peer did not acknowledge. They are the last ones
+    /// sent; every message before them reached the peer's application.
+    /// 0 while the session lives and after a graceful close.
+    pub undelivered: u64,
 }
 
 /// A stable conduit: sends `S`, receives `R`.
@@ -107,11 +115,11 @@ impl<S, R> std::fmt::Debug for StableConduit<S, R> {
 
 impl<S, R> StableConduit<S, R> {
     pub(crate) fn from_handles(handles: Handles) -> Self {
-        let Handles { shared, alive } = handles;
+        // The handles' two counts pass to the sender and the receiver.
+        let shared = handles.into_shared();
         StableConduit {
             tx: StableSender {
                 shared: shared.clone(),
-                _alive: alive,
                 _msg: PhantomData,
             },
             rx: StableReceiver {
@@ -139,13 +147,18 @@ impl<S, R> StableConduit<S, R> {
 }
 
 impl<S, R> StableConduit<S, R> {
-    /// Closes the session gracefully: no new sends; waits until the peer
-    /// has acknowledged every message sent (or the close timeout passed),
-    /// tells the peer, and frees the session on both sides. The peer's
-    /// receiver then ends with `Ok(None)` after the messages it already
-    /// has. Dropping every handle closes the same way, in the background.
+    /// Closes the session gracefully and waits until the close is complete
+    /// on both sides; see [`StableSender::close`].
+    ///
+    /// This drops the receiving half first: messages the peer sent before
+    /// it learned of the close still arrive, count as delivered and are
+    /// discarded. To read them, [`split`](Self::split) the conduit, call
+    /// [`StableSender::close`] and keep calling
+    /// [`recv`](StableReceiver::recv) until it returns `Ok(None)`.
     pub async fn close(self) -> Result<(), Error> {
-        self.tx.close().await
+        let StableConduit { tx, rx } = self;
+        drop(rx);
+        tx.close().await
     }
 }
 
@@ -167,17 +180,22 @@ impl<S, R: DeserializeOwned> StableConduit<S, R> {
 /// tasks; messages from one task keep their order.
 pub struct StableSender<S> {
     shared: Arc<Shared>,
-    _alive: mpsc::Sender<Infallible>,
     _msg: PhantomData<fn(&S)>,
 }
 
 impl<S> Clone for StableSender<S> {
     fn clone(&self) -> Self {
+        self.shared.handle_added();
         StableSender {
             shared: self.shared.clone(),
-            _alive: self._alive.clone(),
             _msg: PhantomData,
         }
+    }
+}
+
+impl<S> Drop for StableSender<S> {
+    fn drop(&mut self) {
+        self.shared.handle_dropped();
     }
 }
 
@@ -200,8 +218,28 @@ impl<S> StableSender<S> {
         self.shared.subscribe()
     }
 
-    /// Closes the session gracefully; see [`StableConduit::close`]. Other
-    /// clones of this sender then get [`Error::Closed`].
+    /// Closes the session gracefully, and waits until the close is
+    /// complete on both sides.
+    ///
+    /// From now on `send` (on every clone) fails with [`Error::Closed`];
+    /// every message accepted before is still delivered. The peer's
+    /// receiver yields them, then `Ok(None)`, and the peer stops accepting
+    /// sends too; what it had accepted before it learned of the close is
+    /// delivered to this side's receiver, which then also ends with
+    /// `Ok(None)`. The close survives link failures: the client reconnects
+    /// and finishes it, and a server that completed it answers a late
+    /// resume with "closed". [`Config::close_timeout`] bounds the whole
+    /// close; if it passes with messages undelivered, the session is lost
+    /// with [`SessionLost::CloseTimedOut`](crate::SessionLost::CloseTimedOut)
+    /// and [`Stats::undelivered`] says how many of this side's messages did
+    /// not arrive.
+    ///
+    /// Dropping every handle (senders and receiver) starts the same close
+    /// in the background, whatever the link is doing.
+    ///
+    /// If the tokio runtime shuts down first, the session's tasks stop with
+    /// it: nothing more is sent or acknowledged, and the peer learns of it
+    /// as a lost session after its resume window or give-up deadline.
     pub async fn close(&self) -> Result<(), Error> {
         self.shared.begin_close();
         self.shared.wait_ended().await
@@ -241,6 +279,7 @@ impl<R> Drop for StableReceiver<R> {
         for (seq, item) in self.ready.drain(..).chain(queued) {
             self.shared.consumed(seq, item.len());
         }
+        self.shared.handle_dropped();
     }
 }
 
@@ -305,7 +344,8 @@ impl<R: DeserializeOwned> StableReceiver<R> {
     ///
     /// Messages that arrived before the session was lost are all delivered
     /// first; then every call returns [`Error::SessionLost`]. `Ok(None)` means
-    /// the session ended without error. A message that does not decode as `R`
+    /// the peer closed its side (everything it sent has been returned) or the
+    /// session ended without error. A message that does not decode as `R`
     /// is consumed and reported as [`Error::Decode`]; the conduit stays
     /// usable. Cancel-safe.
     pub async fn recv(&mut self) -> Result<Option<R>, Error> {

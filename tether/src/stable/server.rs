@@ -3,26 +3,36 @@
 //!
 //! Resume keys rotate on every handshake. A key handed out in a ServerHello
 //! may never reach the client (the link can die right after the server sent
-//! it), so the server keeps, per session, the last key the client is known to
-//! hold (`confirmed`) beside the newest one it issued (`pending`). A resume
-//! with `pending` proves the client got it; so does the first frame the
-//! client sends on the link that carried it. Either way `pending` becomes
-//! `confirmed` and the older key stops working. A resume with `confirmed`
-//! means the client never saw `pending`, which is withdrawn. Any other key,
-//! including every key replaced that way, is rejected.
+//! it), and a hello can reach the server late, after the client gave up on
+//! that attempt and succeeded with another. So the server keeps, per
+//! session, the last key the client is known to hold (`confirmed`) beside
+//! the keys it issued since (`pending`, a few at most). A key is *proven*
+//! by a resume with it or by the first frame the client sends on the link
+//! that carried it: it becomes `confirmed` and every other key stops
+//! working. A resume with `confirmed` (the client never saw a pending key,
+//! or it is a stale hello) issues one more pending key and withdraws none,
+//! so a late hello can never revoke the key the client really holds. A
+//! newer link displaces the session's live one only while the live one has
+//! not proven its key; after that the stale link's key is revoked and it is
+//! rejected.
+//!
+//! A session whose close completed leaves a tombstone for the resume
+//! window: its keys are answered "closed" instead of rejected, so a client
+//! whose last link died during the close learns that it completed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use tether_proto::{ext, ClientHello, RecvState, ResumeKey, Seq, ServerHello};
+use tether_proto::{ext, ClientHello, ResumeKey, Seq, ServerHello};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
+use super::attach::{endpoint, run_attachment, AttachEnd, Endpoint, Handles};
 use super::config::Config;
-use super::core::{endpoint, run_attachment, AttachEnd, Endpoint, Handles, Shared};
+use super::shared::{Role, Shared, Terminal};
 use super::{ConduitState, StableConduit};
 use crate::error::SessionLost;
 use crate::link::{Link, LinkRx, LinkTx, Listener};
@@ -37,6 +47,9 @@ pub struct ServerStats {
     pub sessions_created: u64,
     /// Sessions currently registered (alive or waiting for a resume).
     pub sessions_open: u64,
+    /// Closed sessions remembered for the resume window, so that a late
+    /// resume is answered "closed".
+    pub tombstones: u64,
     /// Resumes routed to an existing session.
     pub resumes: u64,
     /// Resumes rejected (unknown, expired or replaced key).
@@ -70,16 +83,30 @@ struct Attach<L: Link> {
 type AttachTx<L> = mpsc::Sender<Box<Attach<L>>>;
 type AttachRx<L> = mpsc::Receiver<Box<Attach<L>>>;
 
+/// Most keys issued to a session and not yet proven. Each handshake with
+/// the confirmed key adds one; a client's own attempts are sequential, so
+/// more than a few are stale hellos, and the oldest goes first.
+const MAX_PENDING_KEYS: usize = 8;
+
 struct Entry<L: Link> {
     confirmed: Option<ResumeKey>,
-    pending: Option<ResumeKey>,
+    pending: Vec<ResumeKey>,
     attach: AttachTx<L>,
+    /// The close completed: a tombstone until the resume window passes.
+    closed: bool,
+}
+
+/// Where a resume goes.
+enum Route<L: Link> {
+    Session(AttachTx<L>),
+    Closed,
 }
 
 struct Registry<L: Link> {
     by_key: HashMap<ResumeKey, u64>,
     sessions: HashMap<u64, Entry<L>>,
     next_id: u64,
+    tombstones: usize,
 }
 
 impl<L: Link> Registry<L> {
@@ -91,52 +118,97 @@ impl<L: Link> Registry<L> {
             id,
             Entry {
                 confirmed: None,
-                pending: Some(key),
+                pending: vec![key],
                 attach,
+                closed: false,
             },
         );
         id
     }
 
-    /// Looks `key` up and rotates: returns the session's attach channel and
-    /// its fresh key, or `None` if the key is not (or no longer) valid.
-    fn route(&mut self, key: &ResumeKey, fresh: ResumeKey) -> Option<AttachTx<L>> {
+    /// Looks `key` up: a live session's attach channel, with `fresh`
+    /// registered as its newest pending key; a tombstone; or `None` if the
+    /// key is not (or no longer) valid.
+    fn route(&mut self, key: &ResumeKey, fresh: ResumeKey) -> Option<Route<L>> {
         // HashMap lookup hashes with a per-process random SipHash key; the
         // final comparison is `ResumeKey`'s constant-time equality.
         let id = *self.by_key.get(key)?;
         let entry = self.sessions.get_mut(&id)?;
-        if entry.pending.as_ref() == Some(key) {
-            if let Some(old) = entry.confirmed.replace(*key) {
-                self.by_key.remove(&old);
-            }
-        } else if let Some(withdrawn) = entry.pending.take() {
-            self.by_key.remove(&withdrawn);
+        if entry.closed {
+            return Some(Route::Closed);
         }
-        entry.pending = Some(fresh);
+        if entry.pending.contains(key) {
+            // The client holds this key: it is proven, the rest is revoked.
+            prove(&mut self.by_key, entry, key);
+        } else if entry.pending.len() >= MAX_PENDING_KEYS {
+            let oldest = entry.pending.remove(0);
+            self.by_key.remove(&oldest);
+        }
+        entry.pending.push(fresh);
         self.by_key.insert(fresh, id);
-        Some(entry.attach.clone())
+        Some(Route::Session(entry.attach.clone()))
     }
 
     /// The client proved it holds `key` by sending a frame on the link that
     /// delivered it.
     fn confirm(&mut self, id: u64, key: &ResumeKey) {
         if let Some(entry) = self.sessions.get_mut(&id) {
-            if entry.pending.as_ref() == Some(key) {
-                entry.pending = None;
-                if let Some(old) = entry.confirmed.replace(*key) {
-                    self.by_key.remove(&old);
-                }
+            if entry.pending.contains(key) {
+                prove(&mut self.by_key, entry, key);
             }
         }
     }
 
+    /// Whether `key` still leads to session `id`.
+    fn is_valid(&self, id: u64, key: &ResumeKey) -> bool {
+        self.by_key.get(key) == Some(&id)
+    }
+
+    /// The session's close completed: its keys now answer "closed".
+    /// Returns `false`, forgetting the session instead, when `max` tombstones
+    /// are kept already (a client resuming after that is rejected, as after
+    /// the resume window).
+    fn tombstone(&mut self, id: u64, max: usize) -> bool {
+        if self.tombstones >= max {
+            self.remove(id);
+            return false;
+        }
+        if let Some(entry) = self.sessions.get_mut(&id) {
+            if !entry.closed {
+                entry.closed = true;
+                self.tombstones += 1;
+            }
+        }
+        true
+    }
+
     fn remove(&mut self, id: u64) {
         if let Some(entry) = self.sessions.remove(&id) {
+            if entry.closed {
+                self.tombstones -= 1;
+            }
             for key in entry.confirmed.iter().chain(entry.pending.iter()) {
                 self.by_key.remove(key);
             }
         }
     }
+
+    /// Sessions that are not tombstones.
+    fn live(&self) -> usize {
+        self.sessions.len() - self.tombstones
+    }
+}
+
+/// `key` (one of `entry`'s pending keys) is proven: it becomes the confirmed
+/// key, and every other key of the session is revoked.
+fn prove<L: Link>(by_key: &mut HashMap<ResumeKey, u64>, entry: &mut Entry<L>, key: &ResumeKey) {
+    for old in entry.confirmed.iter().chain(entry.pending.iter()) {
+        if old != key {
+            by_key.remove(old);
+        }
+    }
+    entry.pending.clear();
+    entry.confirmed = Some(*key);
 }
 
 struct Inner<L: Link> {
@@ -177,10 +249,15 @@ trait ServerShared: Send + Sync {
 impl<L: Link> ServerShared for Inner<L> {
     fn stats(&self) -> ServerStats {
         let c = &self.counters;
+        let (sessions_open, tombstones) = {
+            let registry = self.registry();
+            (registry.live() as u64, registry.tombstones as u64)
+        };
         ServerStats {
             links_accepted: c.links_accepted.load(Ordering::Relaxed),
             sessions_created: c.sessions_created.load(Ordering::Relaxed),
-            sessions_open: self.registry().sessions.len() as u64,
+            sessions_open,
+            tombstones,
             resumes: c.resumes.load(Ordering::Relaxed),
             rejected: c.rejected.load(Ordering::Relaxed),
             bad_handshakes: c.bad_handshakes.load(Ordering::Relaxed),
@@ -199,6 +276,7 @@ impl<S, R> Server<S, R> {
                 by_key: HashMap::new(),
                 sessions: HashMap::new(),
                 next_id: 0,
+                tombstones: 0,
             }),
             counters: Counters::default(),
             accepted: accepted_tx,
@@ -298,7 +376,7 @@ async fn handle_link<L: Link>(inner: Arc<Inner<L>>, link: L) {
         client_extensions: hello.extensions,
     };
     match hello.resume_key {
-        None if inner.registry().sessions.len() >= inner.config.max_sessions => {
+        None if inner.registry().live() >= inner.config.max_sessions => {
             tracing::warn!(
                 max = inner.config.max_sessions,
                 "session limit reached: rejecting a new session"
@@ -309,7 +387,11 @@ async fn handle_link<L: Link>(inner: Arc<Inner<L>>, link: L) {
         Some(key) => {
             let route = inner.registry().route(&key, fresh);
             let attach = match route {
-                Some(session) => match session.send(Box::new(attach)).await {
+                Some(Route::Closed) => {
+                    tracing::debug!(?key, "resume of a closed session");
+                    return answer(&inner, attach.tx, ServerHello::closed()).await;
+                }
+                Some(Route::Session(session)) => match session.send(Box::new(attach)).await {
                     Ok(()) => {
                         inner.counters.resumes.fetch_add(1, Ordering::Relaxed);
                         return;
@@ -325,18 +407,23 @@ async fn handle_link<L: Link>(inner: Arc<Inner<L>>, link: L) {
 }
 
 /// Answers with the rejected flag and closes the link.
-async fn reject<L: Link>(inner: &Inner<L>, mut tx: L::Tx) {
+async fn reject<L: Link>(inner: &Inner<L>, tx: L::Tx) {
     inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
-    let reject = Bytes::copy_from_slice(&ServerHello::reject().encode());
+    answer(inner, tx, ServerHello::reject()).await;
+}
+
+/// Sends `hello` and closes the link, within the handshake timeout.
+async fn answer<L: Link>(inner: &Inner<L>, mut tx: L::Tx, hello: ServerHello) {
+    let hello = Bytes::copy_from_slice(&hello.encode());
     let _ = timeout(inner.config.handshake_timeout, async {
-        let _ = tx.send(reject).await;
+        let _ = tx.send(hello).await;
         let _ = tx.close().await;
     })
     .await;
 }
 
 async fn new_session<L: Link>(inner: Arc<Inner<L>>, attach: Attach<L>) {
-    let shared = Shared::new(&inner.config, ConduitState::Connecting);
+    let shared = Shared::new(&inner.config, Role::Server, ConduitState::Connecting);
     let (ep, handles) = endpoint(shared.clone());
     let (attach_tx, attach_rx) = mpsc::channel(4);
     let key = attach.key;
@@ -350,7 +437,6 @@ async fn new_session<L: Link>(inner: Arc<Inner<L>>, attach: Attach<L>) {
         id,
         shared,
         endpoint: ep,
-        recv: RecvState::new(),
         unaccepted: Arc::new(Mutex::new(Some(handles))),
     };
     // The driver answers the client at once, and hands the session to
@@ -367,17 +453,15 @@ struct SessionDriver<L: Link> {
     id: u64,
     shared: Arc<Shared>,
     endpoint: Endpoint,
-    recv: RecvState,
     /// The application's handles until the session is handed to `accept`.
     ///
     /// A ServerHello can be lost with its link; the client then opens
-    /// another session and this one is an orphan nobody holds. With
-    /// keepalive on, a tether client pings as soon as it is attached, so the
-    /// session is handed out only once the client proved it holds the key
-    /// (its first frame, or a resume); an orphan is never seen by the
-    /// application and expires after the resume window. Without keepalive
-    /// no prompt first frame is guaranteed, and the session is handed out at
-    /// once.
+    /// another session and this one is an orphan nobody holds. So the
+    /// session is handed out only once the client proved it holds the key:
+    /// its first frame (a tether client with standalone acks sends its
+    /// window first thing; a base-format client, its first message), or a
+    /// resume. An orphan is never seen by the application and expires after
+    /// the resume window.
     unaccepted: Arc<Mutex<Option<Handles>>>,
 }
 
@@ -406,12 +490,17 @@ impl<L: Link> SessionDriver<L> {
                     let Some(window) = self.weak.upgrade().map(|i| i.config.resume_window) else {
                         return self.end(Some(SessionLost::ServerShutdown));
                     };
+                    // A close that began goes on when the client is back,
+                    // within its own deadline and the resume window.
                     tokio::select! {
+                        biased;
                         a = attach_rx.recv() => match a {
                             Some(a) => *a,
                             None => return self.end(Some(SessionLost::ServerShutdown)),
                         },
-                        () = self.endpoint.all_gone() => return self.end(None),
+                        () = self.shared.close_expired() => {
+                            return self.end(Some(SessionLost::CloseTimedOut));
+                        }
                         () = tokio::time::sleep(window) => {
                             tracing::info!(?window, "session expired: no resume");
                             return self.end(Some(SessionLost::Expired));
@@ -431,11 +520,11 @@ impl<L: Link> SessionDriver<L> {
                 None => return self.end(Some(SessionLost::ServerShutdown)),
             };
             // Echo what both sides speak; anything else stays off.
-            let extensions = client_extensions & offered;
+            let extensions = ext::negotiate(client_extensions, offered);
             let hello = ServerHello {
                 rejected: false,
                 resume_key: key,
-                last_received: self.recv.last_received(),
+                last_received: self.endpoint.last_received(),
                 extensions,
             };
             let sent = timeout(
@@ -448,15 +537,15 @@ impl<L: Link> SessionDriver<L> {
                 self.shared.set_state(ConduitState::Reconnecting);
                 continue;
             }
-            if attached_before || extensions & ext::KEEPALIVE == 0 {
-                // A resume proves the client holds a key; without keepalive
-                // nothing better is coming.
+            if attached_before {
+                // A resume proves the client holds a key of this session.
                 hand_off(&self.weak, &self.unaccepted);
             }
-            if let Err(reason) =
-                self.shared
-                    .resume(client_last_received, self.recv.last_received(), extensions)
-            {
+            if let Err(reason) = self.shared.resume(
+                client_last_received,
+                self.endpoint.last_received(),
+                extensions,
+            ) {
                 return self.end(Some(reason));
             }
             if attached_before {
@@ -472,19 +561,13 @@ impl<L: Link> SessionDriver<L> {
             });
             attached_before = true;
             let (weak, id, unaccepted) = (self.weak.clone(), self.id, self.unaccepted.clone());
+            let newer = newer_link(&self.weak, self.id, &mut attach_rx);
             let end = run_attachment(
                 &self.shared,
                 &mut self.endpoint,
                 &mut tx,
                 &mut rx,
-                &mut self.recv,
-                async {
-                    match attach_rx.recv().await {
-                        Some(newer) => *newer,
-                        // The server is gone: keep this link while it lasts.
-                        None => std::future::pending().await,
-                    }
-                },
+                newer,
                 move || {
                     if let Some(inner) = weak.upgrade() {
                         inner.registry().confirm(id, &key);
@@ -499,9 +582,10 @@ impl<L: Link> SessionDriver<L> {
                     next = Some(newer);
                 }
                 AttachEnd::Finished => {
-                    let _ = tx.close().await;
+                    let _ = timeout(handshake_timeout, tx.close()).await;
                     return self.end(None);
                 }
+                AttachEnd::CloseTimedOut => return self.end(Some(SessionLost::CloseTimedOut)),
                 AttachEnd::Protocol(msg) => return self.end(Some(SessionLost::Protocol(msg))),
                 AttachEnd::Link(e) => {
                     tracing::debug!(error = %e, "session link failed; waiting for a resume");
@@ -515,13 +599,56 @@ impl<L: Link> SessionDriver<L> {
         }
     }
 
+    /// Ends the session: closed (then a tombstone answers late resumes for
+    /// the resume window) or lost (its keys are forgotten at once).
     fn end(self, lost: Option<SessionLost>) {
-        if let Some(inner) = self.weak.upgrade() {
-            inner.registry().remove(self.id);
-        }
         match lost {
             Some(reason) => self.shared.fail(reason),
             None => self.shared.finish(),
         }
+        let Some(inner) = self.weak.upgrade() else {
+            return;
+        };
+        let closed = matches!(self.shared.terminal(), Some(Terminal::Closed));
+        if closed
+            && inner
+                .registry()
+                .tombstone(self.id, inner.config.max_sessions)
+        {
+            let (weak, id, window) = (self.weak.clone(), self.id, inner.config.resume_window);
+            tokio::spawn(async move {
+                tokio::time::sleep(window).await;
+                if let Some(inner) = weak.upgrade() {
+                    inner.registry().remove(id);
+                }
+            });
+        } else {
+            inner.registry().remove(self.id);
+        }
+    }
+}
+
+/// The next link that resumes the session and still holds a valid key. A
+/// link routed here before the live link proved its key, whose key that
+/// proof then revoked, was a stale hello: it is rejected, and the live
+/// link stays.
+async fn newer_link<L: Link>(
+    weak: &std::sync::Weak<Inner<L>>,
+    id: u64,
+    attach_rx: &mut AttachRx<L>,
+) -> Attach<L> {
+    loop {
+        let Some(newer) = attach_rx.recv().await else {
+            // The server is gone: keep this link while it lasts.
+            return std::future::pending().await;
+        };
+        let Some(inner) = weak.upgrade() else {
+            return std::future::pending().await;
+        };
+        if inner.registry().is_valid(id, &newer.key) {
+            return *newer;
+        }
+        tracing::debug!("rejecting a stale resume: the live link proved a newer key");
+        tokio::spawn(async move { reject(&inner, newer.tx).await });
     }
 }

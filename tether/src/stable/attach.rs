@@ -1,0 +1,160 @@
+//! One link attachment: the reader, the writer and the keepalive watchdog
+//! of a session on one link, run together until the link fails, the
+//! session's close completes, or a newer link preempts this one; and the
+//! driver's side of the application's handles.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_proto::ext;
+
+use super::recv::{deliver_batch, read_loop, RecvSide};
+use super::send::write_loop;
+use super::shared::Shared;
+use crate::link::{LinkError, LinkRx, LinkTx};
+
+/// Why one attachment ended.
+#[derive(Debug)]
+pub(crate) enum AttachEnd<P> {
+    /// The link failed or ended; the session goes on.
+    Link(LinkError),
+    /// The peer ended the link at a payload boundary.
+    Eof,
+    /// The peer broke the protocol; the session is lost.
+    Protocol(String),
+    /// This side's part of the close is complete (the server: the client's
+    /// close arrived and everything it sent was acknowledged; the client:
+    /// the server said so). Without the close extension: this side closed
+    /// and everything it sent was acknowledged.
+    Finished,
+    /// The close did not complete within the close timeout.
+    CloseTimedOut,
+    /// No pong arrived within the keepalive timeout.
+    Timeout,
+    /// The caller's preempting future resolved (e.g. a newer link arrived).
+    Preempted(P),
+}
+
+/// The driver's side of the application handles: what the reader keeps
+/// across links, and the end of the inbox when the driver goes away.
+pub(crate) struct Endpoint {
+    shared: Arc<Shared>,
+    pub(super) recv: RecvSide,
+}
+
+/// The application's side, before it is wrapped in typed handles: one
+/// sender and one receiver, counted as live handles of the session until
+/// they are dropped.
+pub(crate) struct Handles {
+    shared: Option<Arc<Shared>>,
+}
+
+impl Handles {
+    /// Takes the session out; the caller now owns the two handles' counts.
+    pub(crate) fn into_shared(mut self) -> Arc<Shared> {
+        self.shared.take().expect("handles taken once")
+    }
+}
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.handle_dropped();
+            shared.handle_dropped();
+        }
+    }
+}
+
+pub(crate) fn endpoint(shared: Arc<Shared>) -> (Endpoint, Handles) {
+    shared.handle_added();
+    shared.handle_added();
+    (
+        Endpoint {
+            shared: shared.clone(),
+            recv: RecvSide::default(),
+        },
+        Handles {
+            shared: Some(shared),
+        },
+    )
+}
+
+impl Endpoint {
+    /// What this side last received, for its hello.
+    pub(crate) fn last_received(&self) -> Option<tether_proto::Seq> {
+        self.recv.state.last_received()
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        deliver_batch(&self.shared, &mut self.recv.batch);
+        self.shared.inbox.close_driver();
+    }
+}
+
+/// Polls `fut` once: its output if it is ready now.
+pub(super) fn poll_now<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Runs one link attachment until it fails, this side's close completes or
+/// times out, or `preempt` resolves. `on_first_frame` runs when the first
+/// well-formed frame arrives on this link (the server confirms a rotated
+/// key with it).
+pub(crate) async fn run_attachment<Tx, Rx, P>(
+    shared: &Shared,
+    endpoint: &mut Endpoint,
+    tx: &mut Tx,
+    rx: &mut Rx,
+    preempt: impl std::future::Future<Output = P>,
+    on_first_frame: impl FnOnce(),
+) -> AttachEnd<P>
+where
+    Tx: LinkTx,
+    Rx: LinkRx,
+{
+    let recv = &mut endpoint.recv;
+    deliver_batch(shared, &mut recv.batch);
+    let extensions = shared.extensions();
+    let end = tokio::select! {
+        biased;
+        p = preempt => AttachEnd::Preempted(p),
+        () = shared.close_expired() => AttachEnd::CloseTimedOut,
+        end = read_loop(shared, rx, recv, extensions, on_first_frame) => end,
+        end = write_loop(shared, tx, extensions) => end,
+        end = watchdog(shared, extensions) => end,
+    };
+    // Whatever the reader had decoded when the attachment ended is the
+    // application's.
+    deliver_batch(shared, &mut recv.batch);
+    end
+}
+
+/// Declares the link dead when no pong arrived for the keepalive timeout.
+async fn watchdog<P>(shared: &Shared, extensions: u8) -> AttachEnd<P> {
+    use std::sync::atomic::Ordering;
+    if extensions & ext::KEEPALIVE == 0 {
+        return std::future::pending().await;
+    }
+    let timeout_us = shared.keepalive_timeout.as_micros() as u64;
+    loop {
+        let last = shared.last_pong_us.load(Ordering::Acquire);
+        let due = last + timeout_us;
+        let now = shared.now_us();
+        if now >= due {
+            shared
+                .counters
+                .keepalive_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(timeout = ?shared.keepalive_timeout, "no pong: link declared dead");
+            return AttachEnd::Timeout;
+        }
+        tokio::time::sleep(Duration::from_micros(due - now)).await;
+    }
+}

@@ -1,0 +1,455 @@
+//! The send side: `send` and the writer of one link.
+//!
+//! `send` encodes the message once into an arena, behind a gap for the
+//! header (a large message, with fragments on, behind a gap for every
+//! piece), outside any lock shared with the driver; then it takes the send
+//! lock, writes the headers (seq; an ack only in the base format) into the
+//! gaps, pushes the frozen frames into the replay buffer and wakes the
+//! writer. The replay buffer *is* the outgoing queue: the writer keeps a
+//! cursor (next seq to write on the current link) and hands the same
+//! `Bytes` to the link. A resume only moves the cursor back to the first
+//! frame the peer lacks. A message accepted by `send` is therefore in the
+//! buffer before `send` returns, whatever the link is doing, and is written
+//! on this link or a later one: no send can race a reconnect.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::Serialize;
+use tether_proto::{
+    encode_item, encode_item_gapped, ext, frame::FrameHeader, Control, Seq, MAX_HEADER_LEN,
+};
+
+use super::attach::AttachEnd;
+use super::shared::{decode_seq, encode_seq, lock, Role, Shared};
+use crate::error::{Error, SessionLost};
+use crate::link::LinkTx;
+
+/// Frames handed to the link per batch at most.
+const MAX_BATCH: usize = 256;
+/// Bytes handed to the link per batch at most.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// A batch is flushed at least every this many bytes, so that a link that
+/// dies in the middle of a batch has carried its first frames.
+const FLUSH_BYTES: usize = 64 * 1024;
+
+pub(super) enum TrySend {
+    Sent,
+    Full,
+}
+
+impl Shared {
+    /// The ack a data frame carries: none when standalone acks are on (a
+    /// frame may be replayed long after it was pushed, and its ack would be
+    /// stale by then); the last consumed seq in the base format, where
+    /// piggybacking is the only way to acknowledge.
+    pub(crate) fn ack_value(&self) -> Option<Seq> {
+        decode_seq(self.consumed.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Serializes `msg` once into the encode arena, behind a gap of
+    /// [`MAX_HEADER_LEN`] bytes where [`try_push`](Self::try_push) writes
+    /// the header once the seq is known; with fragments on, a gap in front
+    /// of every `fragment_size` bytes. Runs outside the send lock, so a
+    /// large message never holds up the writer or the ack path. Returns the
+    /// encoded bytes and the item's length without the gaps.
+    fn encode<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(BytesMut, usize), Error> {
+        let mut arena = self
+            .arena
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        arena.ensure_chunk();
+        let buf = &mut arena.buf;
+        let encoded = if self.extensions() & ext::FRAGMENTS != 0 {
+            encode_item_gapped(msg, buf, MAX_HEADER_LEN, self.fragment_size)
+        } else {
+            buf.put_bytes(0, MAX_HEADER_LEN);
+            encode_item(msg, buf).map(|()| buf.len() - MAX_HEADER_LEN)
+        };
+        match encoded {
+            Ok(len) => Ok((buf.split(), len)),
+            Err(e) => {
+                buf.clear();
+                Err(Error::Encode(e))
+            }
+        }
+    }
+
+    /// Writes the headers in front of the encoded pieces and queues the
+    /// message's frames, unless the replay buffer is full; `item` is taken
+    /// (left empty) only when queued.
+    fn try_push(&self, item: &mut BytesMut, item_len: usize) -> Result<TrySend, Error> {
+        {
+            let mut guard = lock(&self.send);
+            if let Some(err) = self.terminal_error() {
+                return Err(err);
+            }
+            let s = &mut *guard;
+            if s.closing {
+                return Err(Error::Closed);
+            }
+            let acks = self.acks_negotiated();
+            let piece = if self.extensions() & ext::FRAGMENTS != 0 {
+                self.fragment_size
+            } else {
+                usize::MAX
+            };
+            let pieces = item_len.div_ceil(piece).max(1);
+            let first = s.replay.next_seq();
+            let last = first.wrapping_add(pieces as u32 - 1);
+            let header = FrameHeader {
+                seq: last,
+                ack: if acks { None } else { self.ack_value() },
+            };
+            let (header_bytes, header_len) = header.to_array();
+            let len = item_len + header_len;
+            if len > self.max_message_size {
+                return Err(Error::TooLarge {
+                    len,
+                    max: self.max_message_size,
+                });
+            }
+            // Without standalone acks, a side that only receives never
+            // acknowledges: enforcing the bound could deadlock two senders.
+            if acks
+                && !s
+                    .replay
+                    .has_room_for(pieces, len + (pieces - 1) * header_len)
+            {
+                return Ok(TrySend::Full);
+            }
+            for i in 0..pieces {
+                let seq = first.wrapping_add(i as u32);
+                let (mut frame, (bytes, hlen)) = if seq == last {
+                    (item.split(), (header_bytes, header_len))
+                } else {
+                    (
+                        item.split_to(MAX_HEADER_LEN + piece),
+                        FrameHeader::fragment_array(seq),
+                    )
+                };
+                let start = MAX_HEADER_LEN - hlen;
+                frame[start..MAX_HEADER_LEN].copy_from_slice(&bytes[..hlen]);
+                frame.advance(start);
+                s.replay.push(frame.freeze());
+            }
+            // Only the sender, under this lock, raises the peak: a plain
+            // store when it grows, no read-modify-write per message.
+            let bytes = s.replay.bytes();
+            let peak = &self.counters.max_replay_bytes;
+            if bytes > peak.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.store(bytes, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.writer_wake.notify_one();
+        Ok(TrySend::Sent)
+    }
+
+    /// Sends `msg`, waiting while the replay buffer is full. It is
+    /// serialized once, whatever the wait.
+    pub(crate) async fn send<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(), Error> {
+        let (mut item, item_len) = self.encode(msg)?;
+        loop {
+            if let TrySend::Sent = self.try_push(&mut item, item_len)? {
+                return Ok(());
+            }
+            // Register for a wake-up before looking again, so an ack that
+            // lands in between is not missed.
+            let notified = self.space_wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let TrySend::Sent = self.try_push(&mut item, item_len)? {
+                return Ok(());
+            }
+            notified.await;
+        }
+    }
+
+    /// After a handshake: records the extensions negotiated for the new link
+    /// and rewinds the writer to the first frame the peer lacks.
+    /// `our_last_received` is what our hello told the peer. Returns how many
+    /// frames will be replayed.
+    ///
+    /// With standalone acks the peer's last received only moves the cursor:
+    /// frames are freed by acks, which report what the peer's application
+    /// consumed, so a reader that stalls across cuts keeps its sender within
+    /// the replay bound. In the base format the last received is the only
+    /// ack a receive-only peer ever gives, and trims the buffer.
+    pub(crate) fn resume(
+        &self,
+        peer_last_received: Option<Seq>,
+        our_last_received: Option<Seq>,
+        extensions: u8,
+    ) -> Result<u64, SessionLost> {
+        self.set_extensions(extensions)?;
+        let acks = extensions & ext::ACKS != 0;
+        self.last_pong_us
+            .store(self.now_us(), std::sync::atomic::Ordering::Release);
+        self.pong_due.store(0, std::sync::atomic::Ordering::Release);
+        // In the base format the peer trims on our hello's last received;
+        // with acks it trims on acks only, so this link starts with no ack
+        // told and the writer acknowledges what was consumed.
+        self.set_ack_told(if acks { None } else { our_last_received });
+        let (frames, bytes) = {
+            let mut s = lock(&self.send);
+            let start = if acks {
+                s.replay.rewind_to(peer_last_received)
+            } else {
+                s.replay.resume_from(peer_last_received)
+            }
+            .map_err(|e| SessionLost::Protocol(format!("impossible resume point: {e}")))?;
+            s.cursor = start;
+            let mut frames = 0u64;
+            let mut bytes = 0u64;
+            for (seq, f) in s.replay.iter() {
+                if seq.is_before(start) {
+                    continue;
+                }
+                if !seq.is_before(s.written_until) {
+                    break;
+                }
+                frames += 1;
+                bytes += f.len() as u64;
+            }
+            (frames, bytes)
+        };
+        self.space_wake.notify_waiters();
+        let c = &self.counters;
+        c.frames_replayed
+            .fetch_add(frames, std::sync::atomic::Ordering::Relaxed);
+        c.bytes_replayed
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(
+            replayed_frames = frames,
+            replayed_bytes = bytes,
+            ?peer_last_received,
+            extensions,
+            "link attached"
+        );
+        Ok(frames)
+    }
+
+    pub(super) fn ack_told(&self) -> Option<Seq> {
+        decode_seq(self.ack_told.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    pub(super) fn set_ack_told(&self, seq: Option<Seq>) {
+        use std::sync::atomic::Ordering;
+        self.ack_told.store(encode_seq(seq), Ordering::Release);
+        self.unacked_bytes.store(0, Ordering::Release);
+    }
+
+    /// Consumed frames and bytes that make an ack due: the configured
+    /// count, or half the peer's announced window, whichever is smaller.
+    pub(super) fn ack_thresholds(&self) -> (u32, usize) {
+        use std::sync::atomic::Ordering;
+        let frames = match self.peer_window_frames.load(Ordering::Acquire) {
+            0 => self.ack_every,
+            w => self.ack_every.min((w / 2).max(1)),
+        };
+        let bytes = match self.peer_window_bytes.load(Ordering::Acquire) {
+            0 => usize::MAX,
+            w => (w as usize / 2).max(1),
+        };
+        (frames, bytes)
+    }
+
+    /// The consumed seq the peer has not been told yet, if standalone acks
+    /// are on. The peer's close frame counts as consumed as soon as
+    /// everything before it is: the application need not ask for the end
+    /// of the stream for the peer's close to complete.
+    fn pending_ack(&self) -> Option<Seq> {
+        use std::sync::atomic::Ordering;
+        if !self.acks_negotiated() {
+            return None;
+        }
+        let mut consumed = self.ack_value()?;
+        if let Some(fin) = self.peer_fin() {
+            if fin == consumed.next() {
+                let _ = self.consumed.compare_exchange(
+                    encode_seq(Some(consumed)),
+                    encode_seq(Some(fin)),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                consumed = fin;
+            }
+        }
+        match self.ack_told() {
+            Some(told) if !consumed.is_after(told) => None,
+            _ => Some(consumed),
+        }
+    }
+
+    /// Whether this side's part of the close is done on this link, and the
+    /// frame that says so, if any: the server's closed frame once the
+    /// client's close frame arrived and every frame of its own (its close
+    /// frame last) was acknowledged; without the close extension, a drained
+    /// replay buffer. The client waits for the server's word.
+    fn close_done(&self, extensions: u8) -> Option<Option<Control>> {
+        let s = lock(&self.send);
+        if !s.closing || !s.replay.is_empty() {
+            return None;
+        }
+        if extensions & ext::CLOSE == 0 {
+            return Some(None);
+        }
+        match (self.role, self.peer_fin()) {
+            (Role::Server, Some(peer_fin)) => Some(Some(Control::Closed(peer_fin))),
+            _ => None,
+        }
+    }
+}
+
+/// Writes frames, acks, pings and pongs to one link until it fails or this
+/// side's part of the close is done.
+pub(super) async fn write_loop<Tx: LinkTx, P>(
+    shared: &Shared,
+    tx: &mut Tx,
+    extensions: u8,
+) -> AttachEnd<P> {
+    use std::sync::atomic::Ordering;
+    // Grows to the largest batch seen; an idle session's stays small.
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut control = BytesMut::new();
+    // When the current pending ack (if any) must go out at the latest.
+    let mut ack_deadline: Option<tokio::time::Instant> = None;
+    let keepalive = extensions & ext::KEEPALIVE != 0;
+    let acks = extensions & ext::ACKS != 0;
+    let mut next_ping = tokio::time::Instant::now();
+    if acks {
+        let (frames, bytes) = shared.window;
+        Control::Window { frames, bytes }.encode(&mut control);
+        if let Err(e) = tx.send(control.split().freeze()).await {
+            return AttachEnd::Link(e);
+        }
+    }
+    loop {
+        let now = tokio::time::Instant::now();
+        if keepalive && now >= next_ping {
+            let nonce = shared.ping_nonce.load(Ordering::Relaxed) as u32;
+            let nonce = nonce.wrapping_add(1);
+            shared
+                .ping_sent_us
+                .store(shared.now_us(), Ordering::Release);
+            shared.ping_nonce.store(u64::from(nonce), Ordering::Release);
+            Control::Ping(nonce).encode(&mut control);
+            if let Err(e) = tx.send(control.split().freeze()).await {
+                return AttachEnd::Link(e);
+            }
+            next_ping = now + shared.keepalive_interval;
+        }
+        if let Some(nonce) = decode_seq(shared.pong_due.swap(0, Ordering::AcqRel)) {
+            Control::Pong(nonce.0).encode(&mut control);
+            if let Err(e) = tx.send(control.split().freeze()).await {
+                return AttachEnd::Link(e);
+            }
+        }
+        // An ack that is due goes out first, ahead of any data: data frames
+        // carry no ack with standalone acks on, and the peer's sends may be
+        // waiting for it.
+        if let Some(ack) = shared.pending_ack() {
+            let deadline = *ack_deadline.get_or_insert(now + shared.ack_delay);
+            let backlog = shared.ack_told().map_or(1, |t| ack.distance_from(t));
+            let (frames_due, bytes_due) = shared.ack_thresholds();
+            let bytes = shared.unacked_bytes.load(Ordering::Acquire);
+            let closing = shared.peer_fin() == Some(ack);
+            if backlog >= frames_due || bytes >= bytes_due || now >= deadline || closing {
+                Control::Ack(ack).encode(&mut control);
+                batch.push(control.split().freeze());
+                shared.set_ack_told(Some(ack));
+                ack_deadline = None;
+            }
+        } else {
+            ack_deadline = None;
+        }
+        let acked = batch.len();
+        {
+            let mut guard = lock(&shared.send);
+            let s = &mut *guard;
+            let first = s.replay.first_seq();
+            if s.cursor.is_before(first) {
+                s.cursor = first;
+            }
+            let mut bytes = 0;
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                match s.replay.get(s.cursor) {
+                    Some(frame) => {
+                        bytes += frame.len();
+                        batch.push(frame.clone());
+                        s.cursor = s.cursor.next();
+                    }
+                    None => break,
+                }
+            }
+            if s.cursor.is_after(s.written_until) {
+                s.written_until = s.cursor;
+            }
+        }
+        if batch.len() == acked {
+            if let Some(done) = shared.close_done(extensions) {
+                if let Some(frame) = done {
+                    frame.encode(&mut control);
+                    batch.push(control.split().freeze());
+                }
+                for frame in batch.drain(..) {
+                    if let Err(e) = tx.feed(frame).await {
+                        return AttachEnd::Link(e);
+                    }
+                }
+                if let Err(e) = tx.flush().await {
+                    return AttachEnd::Link(e);
+                }
+                return AttachEnd::Finished;
+            }
+        }
+        if batch.is_empty() {
+            // Wake for the earliest of: an ack due, a ping due.
+            let wake_at = match (ack_deadline, keepalive.then_some(next_ping)) {
+                (Some(a), Some(p)) => Some(a.min(p)),
+                (a, p) => a.or(p),
+            };
+            let timer = async {
+                match wake_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shared.writer_wake.notified() => {}
+                () = timer => {}
+            }
+            continue;
+        }
+        shared
+            .counters
+            .frames_sent
+            .fetch_add((batch.len() - acked) as u64, Ordering::Relaxed);
+        if !acks {
+            // In the base format the newest frame carries the newest
+            // piggybacked ack of the batch.
+            if let Some(Ok((FrameHeader { ack: Some(ack), .. }, _))) =
+                batch.last().map(|f| FrameHeader::decode(f))
+            {
+                if shared.ack_told().is_none_or(|told| ack.is_after(told)) {
+                    shared.set_ack_told(Some(ack));
+                }
+            }
+        }
+        let mut unflushed = 0;
+        for frame in batch.drain(..) {
+            unflushed += frame.len();
+            if let Err(e) = tx.feed(frame).await {
+                return AttachEnd::Link(e);
+            }
+            if unflushed >= FLUSH_BYTES {
+                unflushed = 0;
+                if let Err(e) = tx.flush().await {
+                    return AttachEnd::Link(e);
+                }
+            }
+        }
+        if let Err(e) = tx.flush().await {
+            return AttachEnd::Link(e);
+        }
+    }
+}
