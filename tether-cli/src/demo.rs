@@ -117,6 +117,14 @@ pub fn payload(seed: u64, idx: u64, size: usize) -> Vec<u8> {
 /// The demo's replay-buffer bound in bytes.
 pub const DEMO_REPLAY_BYTES: usize = 1 << 20;
 
+/// How many messages a demo of `size`-byte messages sends by default:
+/// 1,000,000, but no more than make 256 MiB, so that large messages finish
+/// in seconds too.
+pub fn default_messages(size: usize) -> u64 {
+    const TOTAL: u64 = 256 << 20;
+    (TOTAL / size.max(8) as u64).clamp(1, 1_000_000)
+}
+
 fn demo_config(seed: u64) -> Config {
     let mut c = Config::default();
     c.seed(seed)

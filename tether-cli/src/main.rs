@@ -146,9 +146,11 @@ enum Command {
     /// Stream messages through a proxy that cuts the connection at random,
     /// and check that every one comes back exactly once, in order.
     Demo {
-        /// Messages to send (each is echoed back).
-        #[arg(long, default_value_t = 1_000_000)]
-        messages: u64,
+        /// Messages to send (each is echoed back). Default: 1,000,000, or
+        /// as many as make 256 MiB when messages are larger than 268 bytes
+        /// (32 of 8 MiB).
+        #[arg(long)]
+        messages: Option<u64>,
         /// Payload size in bytes (at least 8).
         #[arg(long, default_value_t = 64)]
         size: usize,
@@ -307,7 +309,7 @@ fn main() -> ExitCode {
                 one_way,
             } => {
                 let opts = DemoOptions {
-                    messages,
+                    messages: messages.unwrap_or_else(|| tether_cli::demo::default_messages(size)),
                     size: size.max(8),
                     cut_every,
                     handshake_cuts,

@@ -318,7 +318,20 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
     if acks {
         let (frames, bytes) = shared.window;
         Control::Window { frames, bytes }.encode(&mut control);
-        if let Err(e) = tx.send(control.split().freeze()).await {
+        if let Err(e) = tx.feed(control.split().freeze()).await {
+            return AttachEnd::Link(e);
+        }
+        // The peer keeps what it sent until it is acknowledged, whatever
+        // our hello said we received: tell it at once what was consumed,
+        // or its window may stay full of frames we already have.
+        if let Some(ack) = shared.pending_ack() {
+            Control::Ack(ack).encode(&mut control);
+            if let Err(e) = tx.feed(control.split().freeze()).await {
+                return AttachEnd::Link(e);
+            }
+            shared.set_ack_told(Some(ack));
+        }
+        if let Err(e) = tx.flush().await {
             return AttachEnd::Link(e);
         }
     }
