@@ -118,6 +118,12 @@ impl Reassembly {
             *self = Reassembly::default();
             return Err(TooLarge { len, max });
         }
+        if !self.started {
+            // One allocation for a typical large message instead of a
+            // doubling series of copies: room for sixteen pieces like this
+            // one, within the maximum.
+            self.buf.reserve(piece.len().saturating_mul(16).min(max));
+        }
         self.buf.extend_from_slice(piece);
         self.started = true;
         Ok(())
