@@ -168,28 +168,10 @@ impl ReplayBuffer {
     /// `None` means the peer has received nothing; that is only consistent
     /// if no frame was ever dropped. Errors change nothing.
     pub fn resume_from(&mut self, peer_last_received: Option<Seq>) -> Result<Seq, ReplayError> {
-        let missing = ReplayError::PeerMissingTrimmed {
-            peer_last_received,
-            first_held: self.first_seq,
-        };
-        match peer_last_received {
-            None if self.trimmed => Err(missing),
-            None => Ok(self.first_seq),
-            Some(last) => {
-                if !last.is_before(self.next_seq) {
-                    return Err(ReplayError::AckBeyondSent {
-                        ack: last,
-                        next_seq: self.next_seq,
-                    });
-                }
-                if last.next().is_before(self.first_seq) {
-                    return Err(missing);
-                }
-                let count = last.next().distance_from(self.first_seq) as usize;
-                self.drop_front(count, drop);
-                Ok(self.first_seq)
-            }
-        }
+        let start = self.rewind_to(peer_last_received)?;
+        let count = start.distance_from(self.first_seq) as usize;
+        self.drop_front(count, drop);
+        Ok(self.first_seq)
     }
 
     /// Like [`resume_from`](Self::resume_from), but drops nothing: returns
