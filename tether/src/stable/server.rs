@@ -12,9 +12,9 @@
 //! working. A resume with `confirmed` (the client never saw a pending key,
 //! or it is a stale hello) issues one more pending key and withdraws none,
 //! so a late hello can never revoke the key the client really holds. A
-//! newer link displaces the session's live one only while the live one has
-//! not proven its key; after that the stale link's key is revoked and it is
-//! rejected.
+//! newer link displaces the session's live one (which may be half-open) as
+//! long as the key it was routed with is still valid; a stale link whose
+//! key the live link's proof revoked in the meantime is rejected instead.
 //!
 //! A session whose close completed leaves a tombstone for the resume
 //! window: its keys are answered "closed" instead of rejected, so a client
