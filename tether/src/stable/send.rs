@@ -12,6 +12,8 @@
 //! buffer before `send` returns, whatever the link is doing, and is written
 //! on this link or a later one: no send can race a reconnect.
 
+use std::sync::atomic::Ordering;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use tether_proto::{
@@ -37,12 +39,13 @@ pub(super) enum TrySend {
 }
 
 impl Shared {
-    /// The ack a data frame carries: none when standalone acks are on (a
-    /// frame may be replayed long after it was pushed, and its ack would be
-    /// stale by then); the last consumed seq in the base format, where
-    /// piggybacking is the only way to acknowledge.
+    /// The last seq the application consumed: what an ack carries. Data
+    /// frames piggyback it only in the base format, where that is the only
+    /// way to acknowledge; with standalone acks on they carry none, since a
+    /// frame may be replayed long after it was pushed and its ack would be
+    /// stale by then (`try_push`).
     pub(crate) fn ack_value(&self) -> Option<Seq> {
-        decode_seq(self.consumed.load(std::sync::atomic::Ordering::Acquire))
+        decode_seq(self.consumed.load(Ordering::Acquire))
     }
 
     /// Serializes `msg` once into the encode arena, behind a gap of
@@ -135,8 +138,8 @@ impl Shared {
             // store when it grows, no read-modify-write per message.
             let bytes = s.replay.bytes();
             let peak = &self.counters.max_replay_bytes;
-            if bytes > peak.load(std::sync::atomic::Ordering::Relaxed) {
-                peak.store(bytes, std::sync::atomic::Ordering::Relaxed);
+            if bytes > peak.load(Ordering::Relaxed) {
+                peak.store(bytes, Ordering::Relaxed);
             }
         }
         self.writer_wake.notify_one();
@@ -181,9 +184,8 @@ impl Shared {
     ) -> Result<u64, SessionLost> {
         self.set_extensions(extensions)?;
         let acks = extensions & ext::ACKS != 0;
-        self.last_pong_us
-            .store(self.now_us(), std::sync::atomic::Ordering::Release);
-        self.pong_due.store(0, std::sync::atomic::Ordering::Release);
+        self.last_pong_us.store(self.now_us(), Ordering::Release);
+        self.pong_due.store(0, Ordering::Release);
         // In the base format the peer trims on our hello's last received;
         // with acks it trims on acks only, so this link starts with no ack
         // told and the writer acknowledges what was consumed.
@@ -213,10 +215,8 @@ impl Shared {
         };
         self.space_wake.notify_waiters();
         let c = &self.counters;
-        c.frames_replayed
-            .fetch_add(frames, std::sync::atomic::Ordering::Relaxed);
-        c.bytes_replayed
-            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        c.frames_replayed.fetch_add(frames, Ordering::Relaxed);
+        c.bytes_replayed.fetch_add(bytes, Ordering::Relaxed);
         tracing::debug!(
             replayed_frames = frames,
             replayed_bytes = bytes,
@@ -228,11 +228,10 @@ impl Shared {
     }
 
     pub(super) fn ack_told(&self) -> Option<Seq> {
-        decode_seq(self.ack_told.load(std::sync::atomic::Ordering::Acquire))
+        decode_seq(self.ack_told.load(Ordering::Acquire))
     }
 
     pub(super) fn set_ack_told(&self, seq: Option<Seq>) {
-        use std::sync::atomic::Ordering;
         self.ack_told.store(encode_seq(seq), Ordering::Release);
         self.unacked_bytes.store(0, Ordering::Release);
     }
@@ -240,7 +239,6 @@ impl Shared {
     /// Consumed frames and bytes that make an ack due: the configured
     /// count, or half the peer's announced window, whichever is smaller.
     pub(super) fn ack_thresholds(&self) -> (u32, usize) {
-        use std::sync::atomic::Ordering;
         let frames = match self.peer_window_frames.load(Ordering::Acquire) {
             0 => self.ack_every,
             w => self.ack_every.min((w / 2).max(1)),
@@ -257,7 +255,6 @@ impl Shared {
     /// everything before it is: the application need not ask for the end
     /// of the stream for the peer's close to complete.
     fn pending_ack(&self) -> Option<Seq> {
-        use std::sync::atomic::Ordering;
         if !self.acks_negotiated() {
             return None;
         }
@@ -306,32 +303,21 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
     tx: &mut Tx,
     extensions: u8,
 ) -> AttachEnd<P> {
-    use std::sync::atomic::Ordering;
     // Grows to the largest batch seen; an idle session's stays small.
     let mut batch: Vec<Bytes> = Vec::new();
     let mut control = BytesMut::new();
-    // When the current pending ack (if any) must go out at the latest.
-    let mut ack_deadline: Option<tokio::time::Instant> = None;
+    // When the current pending ack (if any) must go out at the latest. Due
+    // at once on a new link: the peer keeps what it sent until it is
+    // acknowledged, whatever our hello said we received, and its window may
+    // be full of frames we already have.
+    let mut ack_deadline = Some(tokio::time::Instant::now());
     let keepalive = extensions & ext::KEEPALIVE != 0;
     let acks = extensions & ext::ACKS != 0;
     let mut next_ping = tokio::time::Instant::now();
     if acks {
         let (frames, bytes) = shared.window;
         Control::Window { frames, bytes }.encode(&mut control);
-        if let Err(e) = tx.feed(control.split().freeze()).await {
-            return AttachEnd::Link(e);
-        }
-        // The peer keeps what it sent until it is acknowledged, whatever
-        // our hello said we received: tell it at once what was consumed,
-        // or its window may stay full of frames we already have.
-        if let Some(ack) = shared.pending_ack() {
-            Control::Ack(ack).encode(&mut control);
-            if let Err(e) = tx.feed(control.split().freeze()).await {
-                return AttachEnd::Link(e);
-            }
-            shared.set_ack_told(Some(ack));
-        }
-        if let Err(e) = tx.flush().await {
+        if let Err(e) = tx.send(control.split().freeze()).await {
             return AttachEnd::Link(e);
         }
     }
@@ -397,24 +383,22 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
                 s.written_until = s.cursor;
             }
         }
-        if batch.len() == acked {
-            if let Some(done) = shared.close_done(extensions) {
-                if let Some(frame) = done {
-                    frame.encode(&mut control);
-                    batch.push(control.split().freeze());
-                }
-                for frame in batch.drain(..) {
-                    if let Err(e) = tx.feed(frame).await {
-                        return AttachEnd::Link(e);
+        let data_frames = batch.len() - acked;
+        // This side's part of the close is done once nothing is left to
+        // write: the last batch (an ack, the closed frame) goes out, then the
+        // attachment ends.
+        let finished = data_frames == 0
+            && match shared.close_done(extensions) {
+                Some(frame) => {
+                    if let Some(frame) = frame {
+                        frame.encode(&mut control);
+                        batch.push(control.split().freeze());
                     }
+                    true
                 }
-                if let Err(e) = tx.flush().await {
-                    return AttachEnd::Link(e);
-                }
-                return AttachEnd::Finished;
-            }
-        }
-        if batch.is_empty() {
+                None => false,
+            };
+        if batch.is_empty() && !finished {
             // Wake for the earliest of: an ack due, a ping due.
             let wake_at = match (ack_deadline, keepalive.then_some(next_ping)) {
                 (Some(a), Some(p)) => Some(a.min(p)),
@@ -436,7 +420,7 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
         shared
             .counters
             .frames_sent
-            .fetch_add((batch.len() - acked) as u64, Ordering::Relaxed);
+            .fetch_add(data_frames as u64, Ordering::Relaxed);
         if !acks {
             // In the base format the newest frame carries the newest
             // piggybacked ack of the batch.
@@ -463,6 +447,9 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
         }
         if let Err(e) = tx.flush().await {
             return AttachEnd::Link(e);
+        }
+        if finished {
+            return AttachEnd::Finished;
         }
     }
 }

@@ -165,12 +165,11 @@ impl<L: Link> Registry<L> {
     }
 
     /// The session's close completed: its keys now answer "closed".
-    /// Returns `false`, forgetting the session instead, when `max` tombstones
-    /// are kept already (a client resuming after that is rejected, as after
-    /// the resume window).
+    /// Returns `false`, changing nothing, when `max` tombstones are kept
+    /// already: the caller forgets the session instead (a client resuming
+    /// after that is rejected, as after the resume window).
     fn tombstone(&mut self, id: u64, max: usize) -> bool {
         if self.tombstones >= max {
-            self.remove(id);
             return false;
         }
         if let Some(entry) = self.sessions.get_mut(&id) {
