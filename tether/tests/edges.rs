@@ -523,6 +523,50 @@ async fn wait_state(
 
 // ---- 1. dropping every handle while the link is down ----
 
+/// `dropper` sends while its link is down and unreachable, then drops every
+/// handle; once the network is back, `reader`'s application gets every
+/// message, then the end of the stream, and its own close completes.
+async fn drop_every_handle_while_down(
+    net: &Net,
+    dropper: StableConduit<Msg>,
+    reader: StableConduit<Msg>,
+    stream: u32,
+    who: &str,
+) {
+    let (rtx, mut rrx) = reader.split();
+    dropper.send(&msg(stream, 0)).await.unwrap();
+    check_exact(
+        "before the cut",
+        &recv_n(&mut rrx, 1, Duration::from_secs(5)).await,
+        &[msg(stream, 0)],
+    );
+
+    let mut states = dropper.state_changes();
+    net.refuse(true);
+    net.kill_all();
+    wait_state(&mut states, ConduitState::Reconnecting).await;
+    let sent: Vec<Msg> = (1..=50).map(|i| msg(stream, i)).collect();
+    for m in &sent {
+        dropper.send(m).await.unwrap();
+    }
+    drop(dropper);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    net.refuse(false);
+
+    let (got, end) = drain(&mut rrx, Duration::from_secs(30)).await;
+    check_drained(
+        &format!("{who}, after its peer dropped its handles"),
+        &got,
+        &end,
+        &sent,
+    );
+    let closed = timeout(Duration::from_secs(15), rtx.close()).await;
+    assert!(
+        matches!(closed, Ok(Ok(()))),
+        "the {who}'s close after its peer's: {closed:?}"
+    );
+}
+
 /// The client sends while it cannot reconnect and drops every handle: when
 /// the network comes back, the server's application gets every message,
 /// then the end of the stream.
@@ -531,38 +575,7 @@ async fn finding_1_client_drops_every_handle_while_reconnecting() {
     let mut server_cfg = config(11);
     server_cfg.resume_window(Duration::from_secs(20));
     let (_server, net, client, session) = setup(config(11), server_cfg).await;
-    let (stx, mut srx) = session.split();
-    client.send(&msg(0, 0)).await.unwrap();
-    check_exact(
-        "before the cut",
-        &recv_n(&mut srx, 1, Duration::from_secs(5)).await,
-        &[msg(0, 0)],
-    );
-
-    let mut states = client.state_changes();
-    net.refuse(true);
-    net.kill_all();
-    wait_state(&mut states, ConduitState::Reconnecting).await;
-    let sent: Vec<Msg> = (1..=50).map(|i| msg(0, i)).collect();
-    for m in &sent {
-        client.send(m).await.unwrap();
-    }
-    drop(client);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    net.refuse(false);
-
-    let (got, end) = drain(&mut srx, Duration::from_secs(30)).await;
-    check_drained(
-        "server, after the client dropped its handles",
-        &got,
-        &end,
-        &sent,
-    );
-    let closed = timeout(Duration::from_secs(15), stx.close()).await;
-    assert!(
-        matches!(closed, Ok(Ok(()))),
-        "the server's close after the client's: {closed:?}"
-    );
+    drop_every_handle_while_down(&net, client, session, 0, "server").await;
 }
 
 /// The mirror: the server's application sends while its client is away and
@@ -571,38 +584,7 @@ async fn finding_1_client_drops_every_handle_while_reconnecting() {
 #[tokio::test(start_paused = true)]
 async fn finding_1_server_drops_every_handle_while_waiting_for_a_resume() {
     let (_server, net, client, session) = setup(config(12), config(12)).await;
-    let (ctx, mut crx) = client.split();
-    session.send(&msg(1, 0)).await.unwrap();
-    check_exact(
-        "before the cut",
-        &recv_n(&mut crx, 1, Duration::from_secs(5)).await,
-        &[msg(1, 0)],
-    );
-
-    let mut states = session.state_changes();
-    net.refuse(true);
-    net.kill_all();
-    wait_state(&mut states, ConduitState::Reconnecting).await;
-    let sent: Vec<Msg> = (1..=50).map(|i| msg(1, i)).collect();
-    for m in &sent {
-        session.send(m).await.unwrap();
-    }
-    drop(session);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    net.refuse(false);
-
-    let (got, end) = drain(&mut crx, Duration::from_secs(30)).await;
-    check_drained(
-        "client, after the server dropped its handles",
-        &got,
-        &end,
-        &sent,
-    );
-    let closed = timeout(Duration::from_secs(15), ctx.close()).await;
-    assert!(
-        matches!(closed, Ok(Ok(()))),
-        "the client's close after the server's: {closed:?}"
-    );
+    drop_every_handle_while_down(&net, session, client, 1, "client").await;
 }
 
 // ---- 2. a close racing a cut ----
