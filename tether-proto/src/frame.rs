@@ -185,20 +185,25 @@ pub mod ext {
     pub const CLOSE: u8 = 0x10;
     /// Large messages travel as bounded pieces.
     pub const FRAGMENTS: u8 = 0x20;
+    /// Admission: the client understands a typed refusal (busy, denied,
+    /// policy) after a rejected ServerHello, and its ClientHello may carry a
+    /// credential after the 25 hello bytes. Independent of the others.
+    pub const ADMISSION: u8 = 0x40;
 
     /// Every extension this crate knows.
-    pub const ALL: u8 = ACKS | KEEPALIVE | CLOSE | FRAGMENTS;
+    pub const ALL: u8 = ACKS | KEEPALIVE | CLOSE | FRAGMENTS | ADMISSION;
 
     /// What is on for a link when one side offers `offered` and the other
     /// accepts `accepted`: the bits both have, except that keepalive, close
     /// and fragments are only ever on together with acks (a keepalive peer
     /// must keep reading, and a close or a fragmented message is
-    /// acknowledged by ack frames).
+    /// acknowledged by ack frames). Admission concerns the handshake only
+    /// and is on whenever both have it.
     #[must_use]
     pub fn negotiate(offered: u8, accepted: u8) -> u8 {
         let both = offered & accepted & ALL;
         if both & ACKS == 0 {
-            0
+            both & ADMISSION
         } else {
             both
         }

@@ -65,6 +65,125 @@ pub struct ServerHello {
     pub extensions: u8,
 }
 
+/// Most bytes of a [`Refusal`]'s reason on the wire.
+pub const MAX_REASON_LEN: usize = 256;
+
+/// Why a server refused a new session, in the typed form that follows a
+/// rejected ServerHello for clients that offered
+/// [`ADMISSION`](crate::ext::ADMISSION).
+///
+/// On the wire: the 25 bytes of [`ServerHello::reject`] with the admission
+/// bit set (flags `0x41`), then `kind` (one byte), `retry_after_ms` (u32
+/// little-endian) and the reason as UTF-8 (the rest of the payload, at most
+/// [`MAX_REASON_LEN`] bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// What kind of refusal.
+    pub kind: RefusalKind,
+    /// For [`RefusalKind::Busy`]: the least the client should wait before
+    /// it tries again, in milliseconds (0: no hint).
+    pub retry_after_ms: u32,
+    /// A short human-readable reason.
+    pub reason: String,
+}
+
+/// The kinds of [`Refusal`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefusalKind {
+    /// `01`: the server is at capacity (sessions, handshakes, memory); try
+    /// again later.
+    Busy,
+    /// `02`: the application's authorization refused this client.
+    Denied,
+    /// `03`: the client lacks something the server requires (for example
+    /// keepalive).
+    Policy,
+    /// A kind this implementation does not know.
+    Other(u8),
+}
+
+impl RefusalKind {
+    /// The kind's byte on the wire.
+    #[must_use]
+    pub fn to_byte(self) -> u8 {
+        match self {
+            RefusalKind::Busy => 1,
+            RefusalKind::Denied => 2,
+            RefusalKind::Policy => 3,
+            RefusalKind::Other(b) => b,
+        }
+    }
+
+    /// The kind a wire byte stands for.
+    #[must_use]
+    pub fn from_byte(b: u8) -> RefusalKind {
+        match b {
+            1 => RefusalKind::Busy,
+            2 => RefusalKind::Denied,
+            3 => RefusalKind::Policy,
+            b => RefusalKind::Other(b),
+        }
+    }
+}
+
+/// The fixed part of a refusal after the 25 hello bytes: kind and retry hint.
+const REFUSAL_FIXED: usize = 5;
+
+impl Refusal {
+    /// The whole payload: the rejected ServerHello with the admission bit,
+    /// then the refusal. A reason longer than [`MAX_REASON_LEN`] bytes is
+    /// cut at a character boundary.
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let hello = ServerHello {
+            extensions: crate::ext::ADMISSION,
+            ..ServerHello::reject()
+        };
+        let mut reason = self.reason.as_str();
+        while reason.len() > MAX_REASON_LEN {
+            let mut cut = MAX_REASON_LEN;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason = &reason[..cut];
+        }
+        let mut out = Vec::with_capacity(HELLO_LEN + REFUSAL_FIXED + reason.len());
+        out.extend_from_slice(&hello.encode());
+        out.push(self.kind.to_byte());
+        out.extend_from_slice(&self.retry_after_ms.to_le_bytes());
+        out.extend_from_slice(reason.as_bytes());
+        out
+    }
+
+    /// Parses a refusal payload: a rejected ServerHello with the admission
+    /// bit, followed by the refusal.
+    pub fn decode(bytes: &[u8]) -> Result<Refusal, HelloError> {
+        let min = HELLO_LEN + REFUSAL_FIXED;
+        if bytes.len() < min || bytes.len() > min + MAX_REASON_LEN {
+            return Err(HelloError::WrongSize {
+                expected: min,
+                got: bytes.len(),
+            });
+        }
+        let hello = ServerHello::decode(&bytes[..HELLO_LEN])?;
+        if !hello.rejected || hello.extensions & crate::ext::ADMISSION == 0 {
+            return Err(HelloError::NotARefusal);
+        }
+        let rest = &bytes[HELLO_LEN..];
+        let mut retry = [0u8; 4];
+        retry.copy_from_slice(&rest[1..REFUSAL_FIXED]);
+        let reason = std::str::from_utf8(&rest[REFUSAL_FIXED..])
+            .map_err(|_| HelloError::NotARefusal)?
+            .to_string();
+        Ok(Refusal {
+            kind: RefusalKind::from_byte(rest[0]),
+            retry_after_ms: u32::from_le_bytes(retry),
+            reason,
+        })
+    }
+}
+
 /// A hello could not be decoded.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -88,6 +207,18 @@ pub enum HelloError {
         expected: [u8; 4],
         /// The first four bytes received.
         got: [u8; 4],
+    },
+    /// A payload longer than a ServerHello that is not a well-formed
+    /// [`Refusal`] (not rejected, no admission bit, or a reason that is not
+    /// UTF-8).
+    #[error("server hello has trailing bytes but is not a well-formed refusal")]
+    NotARefusal,
+    /// A ClientHello longer than 25 bytes without the admission bit: only
+    /// [`ADMISSION`](crate::ext::ADMISSION) allows a credential after it.
+    #[error("client hello carries {len} bytes after the hello without the admission bit")]
+    UnexpectedCredential {
+        /// Bytes after the 25 hello bytes.
+        len: usize,
     },
 }
 
@@ -174,6 +305,42 @@ impl ClientHello {
             last_received: (f & flags::CLIENT_LAST_RECEIVED != 0).then_some(Seq(last)),
             extensions: f & flags::EXTENSION_MASK,
         })
+    }
+}
+
+impl ClientHello {
+    /// The hello followed by `credential`, with the admission bit set: for a
+    /// server that admits clients by credential.
+    #[must_use]
+    pub fn encode_with_credential(&self, credential: &[u8]) -> Vec<u8> {
+        let hello = ClientHello {
+            extensions: self.extensions | crate::ext::ADMISSION,
+            ..*self
+        };
+        let mut out = Vec::with_capacity(HELLO_LEN + credential.len());
+        out.extend_from_slice(&hello.encode());
+        out.extend_from_slice(credential);
+        out
+    }
+
+    /// Parses a ClientHello payload that may carry a credential: exactly 25
+    /// bytes (no credential), or, with the admission bit, 25 bytes then the
+    /// credential. The caller bounds the payload's size before reading it.
+    pub fn decode_with_credential(bytes: &[u8]) -> Result<(ClientHello, &[u8]), HelloError> {
+        if bytes.len() < HELLO_LEN {
+            return Err(HelloError::WrongSize {
+                expected: HELLO_LEN,
+                got: bytes.len(),
+            });
+        }
+        let (head, credential) = bytes.split_at(HELLO_LEN);
+        let hello = ClientHello::decode(head)?;
+        if !credential.is_empty() && hello.extensions & crate::ext::ADMISSION == 0 {
+            return Err(HelloError::UnexpectedCredential {
+                len: credential.len(),
+            });
+        }
+        Ok((hello, credential))
     }
 }
 
@@ -329,6 +496,67 @@ mod tests {
         let decoded = ServerHello::decode(&bytes).unwrap();
         assert!(decoded.rejected && decoded.is_closed());
         assert!(!ServerHello::reject().is_closed());
+    }
+
+    #[test]
+    fn refusal_vector() {
+        // Busy, retry after 1500 ms (dc 05 00 00), reason "full".
+        let bytes = unhex(
+            "52 4f 53 48 41 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00
+             01 dc 05 00 00 66 75 6c 6c",
+        );
+        let refusal = Refusal {
+            kind: RefusalKind::Busy,
+            retry_after_ms: 1500,
+            reason: "full".into(),
+        };
+        assert_eq!(refusal.encode(), bytes);
+        assert_eq!(Refusal::decode(&bytes), Ok(refusal));
+        // A base-format reader sees a rejection of the wrong size, never a
+        // valid hello; the 25-byte head alone is a plain rejection.
+        assert!(ServerHello::decode(&bytes).is_err());
+        assert!(ServerHello::decode(&bytes[..HELLO_LEN]).unwrap().rejected);
+        // A plain reject is not a refusal; a reason that is not UTF-8 is
+        // malformed; a reason too long is cut to MAX_REASON_LEN.
+        assert!(Refusal::decode(&ServerHello::reject().encode()).is_err());
+        let mut bad = bytes.clone();
+        bad.push(0xff);
+        assert_eq!(Refusal::decode(&bad), Err(HelloError::NotARefusal));
+        let long = Refusal {
+            kind: RefusalKind::Denied,
+            retry_after_ms: 0,
+            reason: "é".repeat(MAX_REASON_LEN),
+        };
+        let decoded = Refusal::decode(&long.encode()).unwrap();
+        assert!(decoded.reason.len() <= MAX_REASON_LEN);
+        assert_eq!(decoded.kind, RefusalKind::Denied);
+    }
+
+    #[test]
+    fn client_hello_with_credential_vector() {
+        let hello = ClientHello {
+            resume_key: None,
+            last_received: None,
+            extensions: crate::ext::ACKS,
+        };
+        let bytes = unhex(
+            "52 4f 43 48 44 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00
+             74 6f 6b",
+        );
+        assert_eq!(hello.encode_with_credential(b"tok"), bytes);
+        let (decoded, credential) = ClientHello::decode_with_credential(&bytes).unwrap();
+        assert_eq!(decoded.extensions, crate::ext::ACKS | crate::ext::ADMISSION);
+        assert_eq!(credential, b"tok");
+        // Without the admission bit, trailing bytes are refused.
+        let mut plain = hello.encode().to_vec();
+        plain.push(0);
+        assert_eq!(
+            ClientHello::decode_with_credential(&plain),
+            Err(HelloError::UnexpectedCredential { len: 1 })
+        );
+        let bare = hello.encode();
+        let (_, none) = ClientHello::decode_with_credential(&bare).unwrap();
+        assert!(none.is_empty());
     }
 
     #[test]

@@ -20,7 +20,8 @@ pub use frame::{
     Control, FrameError, FrameHeader, Incoming, MAX_HEADER_LEN,
 };
 pub use hello::{
-    flags, ClientHello, HelloError, ServerHello, CLIENT_MAGIC, HELLO_LEN, SERVER_MAGIC,
+    flags, ClientHello, HelloError, Refusal, RefusalKind, ServerHello, CLIENT_MAGIC, HELLO_LEN,
+    MAX_REASON_LEN, SERVER_MAGIC,
 };
 pub use key::{KeyError, ResumeKey};
 pub use recv::{Delivery, Reassembly, RecvError, RecvState};

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use bytes::BytesMut;
 use tether_proto::{
-    encode_frame, encode_item_gapped, ext, ClientHello, Control, FrameHeader, ResumeKey, Seq,
-    ServerHello, MAX_HEADER_LEN,
+    encode_frame, encode_item_gapped, ext, ClientHello, Control, FrameHeader, Refusal, RefusalKind,
+    ResumeKey, Seq, ServerHello, MAX_HEADER_LEN,
 };
 
 fn doc() -> String {
@@ -109,6 +109,24 @@ fn doc_vectors_match_the_encoders() {
         ("frame-2", frame(4_294_967_295, None, "hi")),
         ("frame-1-stream", stream(&frame(1, Some(0), &300u32))),
         ("client-new", client_new.to_vec()),
+        (
+            "client-credential",
+            ClientHello {
+                resume_key: None,
+                last_received: None,
+                extensions: ext::ACKS,
+            }
+            .encode_with_credential(b"tok"),
+        ),
+        (
+            "server-refused-busy",
+            Refusal {
+                kind: RefusalKind::Busy,
+                retry_after_ms: 1500,
+                reason: "full".into(),
+            }
+            .encode(),
+        ),
         ("client-new-stream", stream(&client_new)),
         (
             "client-resume",
@@ -199,7 +217,7 @@ fn doc_vectors_decode_as_documented() {
     let closed = ServerHello::decode(&documented["server-closed"]).unwrap();
     assert!(closed.is_closed() && closed.rejected);
     let all = ClientHello::decode(&documented["client-new-all"]).unwrap();
-    assert_eq!(all.extensions, 0x3c);
+    assert_eq!(all.extensions, 0x7c);
     assert_eq!(ext::negotiate(all.extensions, ext::ALL), ext::ALL);
     assert_eq!(
         decode_payload(&documented["control-closed"], ext::ALL).unwrap(),
