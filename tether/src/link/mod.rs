@@ -32,8 +32,11 @@
 //!
 //! with no padding and nothing between frames. A peer announcing a length
 //! over the configured maximum ([`stream::StreamConfig::max_payload`],
-//! 8 MiB by default) is rejected with [`LinkError::TooLarge`] *before* any
-//! buffer is reserved for it. End-of-file exactly at a frame boundary is a
+//! 8 MiB by default, lowered per link with [`LinkRx::set_max_payload`]) is
+//! rejected with [`LinkError::TooLarge`] *before* any buffer is reserved for
+//! it, and the read buffer of a payload under the maximum grows with the
+//! bytes that actually arrive, never to the announced length up front: a
+//! peer that announces 8 MiB and sends nothing more costs a read chunk. End-of-file exactly at a frame boundary is a
 //! clean end of stream (`Ok(None)`); end-of-file inside the prefix or the
 //! payload is [`LinkError::Truncated`].
 //!
@@ -125,6 +128,19 @@ pub trait LinkRx: Send + 'static {
     /// Next payload; `Ok(None)` is a clean end-of-stream (the peer closed at
     /// a payload boundary). Cancel-safe.
     fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, LinkError>> + Send;
+
+    /// Lowers the largest payload later [`recv`](LinkRx::recv)s accept to
+    /// `max`, or raises it back, never above the maximum the link was
+    /// configured with: the limit in force is the smaller of the two.
+    ///
+    /// A payload over the limit fails the half with
+    /// [`LinkError::TooLarge`]; a stream link sees it in the length prefix
+    /// and fails before reserving anything for it. This lets a server
+    /// accept only a small first message (a hello) from a peer it knows
+    /// nothing about yet, then allow full-sized payloads once the peer has
+    /// identified itself. Pass `usize::MAX` to go back to the configured
+    /// maximum.
+    fn set_max_payload(&mut self, max: usize);
 }
 
 /// A bidirectional link, split into its two halves to be used.

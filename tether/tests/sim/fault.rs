@@ -616,6 +616,7 @@ impl FaultLink {
                 dir: into,
                 held: None,
                 failed: false,
+                max_payload: usize::MAX,
             },
         }
     }
@@ -732,6 +733,9 @@ pub(crate) struct FaultRx {
     /// across a cancelled recv).
     held: Option<(Bytes, Instant)>,
     failed: bool,
+    /// Set by `set_max_payload`; checked on the unstamped payload (the
+    /// inner link carries the stamp too).
+    max_payload: usize,
 }
 
 impl Drop for FaultRx {
@@ -743,6 +747,9 @@ impl Drop for FaultRx {
 impl LinkRx for FaultRx {
     async fn recv(&mut self) -> Result<Option<Bytes>, LinkError> {
         loop {
+            if self.failed {
+                return Err(LinkError::Dead);
+            }
             if self.link.is_killed() {
                 // What was in flight is lost.
                 self.held = None;
@@ -768,11 +775,22 @@ impl LinkRx for FaultRx {
             match got? {
                 Some(framed) => {
                     let (at, payload) = self.link.unstamp(framed);
+                    if payload.len() > self.max_payload {
+                        self.failed = true;
+                        return Err(LinkError::TooLarge {
+                            len: payload.len(),
+                            max: self.max_payload,
+                        });
+                    }
                     self.held = Some((payload, at));
                 }
                 None => return Ok(None),
             }
         }
+    }
+
+    fn set_max_payload(&mut self, max: usize) {
+        self.max_payload = max;
     }
 }
 

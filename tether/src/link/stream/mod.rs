@@ -8,11 +8,16 @@
 //!
 //! [`StreamRx`] is an explicit two-state decoder (reading the 4-byte head,
 //! reading `n` payload bytes) over one read buffer. An announced length is
-//! checked against [`StreamConfig::max_payload`] *before* anything is
-//! reserved, so a hostile prefix such as `ff ff ff ff` costs no allocation.
-//! The buffer then reserves exactly what the frame needs (at least a modest
-//! read chunk, so that many small frames arrive in one read), and each
-//! payload is handed out as a zero-copy [`Bytes`](bytes::Bytes) view of it.
+//! checked against [`StreamConfig::max_payload`] (or the lower limit set
+//! with [`set_max_payload`](super::LinkRx::set_max_payload)) *before*
+//! anything is reserved, so a hostile prefix such as `ff ff ff ff` costs no
+//! allocation. Nor does a length under the maximum reserve its payload up
+//! front: the buffer grows with the bytes that arrive, each growth at most
+//! doubling what the frame already holds (starting from a read chunk), so
+//! a peer that announces 8 MiB and then stalls costs a read chunk, not
+//! 8 MiB, while a 1 MiB payload still arrives with a handful of
+//! reallocations. Each payload is handed out as a zero-copy
+//! [`Bytes`](bytes::Bytes) view of the buffer.
 //!
 //! # Sending
 //!
