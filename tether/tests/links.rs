@@ -14,7 +14,9 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use tether::link::mem::{self, MemConfig, MemLink};
 use tether::link::stream::{StreamConfig, StreamLink, TcpConnector, TcpLink, TcpListener};
-use tether::link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener, DEFAULT_MAX_PAYLOAD};
+use tether::link::{
+    Connector, Link, LinkError, LinkRx, LinkTx, Listener, PendingLink, DEFAULT_MAX_PAYLOAD,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 // ---------------------------------------------------------------------------
@@ -60,6 +62,11 @@ fn frame_all(payloads: &[Bytes]) -> Vec<u8> {
     out
 }
 
+/// The link of an accepted connection, set up.
+async fn established<P: PendingLink>(pending: Result<P, LinkError>) -> P::Link {
+    pending.unwrap().establish().await.unwrap()
+}
+
 fn mem_pair() -> (MemLink, MemLink) {
     mem::pair_with_config(MemConfig {
         capacity: 8,
@@ -79,7 +86,7 @@ async fn tcp_pair(config: StreamConfig) -> (TcpLink, TcpLink) {
     let mut listener = TcpListener::from_tokio(socket, config.clone());
     let connector = TcpConnector::with_config(listener.local_addr().unwrap(), config);
     let (client, server) = tokio::join!(connector.connect(), listener.accept());
-    (client.unwrap(), server.unwrap())
+    (client.unwrap(), established(server).await)
 }
 
 #[cfg(unix)]
@@ -89,6 +96,8 @@ mod unix_helpers {
 
     use tether::link::stream::{StreamConfig, UnixConnector, UnixLink, UnixListener};
     use tether::link::{Connector, Listener};
+
+    use super::established;
 
     /// A unique socket path under the temp dir, removed on drop.
     pub(crate) struct SocketPath(pub(crate) PathBuf);
@@ -119,7 +128,7 @@ mod unix_helpers {
         let mut listener = UnixListener::from_tokio(inner, config.clone());
         let connector = UnixConnector::with_config(&path.0, config);
         let (client, server) = tokio::join!(connector.connect(), listener.accept());
-        (client.unwrap(), server.unwrap(), path)
+        (client.unwrap(), established(server).await, path)
     }
 }
 #[cfg(unix)]
@@ -477,7 +486,7 @@ async fn mem_connector_delivers_linked_pairs() {
         for round in 0..3 {
             let (client, server) = tokio::join!(connector.connect(), listener.accept());
             let (mut c_tx, mut c_rx) = client.unwrap().split();
-            let (mut s_tx, mut s_rx) = server.unwrap().split();
+            let (mut s_tx, mut s_rx) = server.unwrap().0.split();
             c_tx.send(pattern(10, round)).await.unwrap();
             assert_eq!(s_rx.recv().await.unwrap().unwrap(), pattern(10, round));
             s_tx.send(pattern(20, round)).await.unwrap();
@@ -493,9 +502,9 @@ async fn mem_connector_kill_all() {
         let (mut listener, connector) = mem::listener(4);
         let other = connector.clone();
         let client_1 = connector.connect().await.unwrap();
-        let server_1 = listener.accept().await.unwrap();
+        let server_1 = listener.accept().await.unwrap().0;
         let client_2 = other.connect().await.unwrap();
-        let server_2 = listener.accept().await.unwrap();
+        let server_2 = listener.accept().await.unwrap().0;
         connector.kill_all();
         for link in [client_1, server_1, client_2, server_2] {
             let (mut tx, mut rx) = link.split();
@@ -509,7 +518,7 @@ async fn mem_connector_kill_all() {
         // Links created afterwards are not affected.
         let (client, server) = tokio::join!(connector.connect(), listener.accept());
         let (mut tx, _rx) = client.unwrap().split();
-        let (_s_tx, mut s_rx) = server.unwrap().split();
+        let (_s_tx, mut s_rx) = server.unwrap().0.split();
         tx.send(pattern(2, 2)).await.unwrap();
         assert_eq!(s_rx.recv().await.unwrap().unwrap(), pattern(2, 2));
     })
@@ -567,7 +576,12 @@ async fn tcp_default_config_bind_and_connect() {
         let connector = TcpConnector::new(listener.local_addr().unwrap());
         assert_eq!(connector.addr(), listener.local_addr().unwrap());
         let (client, server) = tokio::join!(connector.connect(), listener.accept());
-        check_too_large_refused(client.unwrap(), server.unwrap(), DEFAULT_MAX_PAYLOAD).await;
+        check_too_large_refused(
+            client.unwrap(),
+            established(server).await,
+            DEFAULT_MAX_PAYLOAD,
+        )
+        .await;
     })
     .await;
 }
@@ -691,7 +705,12 @@ async fn unix_default_config_bind_and_connect() {
         let connector = UnixConnector::new(&path.0);
         assert_eq!(connector.path(), path.0.as_path());
         let (client, server) = tokio::join!(connector.connect(), listener.accept());
-        check_too_large_refused(client.unwrap(), server.unwrap(), DEFAULT_MAX_PAYLOAD).await;
+        check_too_large_refused(
+            client.unwrap(),
+            established(server).await,
+            DEFAULT_MAX_PAYLOAD,
+        )
+        .await;
     })
     .await;
 }

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use super::{Connector, Link, LinkError, LinkRx, LinkTx, Listener, DEFAULT_MAX_PAYLOAD};
+use super::{Connector, Link, LinkError, LinkRx, LinkTx, Listener, Ready, DEFAULT_MAX_PAYLOAD};
 
 /// How many connections a [`MemListener`] holds before [`MemConnector::connect`]
 /// waits for an `accept`.
@@ -433,12 +433,13 @@ pub struct MemListener {
 
 impl Listener for MemListener {
     type Link = MemLink;
+    type Pending = Ready<MemLink>;
 
-    /// Waits for the next connection. Fails with an
+    /// Waits for the next connection (which needs no setup). Fails with an
     /// [`io::ErrorKind::NotConnected`] error once every connector is gone.
     /// Cancel-safe.
-    async fn accept(&mut self) -> Result<MemLink, LinkError> {
-        self.incoming.recv().await.ok_or_else(|| {
+    async fn accept(&mut self) -> Result<Ready<MemLink>, LinkError> {
+        self.incoming.recv().await.map(Ready).ok_or_else(|| {
             LinkError::Io(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "every MemConnector of this listener was dropped",

@@ -30,7 +30,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tether::link::mem::{MemConnector, MemLink, MemListener, MemRx, MemTx};
-use tether::link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener};
+use tether::link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener, Ready};
 use tether::proto::{decode_payload, Control, Incoming};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{sleep, sleep_until, Instant};
@@ -831,7 +831,7 @@ impl FaultListener {
     pub(crate) fn new(mut inner: MemListener, faults: Faults) -> Self {
         let (to_server, accepted) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            while let Ok(mem) = inner.accept().await {
+            while let Ok(Ready(mem)) = inner.accept().await {
                 tokio::spawn(hand_over(mem, faults.clone(), to_server.clone()));
             }
         });
@@ -861,10 +861,11 @@ async fn hand_over(mem: MemLink, faults: Faults, to_server: mpsc::UnboundedSende
 
 impl Listener for FaultListener {
     type Link = FaultLink;
+    type Pending = Ready<FaultLink>;
 
-    async fn accept(&mut self) -> Result<FaultLink, LinkError> {
+    async fn accept(&mut self) -> Result<Ready<FaultLink>, LinkError> {
         match self.accepted.recv().await {
-            Some(link) => Ok(link),
+            Some(link) => Ok(Ready(link)),
             // No connector is left: no link will ever come.
             None => std::future::pending().await,
         }

@@ -52,15 +52,15 @@ mod net;
 mod rx;
 mod tx;
 
-pub use net::{TcpConnector, TcpLink, TcpListener};
+pub use net::{TcpConnector, TcpLink, TcpListener, TcpPending, DEFAULT_BACKLOG};
 #[cfg(unix)]
-pub use net::{UnixConnector, UnixLink, UnixListener};
+pub use net::{UnixConnector, UnixLink, UnixListener, UnixPending};
 pub use rx::StreamRx;
 pub use tx::StreamTx;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
-use super::{Link, DEFAULT_MAX_PAYLOAD};
+use super::{Link, PeerInfo, DEFAULT_MAX_PAYLOAD};
 
 /// Settings of a stream link.
 #[derive(Clone, Debug)]
@@ -109,11 +109,21 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     /// A link reading frames from `reader` and writing frames to `writer`.
+    /// It knows nothing about its peer (see [`with_peer`](Self::with_peer)).
     pub fn from_halves(reader: R, writer: W, config: StreamConfig) -> Self {
         StreamLink {
             rx: StreamRx::new(reader, &config),
             tx: StreamTx::new(writer, &config),
         }
+    }
+
+    /// The same link, reporting `peer` from [`Link::peer`] and
+    /// [`StreamTx::peer`]: for links over transports this crate does not
+    /// wrap itself (a TLS stream over TCP, say), whose constructor knows
+    /// the peer.
+    pub fn with_peer(mut self, peer: PeerInfo) -> Self {
+        self.tx.set_peer(peer);
+        self
     }
 }
 
@@ -140,5 +150,9 @@ where
 
     fn split(self) -> (StreamTx<W>, StreamRx<R>) {
         (self.tx, self.rx)
+    }
+
+    fn peer(&self) -> PeerInfo {
+        self.tx.peer().clone()
     }
 }
