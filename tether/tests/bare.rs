@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tether::link::mem::{self, MemConfig, MemLink};
 use tether::link::stream::{StreamConfig, StreamLink, TcpConnector, TcpListener};
-use tether::link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener};
+use tether::link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener, PendingLink};
 use tether::proto::FrameError;
 use tether::{BareConduit, BareReceiver, BareSender, Borrowed, Error};
 
@@ -43,6 +43,11 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The link of an accepted connection, set up.
+async fn established<P: PendingLink>(pending: Result<P, LinkError>) -> P::Link {
+    pending.unwrap().establish().await.unwrap()
+}
+
 fn mem_links() -> (MemLink, MemLink) {
     mem::pair(16)
 }
@@ -51,7 +56,7 @@ async fn tcp_links() -> (tether::link::TcpLink, tether::link::TcpLink) {
     let mut listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let connector = TcpConnector::new(listener.local_addr().unwrap());
     let (client, server) = tokio::join!(connector.connect(), listener.accept());
-    (client.unwrap(), server.unwrap())
+    (client.unwrap(), established(server).await)
 }
 
 /// A unique socket path under the temp dir, removed on drop.
@@ -84,7 +89,7 @@ async fn unix_links() -> (tether::link::UnixLink, tether::link::UnixLink, Socket
     let mut listener = UnixListener::bind(&path.0).unwrap();
     let connector = UnixConnector::new(&path.0);
     let (client, server) = tokio::join!(connector.connect(), listener.accept());
-    (client.unwrap(), server.unwrap(), path)
+    (client.unwrap(), established(server).await, path)
 }
 
 type DuplexLink = StreamLink<

@@ -294,6 +294,10 @@ impl LinkRx for NetRx {
         }
         Ok(Some(payload))
     }
+
+    fn set_max_payload(&mut self, max: usize) {
+        self.inner.set_max_payload(max);
+    }
 }
 
 impl Connector for Net {

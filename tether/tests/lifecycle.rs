@@ -127,6 +127,10 @@ impl LinkRx for TestRx {
             return Ok(got);
         }
     }
+
+    fn set_max_payload(&mut self, max: usize) {
+        self.inner.set_max_payload(max);
+    }
 }
 
 impl Connector for TestConnector {

@@ -14,7 +14,10 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use tether::link::mem::{self, MemConfig, MemLink};
 use tether::link::stream::{StreamConfig, StreamLink, TcpConnector, TcpLink, TcpListener};
-use tether::link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener, DEFAULT_MAX_PAYLOAD};
+use tether::link::{
+    Connector, Link, LinkError, LinkRx, LinkTx, Listener, PeerInfo, PendingLink,
+    DEFAULT_MAX_PAYLOAD,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 // ---------------------------------------------------------------------------
@@ -60,6 +63,11 @@ fn frame_all(payloads: &[Bytes]) -> Vec<u8> {
     out
 }
 
+/// The link of an accepted connection, set up.
+async fn established<P: PendingLink>(pending: Result<P, LinkError>) -> P::Link {
+    pending.unwrap().establish().await.unwrap()
+}
+
 fn mem_pair() -> (MemLink, MemLink) {
     mem::pair_with_config(MemConfig {
         capacity: 8,
@@ -79,7 +87,7 @@ async fn tcp_pair(config: StreamConfig) -> (TcpLink, TcpLink) {
     let mut listener = TcpListener::from_tokio(socket, config.clone());
     let connector = TcpConnector::with_config(listener.local_addr().unwrap(), config);
     let (client, server) = tokio::join!(connector.connect(), listener.accept());
-    (client.unwrap(), server.unwrap())
+    (client.unwrap(), established(server).await)
 }
 
 #[cfg(unix)]
@@ -89,6 +97,8 @@ mod unix_helpers {
 
     use tether::link::stream::{StreamConfig, UnixConnector, UnixLink, UnixListener};
     use tether::link::{Connector, Listener};
+
+    use super::established;
 
     /// A unique socket path under the temp dir, removed on drop.
     pub(crate) struct SocketPath(pub(crate) PathBuf);
@@ -119,7 +129,7 @@ mod unix_helpers {
         let mut listener = UnixListener::from_tokio(inner, config.clone());
         let connector = UnixConnector::with_config(&path.0, config);
         let (client, server) = tokio::join!(connector.connect(), listener.accept());
-        (client.unwrap(), server.unwrap(), path)
+        (client.unwrap(), established(server).await, path)
     }
 }
 #[cfg(unix)]
@@ -477,7 +487,7 @@ async fn mem_connector_delivers_linked_pairs() {
         for round in 0..3 {
             let (client, server) = tokio::join!(connector.connect(), listener.accept());
             let (mut c_tx, mut c_rx) = client.unwrap().split();
-            let (mut s_tx, mut s_rx) = server.unwrap().split();
+            let (mut s_tx, mut s_rx) = server.unwrap().0.split();
             c_tx.send(pattern(10, round)).await.unwrap();
             assert_eq!(s_rx.recv().await.unwrap().unwrap(), pattern(10, round));
             s_tx.send(pattern(20, round)).await.unwrap();
@@ -493,9 +503,9 @@ async fn mem_connector_kill_all() {
         let (mut listener, connector) = mem::listener(4);
         let other = connector.clone();
         let client_1 = connector.connect().await.unwrap();
-        let server_1 = listener.accept().await.unwrap();
+        let server_1 = listener.accept().await.unwrap().0;
         let client_2 = other.connect().await.unwrap();
-        let server_2 = listener.accept().await.unwrap();
+        let server_2 = listener.accept().await.unwrap().0;
         connector.kill_all();
         for link in [client_1, server_1, client_2, server_2] {
             let (mut tx, mut rx) = link.split();
@@ -509,7 +519,7 @@ async fn mem_connector_kill_all() {
         // Links created afterwards are not affected.
         let (client, server) = tokio::join!(connector.connect(), listener.accept());
         let (mut tx, _rx) = client.unwrap().split();
-        let (_s_tx, mut s_rx) = server.unwrap().split();
+        let (_s_tx, mut s_rx) = server.unwrap().0.split();
         tx.send(pattern(2, 2)).await.unwrap();
         assert_eq!(s_rx.recv().await.unwrap().unwrap(), pattern(2, 2));
     })
@@ -567,7 +577,12 @@ async fn tcp_default_config_bind_and_connect() {
         let connector = TcpConnector::new(listener.local_addr().unwrap());
         assert_eq!(connector.addr(), listener.local_addr().unwrap());
         let (client, server) = tokio::join!(connector.connect(), listener.accept());
-        check_too_large_refused(client.unwrap(), server.unwrap(), DEFAULT_MAX_PAYLOAD).await;
+        check_too_large_refused(
+            client.unwrap(),
+            established(server).await,
+            DEFAULT_MAX_PAYLOAD,
+        )
+        .await;
     })
     .await;
 }
@@ -691,7 +706,12 @@ async fn unix_default_config_bind_and_connect() {
         let connector = UnixConnector::new(&path.0);
         assert_eq!(connector.path(), path.0.as_path());
         let (client, server) = tokio::join!(connector.connect(), listener.accept());
-        check_too_large_refused(client.unwrap(), server.unwrap(), DEFAULT_MAX_PAYLOAD).await;
+        check_too_large_refused(
+            client.unwrap(),
+            established(server).await,
+            DEFAULT_MAX_PAYLOAD,
+        )
+        .await;
     })
     .await;
 }
@@ -1452,6 +1472,282 @@ async fn read_buffer_starts_small_and_grows_with_traffic() {
         }
         assert!(most >= 8 * 1024, "a busy link reads {most} bytes at most");
         assert!(most <= 2 * (32 * 1024 + 32), "read buffer grew to {most}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// Hostile clients: lowered limits, two-phase accept, peers, backlog
+// ---------------------------------------------------------------------------
+
+/// After `set_max_payload(100)`, a 100-byte payload passes and a 101-byte
+/// one fails the receiving half with `TooLarge`, then `Dead`.
+async fn check_lowered_max_refused<L: Link>(a: L, b: L) -> L::Rx {
+    let (mut tx, _a_rx) = a.split();
+    let (_b_tx, mut rx) = b.split();
+    rx.set_max_payload(100);
+    tx.send(pattern(100, 1)).await.unwrap();
+    assert_eq!(rx.recv().await.unwrap().unwrap(), pattern(100, 1));
+    tx.send(pattern(101, 2)).await.unwrap();
+    let err = check_rx_dead_after_error(&mut rx).await;
+    assert!(
+        matches!(err, LinkError::TooLarge { len: 101, max: 100 }),
+        "{err:?}"
+    );
+    rx
+}
+
+#[tokio::test]
+async fn mem_set_max_payload_refuses_longer_payloads() {
+    bounded(async {
+        let (a, b) = mem_pair();
+        check_lowered_max_refused(a, b).await;
+        // Raising it again never goes above the configured maximum.
+        let (a, b) = mem_pair();
+        let (mut tx, _a_rx) = a.split();
+        let (_b_tx, mut rx) = b.split();
+        rx.set_max_payload(10);
+        rx.set_max_payload(usize::MAX);
+        tx.send(pattern(TEST_MAX, 3)).await.unwrap();
+        assert_eq!(rx.recv().await.unwrap().unwrap(), pattern(TEST_MAX, 3));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tcp_set_max_payload_refuses_longer_payloads() {
+    bounded(async {
+        let (a, b) = tcp_pair(stream_config()).await;
+        let rx = check_lowered_max_refused(a, b).await;
+        let capacity = rx.read_buffer_capacity();
+        assert!(capacity <= 64 * 1024, "read buffer grew to {capacity}");
+    })
+    .await;
+}
+
+/// The limit applies to the prefix alone: a raw peer announcing more than
+/// the lowered limit is refused without sending the payload.
+#[tokio::test]
+async fn tcp_set_max_payload_refuses_the_prefix_alone() {
+    bounded(async {
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connector = TcpConnector::with_config(socket.local_addr().unwrap(), stream_config());
+        let (link, raw) = tokio::join!(connector.connect(), socket.accept());
+        let (mut raw, _) = raw.unwrap();
+        let (_tx, mut rx) = link.unwrap().split();
+        rx.set_max_payload(25);
+        raw.write_all(&26u32.to_le_bytes()).await.unwrap();
+        let err = check_rx_dead_after_error(&mut rx).await;
+        assert!(
+            matches!(err, LinkError::TooLarge { len: 26, max: 25 }),
+            "{err:?}"
+        );
+    })
+    .await;
+}
+
+/// A listener over TCP whose per-connection setup waits for a one-byte
+/// preamble from the peer, as a TLS handshake would wait for the client.
+struct PreambleListener(TcpListener);
+
+struct PreamblePending(tether::link::TcpPending);
+
+impl Listener for PreambleListener {
+    type Link = TcpLink;
+    type Pending = PreamblePending;
+
+    async fn accept(&mut self) -> Result<PreamblePending, LinkError> {
+        Ok(PreamblePending(self.0.accept().await?))
+    }
+}
+
+impl PendingLink for PreamblePending {
+    type Link = TcpLink;
+
+    fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.0.addr()
+    }
+
+    async fn establish(self) -> Result<TcpLink, LinkError> {
+        use tokio::io::AsyncReadExt;
+        let config = self.0.config().clone();
+        let mut stream = self.0.into_stream();
+        let mut preamble = [0u8; 1];
+        stream.read_exact(&mut preamble).await?;
+        if preamble != [0x42] {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "bad preamble").into());
+        }
+        Ok(StreamLink::tcp(stream, config))
+    }
+}
+
+/// One peer that connects and never sends its preamble does not hold up
+/// the next: the accept loop only accepts, and each setup runs in a task
+/// of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_setup_does_not_delay_the_next_accept() {
+    bounded(async {
+        let mut listener = PreambleListener(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let addr = listener.0.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (links_tx, mut links) = tokio::sync::mpsc::unbounded_channel();
+        let server = tokio::spawn({
+            let accepted = accepted.clone();
+            async move {
+                loop {
+                    let Ok(pending) = listener.accept().await else {
+                        continue;
+                    };
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let links_tx = links_tx.clone();
+                    tokio::spawn(async move {
+                        let setup = pending.establish();
+                        if let Ok(Ok(link)) =
+                            tokio::time::timeout(Duration::from_secs(30), setup).await
+                        {
+                            let _ = links_tx.send(link);
+                        }
+                    });
+                }
+            }
+        });
+
+        // The idle peer: connected, accepted, silent.
+        let _idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        while accepted.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+
+        // A second client, afterwards, is set up at once.
+        let started = tokio::time::Instant::now();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&[0x42]).await.unwrap();
+        let client = StreamLink::tcp(stream, StreamConfig::default());
+        let server_link = tokio::time::timeout(Duration::from_secs(1), links.recv())
+            .await
+            .expect("the second client waited behind the idle one")
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let (mut tx, _rx) = client.split();
+        let (_s_tx, mut s_rx) = server_link.split();
+        tx.send(pattern(5, 5)).await.unwrap();
+        assert_eq!(s_rx.recv().await.unwrap().unwrap(), pattern(5, 5));
+        server.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tcp_links_know_their_peer() {
+    bounded(async {
+        let mut listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listen_addr = listener.local_addr().unwrap();
+        let connector = TcpConnector::new(listen_addr);
+        let (client, pending) = tokio::join!(connector.connect(), listener.accept());
+        let client = client.unwrap();
+        let pending = pending.unwrap();
+        assert_eq!(client.peer(), PeerInfo::from_addr(listen_addr));
+        let (client_tx, _client_rx) = client.split();
+        assert_eq!(client_tx.peer().addr, Some(listen_addr));
+
+        // The server learns the client's address before and after setup.
+        let client_addr = pending.addr().expect("a TCP peer has an address");
+        assert_eq!(client_addr.ip(), listen_addr.ip());
+        assert_ne!(client_addr.port(), listen_addr.port());
+        let server = pending.establish().await.unwrap();
+        assert_eq!(server.peer().addr, Some(client_addr));
+        let (server_tx, _server_rx) = server.split();
+        assert_eq!(server_tx.peer().addr, Some(client_addr));
+
+        // A stream link built from bare halves knows nothing.
+        let (a, _b) = tokio::io::duplex(64);
+        assert_eq!(
+            StreamLink::new(a, StreamConfig::default()).peer(),
+            PeerInfo::default()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn mem_and_unix_links_have_no_peer_address() {
+    bounded(async {
+        let (mut listener, connector) = mem::listener(4);
+        let (client, pending) = tokio::join!(connector.connect(), listener.accept());
+        let pending = pending.unwrap();
+        assert_eq!(pending.addr(), None);
+        assert_eq!(
+            pending.establish().await.unwrap().peer(),
+            PeerInfo::default()
+        );
+        assert_eq!(client.unwrap().peer().addr, None);
+        #[cfg(unix)]
+        {
+            let (a, b, _path) = unix_pair(stream_config()).await;
+            assert_eq!(a.peer().addr, None);
+            assert_eq!(b.peer().addr, None);
+        }
+    })
+    .await;
+}
+
+/// Whether the system queues at least `n` connections on one listener
+/// (Linux: `net.core.somaxconn` caps every backlog).
+fn system_backlog_at_least(n: u32) -> bool {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .is_some_and(|max| max >= n)
+}
+
+/// With a large enough backlog, a burst of connections nobody accepts yet
+/// is queued by the kernel, none refused or left hanging; they are all
+/// accepted afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bind_with_backlog_queues_a_burst() {
+    bounded(async {
+        const BURST: usize = 2_000;
+        let backlog = 4096;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut listener = TcpListener::bind_with(addr, backlog, stream_config()).unwrap();
+        let addr = listener.local_addr().unwrap();
+
+        // Usable whatever the system allows.
+        let connector = TcpConnector::with_config(addr, stream_config());
+        let (client, server) = tokio::join!(connector.connect(), listener.accept());
+        check_order_and_boundaries(client.unwrap(), established(server).await, TEST_MAX).await;
+
+        if !(cfg!(target_os = "linux") && system_backlog_at_least(BURST as u32)) {
+            eprintln!("skipping the burst: the system caps the listen backlog lower");
+            return;
+        }
+        let mut connecting = tokio::task::JoinSet::new();
+        for _ in 0..BURST {
+            connecting.spawn(async move {
+                tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+                    .await
+            });
+        }
+        let mut clients = Vec::with_capacity(BURST);
+        while let Some(outcome) = connecting.join_next().await {
+            match outcome.unwrap() {
+                Ok(Ok(stream)) => clients.push(stream),
+                Ok(Err(e)) if e.raw_os_error() == Some(24) => {
+                    eprintln!("skipping the burst: out of file descriptors");
+                    return;
+                }
+                Ok(Err(e)) => panic!("a connection in the burst failed: {e}"),
+                Err(_) => panic!("a connection in the burst was not queued"),
+            }
+        }
+        assert_eq!(clients.len(), BURST);
+        for _ in 0..BURST {
+            let pending = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+                .await
+                .expect("a queued connection")
+                .unwrap();
+            drop(pending);
+        }
     })
     .await;
 }

@@ -398,6 +398,10 @@ impl LinkRx for SeeRx {
         }
         Ok(got)
     }
+
+    fn set_max_payload(&mut self, max: usize) {
+        self.inner.set_max_payload(max);
+    }
 }
 
 impl Connector for KeySwap {

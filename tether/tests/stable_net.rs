@@ -775,6 +775,10 @@ impl LinkRx for LossyRx {
         }
         Ok(got)
     }
+
+    fn set_max_payload(&mut self, max: usize) {
+        self.0.set_max_payload(max);
+    }
 }
 
 impl Connector for LoseFirstReply {

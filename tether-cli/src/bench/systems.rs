@@ -13,7 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tether::link::mem::{self, MemConnector, MemListener};
 use tether::link::stream::{StreamRx, StreamTx};
-use tether::link::{Connector, Listener, TcpConnector, TcpListener};
+use tether::link::{Connector, Listener, PendingLink, TcpConnector, TcpListener};
 use tether::{BareConduit, BareReceiver, BareSender, Config, Server, StableConduit};
 use tether::{StableReceiver, StableSender};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -217,7 +217,8 @@ pub(crate) async fn accept(listening: Listening) -> anyhow::Result<Endpoint> {
             Endpoint::Framed(Box::new(Framed::new(stream, LengthDelimitedCodec::new())))
         }
         Listening::Bare(mut l) => {
-            let (tx, rx) = BareConduit::<_, Msg>::new(l.accept().await?).split();
+            let link = l.accept().await?.establish().await?;
+            let (tx, rx) = BareConduit::<_, Msg>::new(link).split();
             Endpoint::Bare(tx, rx)
         }
         Listening::Stable(mut server, keep) => {

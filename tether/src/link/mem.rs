@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
-use super::{Connector, Link, LinkError, LinkRx, LinkTx, Listener, DEFAULT_MAX_PAYLOAD};
+use super::{Connector, Link, LinkError, LinkRx, LinkTx, Listener, Ready, DEFAULT_MAX_PAYLOAD};
 
 /// How many connections a [`MemListener`] holds before [`MemConnector::connect`]
 /// waits for an `accept`.
@@ -41,8 +41,9 @@ pub struct MemConfig {
     /// Payloads that can be in flight per direction before `feed` waits.
     /// Default 64; a capacity of 0 is treated as 1.
     pub capacity: usize,
-    /// Largest payload accepted by `feed`. Default [`DEFAULT_MAX_PAYLOAD`]
-    /// (8 MiB), like the stream links.
+    /// Largest payload accepted by `feed` and `recv` (which
+    /// [`LinkRx::set_max_payload`] can lower). Default
+    /// [`DEFAULT_MAX_PAYLOAD`] (8 MiB), like the stream links.
     pub max_payload: usize,
 }
 
@@ -210,6 +211,8 @@ impl MemLink {
                 switch: switch.clone(),
                 watcher: switch.tx.subscribe(),
                 state: RxState::Open,
+                max_payload,
+                configured_max: max_payload,
             },
         }
     }
@@ -358,12 +361,17 @@ pub struct MemRx {
     switch: KillSwitch,
     watcher: watch::Receiver<bool>,
     state: RxState,
+    /// The largest payload accepted now (see [`LinkRx::set_max_payload`]).
+    max_payload: usize,
+    /// [`MemConfig::max_payload`].
+    configured_max: usize,
 }
 
 impl fmt::Debug for MemRx {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemRx")
             .field("state", &self.state)
+            .field("max_payload", &self.max_payload)
             .finish_non_exhaustive()
     }
 }
@@ -396,6 +404,13 @@ impl LinkRx for MemRx {
         };
         match next {
             None => self.fail(LinkError::Reset),
+            Some(Some(payload)) if payload.len() > self.max_payload => {
+                let max = self.max_payload;
+                self.fail(LinkError::TooLarge {
+                    len: payload.len(),
+                    max,
+                })
+            }
             Some(Some(payload)) => Ok(Some(payload)),
             Some(None) if self.direction.closed.load(Ordering::SeqCst) => {
                 self.state = RxState::Eof;
@@ -403,6 +418,10 @@ impl LinkRx for MemRx {
             }
             Some(None) => self.fail(LinkError::Reset),
         }
+    }
+
+    fn set_max_payload(&mut self, max: usize) {
+        self.max_payload = max.min(self.configured_max);
     }
 }
 
@@ -414,12 +433,13 @@ pub struct MemListener {
 
 impl Listener for MemListener {
     type Link = MemLink;
+    type Pending = Ready<MemLink>;
 
-    /// Waits for the next connection. Fails with an
+    /// Waits for the next connection (which needs no setup). Fails with an
     /// [`io::ErrorKind::NotConnected`] error once every connector is gone.
     /// Cancel-safe.
-    async fn accept(&mut self) -> Result<MemLink, LinkError> {
-        self.incoming.recv().await.ok_or_else(|| {
+    async fn accept(&mut self) -> Result<Ready<MemLink>, LinkError> {
+        self.incoming.recv().await.map(Ready).ok_or_else(|| {
             LinkError::Io(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "every MemConnector of this listener was dropped",

@@ -9,7 +9,29 @@
 //!
 //! Every link splits into a sending half ([`LinkTx`]) and a receiving half
 //! ([`LinkRx`]) so that the two directions can be driven from different
-//! tasks without a lock.
+//! tasks without a lock. Before it is split, [`Link::peer`] tells who is on
+//! the other end as far as the transport knows ([`PeerInfo`]: the remote
+//! address of a TCP link, nothing for in-memory or Unix links).
+//!
+//! # Accepting in two phases
+//!
+//! A [`Listener`] hands out connections in two steps:
+//!
+//! 1. [`Listener::accept`] returns the next connection as a [`PendingLink`]
+//!    as soon as the transport has one (TCP: the `accept` system call). It
+//!    does no per-connection work and never waits on one peer, so an accept
+//!    loop can keep taking connections however slow any of them is.
+//! 2. [`PendingLink::establish`] does whatever the connection needs before
+//!    it carries payloads: wrapping the socket, and in listeners built on
+//!    top of these, a TLS handshake, a proxy preamble, a WebSocket
+//!    upgrade. That work waits on the peer, so it must run concurrently,
+//!    one task per connection, under a deadline: a server that ran it
+//!    inside its accept loop would let one peer that connects and then
+//!    stays silent hold up every connection behind it.
+//!
+//! [`PendingLink::addr`] is known between the two steps, so a server can
+//! count and refuse connections per source before spending anything on
+//! their setup. Listeners whose links need no setup hand out [`Ready`].
 //!
 //! # Transports
 //!
@@ -32,8 +54,11 @@
 //!
 //! with no padding and nothing between frames. A peer announcing a length
 //! over the configured maximum ([`stream::StreamConfig::max_payload`],
-//! 8 MiB by default) is rejected with [`LinkError::TooLarge`] *before* any
-//! buffer is reserved for it. End-of-file exactly at a frame boundary is a
+//! 8 MiB by default, lowered per link with [`LinkRx::set_max_payload`]) is
+//! rejected with [`LinkError::TooLarge`] *before* any buffer is reserved for
+//! it, and the read buffer of a payload under the maximum grows with the
+//! bytes that actually arrive, never to the announced length up front: a
+//! peer that announces 8 MiB and sends nothing more costs a read chunk. End-of-file exactly at a frame boundary is a
 //! clean end of stream (`Ok(None)`); end-of-file inside the prefix or the
 //! payload is [`LinkError::Truncated`].
 //!
@@ -67,15 +92,18 @@
 //! `Ok(None)`.
 
 use std::future::Future;
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 
 pub mod mem;
 pub mod stream;
 
-pub use stream::{StreamConfig, StreamLink, TcpConnector, TcpLink, TcpListener};
+pub use stream::{
+    StreamConfig, StreamLink, TcpConnector, TcpLink, TcpListener, TcpPending, DEFAULT_BACKLOG,
+};
 #[cfg(unix)]
-pub use stream::{UnixConnector, UnixLink, UnixListener};
+pub use stream::{UnixConnector, UnixLink, UnixListener, UnixPending};
 
 /// Default maximum payload size of every link: 8 MiB.
 ///
@@ -125,6 +153,19 @@ pub trait LinkRx: Send + 'static {
     /// Next payload; `Ok(None)` is a clean end-of-stream (the peer closed at
     /// a payload boundary). Cancel-safe.
     fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, LinkError>> + Send;
+
+    /// Lowers the largest payload later [`recv`](LinkRx::recv)s accept to
+    /// `max`, or raises it back, never above the maximum the link was
+    /// configured with: the limit in force is the smaller of the two.
+    ///
+    /// A payload over the limit fails the half with
+    /// [`LinkError::TooLarge`]; a stream link sees it in the length prefix
+    /// and fails before reserving anything for it. This lets a server
+    /// accept only a small first message (a hello) from a peer it knows
+    /// nothing about yet, then allow full-sized payloads once the peer has
+    /// identified itself. Pass `usize::MAX` to go back to the configured
+    /// maximum.
+    fn set_max_payload(&mut self, max: usize);
 }
 
 /// A bidirectional link, split into its two halves to be used.
@@ -137,6 +178,32 @@ pub trait Link: Send + 'static {
     /// Separates the two directions so that they can be driven
     /// independently (from different tasks, without a lock).
     fn split(self) -> (Self::Tx, Self::Rx);
+
+    /// What the transport knows about the other end. The default knows
+    /// nothing; TCP links return the peer's address.
+    fn peer(&self) -> PeerInfo {
+        PeerInfo::default()
+    }
+}
+
+/// What a link's transport knows about the peer on the other end.
+///
+/// Only what the transport itself established, never what the peer claims
+/// in its messages. More fields (a TLS identity, request headers) may come;
+/// build one with [`PeerInfo::from_addr`] or [`Default`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerInfo {
+    /// The peer's network address (TCP links); `None` for transports
+    /// without one (in-memory, Unix sockets).
+    pub addr: Option<SocketAddr>,
+}
+
+impl PeerInfo {
+    /// Peer information holding only an address.
+    pub fn from_addr(addr: SocketAddr) -> Self {
+        PeerInfo { addr: Some(addr) }
+    }
 }
 
 /// Produces fresh links on demand (the client side of a stable conduit
@@ -149,13 +216,59 @@ pub trait Connector: Send + Sync + 'static {
     fn connect(&self) -> impl Future<Output = Result<Self::Link, LinkError>> + Send;
 }
 
-/// Accepts links (the server side).
+/// Accepts links (the server side), in two phases (see the
+/// [module documentation](self#accepting-in-two-phases)).
 pub trait Listener: Send + 'static {
     /// The kind of link accepted.
     type Link: Link;
+    /// A connection accepted but not yet set up.
+    type Pending: PendingLink<Link = Self::Link>;
 
-    /// Waits for the next incoming link.
-    fn accept(&mut self) -> impl Future<Output = Result<Self::Link, LinkError>> + Send;
+    /// Waits for the next incoming connection and returns it before any
+    /// per-connection setup.
+    ///
+    /// Cheap: it must not wait on any one peer (no reads, no handshakes);
+    /// that belongs in [`PendingLink::establish`]. Cancel-safe for the
+    /// listeners of this crate. An error is usually transient (out of file
+    /// descriptors, a connection reset before it was accepted): callers
+    /// back off briefly and accept again.
+    fn accept(&mut self) -> impl Future<Output = Result<Self::Pending, LinkError>> + Send;
+}
+
+/// A connection accepted by a [`Listener`], not yet ready to carry
+/// payloads.
+pub trait PendingLink: Send + 'static {
+    /// The link it becomes.
+    type Link: Link;
+
+    /// The peer's address as known before any setup, for admission
+    /// decisions (limits per source); `None` if the transport has none.
+    fn addr(&self) -> Option<SocketAddr>;
+
+    /// Runs the per-connection setup and returns the link.
+    ///
+    /// It may wait on the peer (a TLS handshake, a preamble), for as long
+    /// as the peer takes: run it in the connection's own task, under a
+    /// deadline, never in an accept loop. Dropping the future abandons the
+    /// connection.
+    fn establish(self) -> impl Future<Output = Result<Self::Link, LinkError>> + Send;
+}
+
+/// A link that needs no setup, as a [`PendingLink`]: `establish` returns
+/// it at once and `addr` is its [`Link::peer`] address.
+#[derive(Debug)]
+pub struct Ready<L>(pub L);
+
+impl<L: Link> PendingLink for Ready<L> {
+    type Link = L;
+
+    fn addr(&self) -> Option<SocketAddr> {
+        self.0.peer().addr
+    }
+
+    async fn establish(self) -> Result<L, LinkError> {
+        Ok(self.0)
+    }
 }
 
 /// Why a link operation failed.

@@ -35,7 +35,7 @@ use super::config::Config;
 use super::shared::{Role, Shared, Terminal};
 use super::{ConduitState, StableConduit};
 use crate::error::SessionLost;
-use crate::link::{Link, LinkRx, LinkTx, Listener};
+use crate::link::{Link, LinkRx, LinkTx, Listener, PendingLink};
 
 /// Server-wide counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -283,8 +283,8 @@ impl<S, R> Server<S, R> {
         let weak = Arc::downgrade(&inner);
         let accept_task = tokio::spawn(async move {
             loop {
-                let link = match listener.accept().await {
-                    Ok(link) => link,
+                let pending = match listener.accept().await {
+                    Ok(pending) => pending,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         // Typically out of file descriptors: back off briefly.
@@ -297,7 +297,7 @@ impl<S, R> Server<S, R> {
                     .counters
                     .links_accepted
                     .fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(handle_link(inner, link));
+                tokio::spawn(establish_link(inner, pending));
             }
         });
         Server {
@@ -323,6 +323,28 @@ impl<S, R> Drop for Server<S, R> {
     fn drop(&mut self) {
         self.accept_task.abort();
     }
+}
+
+/// Runs a pending link's setup (in its own task: it may wait on the peer)
+/// under the handshake timeout, then handles the link. A setup that fails
+/// or times out counts as a bad handshake.
+async fn establish_link<P: PendingLink>(inner: Arc<Inner<P::Link>>, pending: P) {
+    let link = match timeout(inner.config.handshake_timeout, pending.establish()).await {
+        Ok(Ok(link)) => link,
+        outcome => {
+            let why = match outcome {
+                Ok(Err(e)) => e.to_string(),
+                _ => "link setup timed out".to_string(),
+            };
+            tracing::debug!(%why, "dropping link in setup");
+            inner
+                .counters
+                .bad_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    handle_link(inner, link).await;
 }
 
 /// Reads one link's hello under the handshake timeout and routes it.

@@ -30,7 +30,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tether::link::mem::{MemConnector, MemLink, MemListener, MemRx, MemTx};
-use tether::link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener};
+use tether::link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener, Ready};
 use tether::proto::{decode_payload, Control, Incoming};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{sleep, sleep_until, Instant};
@@ -616,6 +616,7 @@ impl FaultLink {
                 dir: into,
                 held: None,
                 failed: false,
+                max_payload: usize::MAX,
             },
         }
     }
@@ -732,6 +733,9 @@ pub(crate) struct FaultRx {
     /// across a cancelled recv).
     held: Option<(Bytes, Instant)>,
     failed: bool,
+    /// Set by `set_max_payload`; checked on the unstamped payload (the
+    /// inner link carries the stamp too).
+    max_payload: usize,
 }
 
 impl Drop for FaultRx {
@@ -743,6 +747,9 @@ impl Drop for FaultRx {
 impl LinkRx for FaultRx {
     async fn recv(&mut self) -> Result<Option<Bytes>, LinkError> {
         loop {
+            if self.failed {
+                return Err(LinkError::Dead);
+            }
             if self.link.is_killed() {
                 // What was in flight is lost.
                 self.held = None;
@@ -768,11 +775,22 @@ impl LinkRx for FaultRx {
             match got? {
                 Some(framed) => {
                     let (at, payload) = self.link.unstamp(framed);
+                    if payload.len() > self.max_payload {
+                        self.failed = true;
+                        return Err(LinkError::TooLarge {
+                            len: payload.len(),
+                            max: self.max_payload,
+                        });
+                    }
                     self.held = Some((payload, at));
                 }
                 None => return Ok(None),
             }
         }
+    }
+
+    fn set_max_payload(&mut self, max: usize) {
+        self.max_payload = max;
     }
 }
 
@@ -813,7 +831,7 @@ impl FaultListener {
     pub(crate) fn new(mut inner: MemListener, faults: Faults) -> Self {
         let (to_server, accepted) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            while let Ok(mem) = inner.accept().await {
+            while let Ok(Ready(mem)) = inner.accept().await {
                 tokio::spawn(hand_over(mem, faults.clone(), to_server.clone()));
             }
         });
@@ -843,10 +861,11 @@ async fn hand_over(mem: MemLink, faults: Faults, to_server: mpsc::UnboundedSende
 
 impl Listener for FaultListener {
     type Link = FaultLink;
+    type Pending = Ready<FaultLink>;
 
-    async fn accept(&mut self) -> Result<FaultLink, LinkError> {
+    async fn accept(&mut self) -> Result<Ready<FaultLink>, LinkError> {
         match self.accepted.recv().await {
-            Some(link) => Ok(link),
+            Some(link) => Ok(Ready(link)),
             // No connector is left: no link will ever come.
             None => std::future::pending().await,
         }

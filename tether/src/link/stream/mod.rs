@@ -8,11 +8,16 @@
 //!
 //! [`StreamRx`] is an explicit two-state decoder (reading the 4-byte head,
 //! reading `n` payload bytes) over one read buffer. An announced length is
-//! checked against [`StreamConfig::max_payload`] *before* anything is
-//! reserved, so a hostile prefix such as `ff ff ff ff` costs no allocation.
-//! The buffer then reserves exactly what the frame needs (at least a modest
-//! read chunk, so that many small frames arrive in one read), and each
-//! payload is handed out as a zero-copy [`Bytes`](bytes::Bytes) view of it.
+//! checked against [`StreamConfig::max_payload`] (or the lower limit set
+//! with [`set_max_payload`](super::LinkRx::set_max_payload)) *before*
+//! anything is reserved, so a hostile prefix such as `ff ff ff ff` costs no
+//! allocation. Nor does a length under the maximum reserve its payload up
+//! front: the buffer grows with the bytes that arrive, each growth at most
+//! doubling what the frame already holds (starting from a read chunk), so
+//! a peer that announces 8 MiB and then stalls costs a read chunk, not
+//! 8 MiB, while a 1 MiB payload still arrives with a handful of
+//! reallocations. Each payload is handed out as a zero-copy
+//! [`Bytes`](bytes::Bytes) view of the buffer.
 //!
 //! # Sending
 //!
@@ -47,15 +52,15 @@ mod net;
 mod rx;
 mod tx;
 
-pub use net::{TcpConnector, TcpLink, TcpListener};
+pub use net::{TcpConnector, TcpLink, TcpListener, TcpPending, DEFAULT_BACKLOG};
 #[cfg(unix)]
-pub use net::{UnixConnector, UnixLink, UnixListener};
+pub use net::{UnixConnector, UnixLink, UnixListener, UnixPending};
 pub use rx::StreamRx;
 pub use tx::StreamTx;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
-use super::{Link, DEFAULT_MAX_PAYLOAD};
+use super::{Link, PeerInfo, DEFAULT_MAX_PAYLOAD};
 
 /// Settings of a stream link.
 #[derive(Clone, Debug)]
@@ -104,11 +109,21 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     /// A link reading frames from `reader` and writing frames to `writer`.
+    /// It knows nothing about its peer (see [`with_peer`](Self::with_peer)).
     pub fn from_halves(reader: R, writer: W, config: StreamConfig) -> Self {
         StreamLink {
             rx: StreamRx::new(reader, &config),
             tx: StreamTx::new(writer, &config),
         }
+    }
+
+    /// The same link, reporting `peer` from [`Link::peer`] and
+    /// [`StreamTx::peer`]: for links over transports this crate does not
+    /// wrap itself (a TLS stream over TCP, say), whose constructor knows
+    /// the peer.
+    pub fn with_peer(mut self, peer: PeerInfo) -> Self {
+        self.tx.set_peer(peer);
+        self
     }
 }
 
@@ -135,5 +150,9 @@ where
 
     fn split(self) -> (StreamTx<W>, StreamRx<R>) {
         (self.tx, self.rx)
+    }
+
+    fn peer(&self) -> PeerInfo {
+        self.tx.peer().clone()
     }
 }

@@ -3,10 +3,16 @@
 use std::io;
 use std::net::SocketAddr;
 
-use tokio::net::{tcp, TcpStream, ToSocketAddrs};
+use tokio::net::{tcp, TcpSocket, TcpStream, ToSocketAddrs};
 
 use super::{StreamConfig, StreamLink};
-use crate::link::{Connector, LinkError, Listener};
+use crate::link::{Connector, LinkError, Listener, PeerInfo, PendingLink};
+
+/// The listen backlog of [`TcpListener::bind`]: how many connections the
+/// kernel completes and queues before the server accepts them (capped by
+/// the system, e.g. `net.core.somaxconn` on Linux). Large enough that a
+/// reconnect storm of many clients is queued rather than refused.
+pub const DEFAULT_BACKLOG: u32 = 1024;
 
 /// A stream link over TCP; both halves own the socket (no lock).
 pub type TcpLink = StreamLink<tcp::OwnedReadHalf, tcp::OwnedWriteHalf>;
@@ -15,13 +21,21 @@ impl StreamLink<tcp::OwnedReadHalf, tcp::OwnedWriteHalf> {
     /// A link over a connected TCP socket. Sets `TCP_NODELAY`: the link
     /// batches on its own, so Nagle's algorithm would only add latency (a
     /// failure to set it is logged, not fatal). The socket is split with
-    /// `into_split`, so the halves share no lock.
+    /// `into_split`, so the halves share no lock. [`Link::peer`] reports
+    /// the socket's peer address.
+    ///
+    /// [`Link::peer`]: crate::link::Link::peer
     pub fn tcp(stream: TcpStream, config: StreamConfig) -> Self {
+        let peer = stream.peer_addr().ok();
+        StreamLink::tcp_with_peer(stream, peer, config)
+    }
+
+    fn tcp_with_peer(stream: TcpStream, peer: Option<SocketAddr>, config: StreamConfig) -> Self {
         if let Err(err) = stream.set_nodelay(true) {
             tracing::warn!(error = %err, "could not set TCP_NODELAY on a link");
         }
         let (reader, writer) = stream.into_split();
-        StreamLink::from_halves(reader, writer, config)
+        StreamLink::from_halves(reader, writer, config).with_peer(PeerInfo { addr: peer })
     }
 }
 
@@ -67,11 +81,42 @@ pub struct TcpListener {
 
 impl TcpListener {
     /// Binds to `addr` (port 0 picks a free port; see
-    /// [`local_addr`](TcpListener::local_addr)); links use the default
-    /// [`StreamConfig`].
+    /// [`local_addr`](TcpListener::local_addr)) with a listen backlog of
+    /// [`DEFAULT_BACKLOG`]; links use the default [`StreamConfig`]. If
+    /// `addr` resolves to several addresses, the first that binds is used.
     pub async fn bind(addr: impl ToSocketAddrs) -> io::Result<Self> {
-        let inner = tokio::net::TcpListener::bind(addr).await?;
-        Ok(TcpListener::from_tokio(inner, StreamConfig::default()))
+        let mut last_err = None;
+        for addr in tokio::net::lookup_host(addr).await? {
+            match TcpListener::bind_with(addr, DEFAULT_BACKLOG, StreamConfig::default()) {
+                Ok(listener) => return Ok(listener),
+                Err(err) => last_err = Some(err),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "could not resolve to any address",
+            )
+        }))
+    }
+
+    /// Binds to `addr` with a listen backlog of `backlog` connections (the
+    /// system may cap it; see [`DEFAULT_BACKLOG`]); accepted links use
+    /// `config`. On Unix the socket is bound with `SO_REUSEADDR`, as
+    /// [`tokio::net::TcpListener::bind`] does, so a restarted server can
+    /// bind its port again while old connections linger. Must be called
+    /// within a tokio runtime.
+    pub fn bind_with(addr: SocketAddr, backlog: u32, config: StreamConfig) -> io::Result<Self> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        // On Windows SO_REUSEADDR would let another socket steal the port.
+        #[cfg(not(windows))]
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let inner = socket.listen(backlog)?;
+        Ok(TcpListener::from_tokio(inner, config))
     }
 
     /// Wraps a bound tokio listener; accepted links use `config`.
@@ -87,16 +132,66 @@ impl TcpListener {
 
 impl Listener for TcpListener {
     type Link = TcpLink;
+    type Pending = TcpPending;
 
-    /// Waits for the next connection. Cancel-safe.
-    async fn accept(&mut self) -> Result<TcpLink, LinkError> {
-        let (stream, _peer) = self.inner.accept().await?;
-        Ok(StreamLink::tcp(stream, self.config.clone()))
+    /// Waits for the next connection: the accepted socket and its peer's
+    /// address, nothing more. Cancel-safe.
+    async fn accept(&mut self) -> Result<TcpPending, LinkError> {
+        let (stream, addr) = self.inner.accept().await?;
+        Ok(TcpPending {
+            stream,
+            addr,
+            config: self.config.clone(),
+        })
+    }
+}
+
+/// A TCP connection accepted by a [`TcpListener`], not yet a link.
+///
+/// [`establish`](PendingLink::establish) only wraps the socket
+/// ([`StreamLink::tcp`]) and never waits. A listener that needs
+/// per-connection setup over TCP (TLS, a preamble) can wrap a
+/// [`TcpListener`], take the socket with
+/// [`into_stream`](TcpPending::into_stream) in its own `establish`, and
+/// build the link from whatever the setup produced.
+#[derive(Debug)]
+pub struct TcpPending {
+    stream: TcpStream,
+    addr: SocketAddr,
+    config: StreamConfig,
+}
+
+impl TcpPending {
+    /// The accepted socket, for a setup of one's own.
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
+    /// The settings the listener gives its links.
+    pub fn config(&self) -> &StreamConfig {
+        &self.config
+    }
+}
+
+impl PendingLink for TcpPending {
+    type Link = TcpLink;
+
+    /// The peer's address, as returned by `accept`.
+    fn addr(&self) -> Option<SocketAddr> {
+        Some(self.addr)
+    }
+
+    async fn establish(self) -> Result<TcpLink, LinkError> {
+        Ok(StreamLink::tcp_with_peer(
+            self.stream,
+            Some(self.addr),
+            self.config,
+        ))
     }
 }
 
 #[cfg(unix)]
-pub use self::unix::{UnixConnector, UnixLink, UnixListener};
+pub use self::unix::{UnixConnector, UnixLink, UnixListener, UnixPending};
 
 #[cfg(unix)]
 mod unix {
@@ -106,7 +201,7 @@ mod unix {
     use tokio::net::{unix, UnixStream};
 
     use super::super::{StreamConfig, StreamLink};
-    use crate::link::{Connector, LinkError, Listener};
+    use crate::link::{Connector, LinkError, Listener, PendingLink};
 
     /// A stream link over a Unix-domain socket; both halves own the socket
     /// (no lock).
@@ -187,11 +282,49 @@ mod unix {
 
     impl Listener for UnixListener {
         type Link = UnixLink;
+        type Pending = UnixPending;
 
-        /// Waits for the next connection. Cancel-safe.
-        async fn accept(&mut self) -> Result<UnixLink, LinkError> {
+        /// Waits for the next connection, returned before any setup.
+        /// Cancel-safe.
+        async fn accept(&mut self) -> Result<UnixPending, LinkError> {
             let (stream, _peer) = self.inner.accept().await?;
-            Ok(StreamLink::unix(stream, self.config.clone()))
+            Ok(UnixPending {
+                stream,
+                config: self.config.clone(),
+            })
+        }
+    }
+
+    /// A Unix-socket connection accepted by a [`UnixListener`], not yet a
+    /// link. It has no address ([`PendingLink::addr`] is `None`);
+    /// [`establish`](PendingLink::establish) only wraps the socket.
+    #[derive(Debug)]
+    pub struct UnixPending {
+        stream: UnixStream,
+        config: StreamConfig,
+    }
+
+    impl UnixPending {
+        /// The accepted socket, for a setup of one's own.
+        pub fn into_stream(self) -> UnixStream {
+            self.stream
+        }
+
+        /// The settings the listener gives its links.
+        pub fn config(&self) -> &StreamConfig {
+            &self.config
+        }
+    }
+
+    impl PendingLink for UnixPending {
+        type Link = UnixLink;
+
+        fn addr(&self) -> Option<std::net::SocketAddr> {
+            None
+        }
+
+        async fn establish(self) -> Result<UnixLink, LinkError> {
+            Ok(StreamLink::unix(self.stream, self.config))
         }
     }
 }

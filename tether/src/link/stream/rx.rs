@@ -12,8 +12,8 @@ use crate::link::{LinkError, LinkRx};
 const HEAD_LEN: usize = 4;
 
 /// The most free space offered to one read beyond the current frame, so
-/// that many small frames can arrive in one system call. Large frames
-/// reserve exactly what they need.
+/// that many small frames can arrive in one system call. A large frame's
+/// buffer grows beyond it by doubling, with the bytes that arrive.
 const READ_CHUNK: usize = 32 * 1024;
 
 /// The free space offered to the first read. It doubles, up to
@@ -48,7 +48,11 @@ pub struct StreamRx<R> {
     buf: BytesMut,
     decode: Decode,
     state: State,
+    /// The largest payload accepted now: `configured_max`, or less after
+    /// [`LinkRx::set_max_payload`].
     max_payload: usize,
+    /// [`StreamConfig::max_payload`], capped at `u32::MAX`.
+    configured_max: usize,
     /// Free space offered to the next read (see [`FIRST_READ_CHUNK`]).
     read_chunk: usize,
 }
@@ -64,6 +68,7 @@ where
             decode: Decode::Head,
             state: State::Open,
             max_payload: config.effective_max(),
+            configured_max: config.effective_max(),
             read_chunk: FIRST_READ_CHUNK,
         }
     }
@@ -101,6 +106,14 @@ where
                     self.decode = Decode::Data(len);
                 }
                 Decode::Data(len) => {
+                    // The limit may have been lowered after the prefix
+                    // passed it.
+                    if len > self.max_payload {
+                        return Err(LinkError::TooLarge {
+                            len,
+                            max: self.max_payload,
+                        });
+                    }
                     if self.buf.len() < len {
                         return Ok(None);
                     }
@@ -118,6 +131,24 @@ where
             Decode::Head => HEAD_LEN - self.buf.len(),
             Decode::Data(len) => len - self.buf.len(),
         }
+    }
+
+    /// Makes room for the next read. While at least a read chunk is free,
+    /// nothing changes: reads that big already amortise the system call,
+    /// and small frames arrive many at a time. Below that, the buffer grows
+    /// by what the current frame still needs, but by at least a read chunk
+    /// and at most what the frame already holds: memory follows the bytes
+    /// that arrived (an announced length costs nothing until its bytes
+    /// come, and the buffer stays under about twice what arrived plus two
+    /// read chunks), while a large payload needs only about
+    /// log2(len / READ_CHUNK) reallocations.
+    fn make_room(&mut self) {
+        if self.buf.capacity() - self.buf.len() >= self.read_chunk {
+            return;
+        }
+        let grow = self.read_chunk.max(self.buf.len());
+        self.buf
+            .reserve(self.missing().clamp(self.read_chunk, grow));
     }
 
     /// The error for end-of-file in the middle of the current frame part,
@@ -143,9 +174,7 @@ where
                 Ok(None) => {}
                 Err(err) => return self.fail(err),
             }
-            // `missing` is small for a prefix and exact for a payload whose
-            // length already passed the maximum check.
-            self.buf.reserve(self.missing().max(self.read_chunk));
+            self.make_room();
             // The only await point. `read_buf` is cancel-safe: dropped
             // before completion, it read nothing.
             match self.reader.read_buf(&mut self.buf).await {
@@ -181,5 +210,158 @@ where
             State::Eof => Ok(None),
             State::Open => self.recv_inner().await,
         }
+    }
+
+    fn set_max_payload(&mut self, max: usize) {
+        self.max_payload = max.min(self.configured_max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::link::stream::StreamLink;
+    use crate::link::{Link, LinkTx};
+
+    /// Polls `recv` for a moment and gives up: a stalled frame stays
+    /// buffered (recv is cancel-safe).
+    async fn recv_briefly<R>(rx: &mut StreamRx<R>) -> Option<Result<Option<Bytes>, LinkError>>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        tokio::time::timeout(Duration::from_millis(50), rx.recv())
+            .await
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn an_announced_length_reserves_nothing_until_its_bytes_arrive() {
+        let (mut peer, ours) = tokio::io::duplex(1 << 20);
+        let (r, w) = tokio::io::split(ours);
+        let (_tx, mut rx) = StreamLink::from_halves(r, w, StreamConfig::default()).split();
+        let len: u32 = 8 * 1024 * 1024;
+        peer.write_all(&len.to_le_bytes()).await.unwrap();
+        peer.write_all(&[7; 10]).await.unwrap();
+        assert!(recv_briefly(&mut rx).await.is_none());
+        let small = rx.read_buffer_capacity();
+        assert!(
+            small < 256 * 1024,
+            "8 MiB announced, 10 bytes sent: {small}"
+        );
+
+        // The buffer grows with what arrives, at most about twice that.
+        let chunk = vec![7; 64 * 1024];
+        for _ in 0..16 {
+            peer.write_all(&chunk).await.unwrap();
+            assert!(recv_briefly(&mut rx).await.is_none());
+        }
+        let arrived = 10 + 16 * chunk.len();
+        let grown = rx.read_buffer_capacity();
+        assert!(
+            grown <= 2 * arrived + 2 * READ_CHUNK,
+            "{arrived} bytes arrived, {grown} reserved"
+        );
+
+        // And the payload still arrives whole, in one view.
+        let rest = len as usize - arrived;
+        let writer = tokio::spawn(async move {
+            peer.write_all(&vec![7; rest]).await.unwrap();
+            peer
+        });
+        let payload = rx.recv().await.unwrap().unwrap();
+        assert_eq!(payload.len(), len as usize);
+        assert!(payload.iter().all(|&b| b == 7));
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_large_payload_needs_few_reallocations() {
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        let (r, w) = tokio::io::split(ours);
+        let (_tx, mut rx) = StreamLink::from_halves(r, w, StreamConfig::default()).split();
+        let (r, w) = tokio::io::split(theirs);
+        let (mut peer_tx, _peer_rx) =
+            StreamLink::from_halves(r, w, StreamConfig::default()).split();
+        let payload = Bytes::from(vec![3; 1024 * 1024]);
+        let sender = tokio::spawn(async move {
+            for _ in 0..4 {
+                peer_tx.send(payload.clone()).await.unwrap();
+            }
+            peer_tx
+        });
+        let mut growths = 0;
+        let mut got = 0;
+        while got < 4 {
+            let before = rx.buf.as_ptr();
+            rx.make_room();
+            if rx.buf.as_ptr() != before {
+                growths += 1;
+            }
+            let n = rx.reader.read_buf(&mut rx.buf).await.unwrap();
+            assert!(n > 0);
+            while let Some(p) = rx.decode().unwrap() {
+                assert_eq!(p.len(), 1024 * 1024);
+                got += 1;
+            }
+        }
+        drop(sender.await.unwrap());
+        // At most log2(1 MiB / 32 KiB) + 1 per payload (fewer once the
+        // buffer is reused).
+        assert!(growths <= 4 * 6, "{growths} reallocations for 4 MiB");
+    }
+
+    #[tokio::test]
+    async fn a_lowered_limit_refuses_a_longer_prefix_at_once() {
+        let (mut peer, ours) = tokio::io::duplex(1024);
+        let (r, w) = tokio::io::split(ours);
+        let (_tx, mut rx) = StreamLink::from_halves(r, w, StreamConfig::default()).split();
+        rx.set_max_payload(100);
+        peer.write_all(&101u32.to_le_bytes()).await.unwrap();
+        match rx.recv().await {
+            Err(LinkError::TooLarge { len: 101, max: 100 }) => {}
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert!(rx.read_buffer_capacity() <= FIRST_READ_CHUNK);
+        assert!(matches!(rx.recv().await, Err(LinkError::Dead)));
+    }
+
+    #[tokio::test]
+    async fn the_limit_never_rises_above_the_configured_maximum() {
+        let (mut peer, ours) = tokio::io::duplex(1024);
+        let (r, w) = tokio::io::split(ours);
+        let config = StreamConfig {
+            max_payload: 50,
+            ..StreamConfig::default()
+        };
+        let (_tx, mut rx) = StreamLink::from_halves(r, w, config).split();
+        rx.set_max_payload(10);
+        rx.set_max_payload(usize::MAX);
+        peer.write_all(&50u32.to_le_bytes()).await.unwrap();
+        peer.write_all(&[1; 50]).await.unwrap();
+        assert_eq!(rx.recv().await.unwrap().unwrap().len(), 50);
+        peer.write_all(&51u32.to_le_bytes()).await.unwrap();
+        assert!(matches!(
+            rx.recv().await,
+            Err(LinkError::TooLarge { len: 51, max: 50 })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_limit_lowered_mid_frame_still_applies() {
+        let (mut peer, ours) = tokio::io::duplex(1024);
+        let (r, w) = tokio::io::split(ours);
+        let (_tx, mut rx) = StreamLink::from_halves(r, w, StreamConfig::default()).split();
+        peer.write_all(&200u32.to_le_bytes()).await.unwrap();
+        peer.write_all(&[1; 20]).await.unwrap();
+        assert!(recv_briefly(&mut rx).await.is_none());
+        rx.set_max_payload(100);
+        assert!(matches!(
+            rx.recv().await,
+            Err(LinkError::TooLarge { len: 200, max: 100 })
+        ));
     }
 }

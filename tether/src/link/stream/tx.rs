@@ -10,7 +10,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 
 use super::StreamConfig;
-use crate::link::{LinkError, LinkTx};
+use crate::link::{LinkError, LinkTx, PeerInfo};
 
 /// Size of the length prefix.
 const HEAD_LEN: usize = 4;
@@ -60,7 +60,13 @@ pub struct StreamTx<W> {
     state: State,
     /// The next growth of `coalesce` (see [`FIRST_COALESCE_CHUNK`]).
     next_chunk: usize,
+    /// The link's peer, kept here so that it survives the split; boxed
+    /// (and absent when unknown) to keep the half small.
+    peer: Option<Box<PeerInfo>>,
 }
+
+/// What [`StreamTx::peer`] returns for a link that knows nothing of its peer.
+static UNKNOWN_PEER: PeerInfo = PeerInfo { addr: None };
 
 impl<W> StreamTx<W>
 where
@@ -76,7 +82,18 @@ where
             write_buffer: config.write_buffer,
             state: State::Open,
             next_chunk: FIRST_COALESCE_CHUNK,
+            peer: None,
         }
+    }
+
+    pub(super) fn set_peer(&mut self, peer: PeerInfo) {
+        self.peer = (peer != UNKNOWN_PEER).then(|| Box::new(peer));
+    }
+
+    /// What the link's transport knew about the peer (as
+    /// [`Link::peer`](crate::link::Link::peer) before the split).
+    pub fn peer(&self) -> &PeerInfo {
+        self.peer.as_deref().unwrap_or(&UNKNOWN_PEER)
     }
 
     /// Bytes queued (prefixes included) and not yet written.
