@@ -92,10 +92,18 @@ pub struct DemoReport {
     pub elapsed_s: f64,
     /// Echoed messages per second.
     pub round_trips_per_s: f64,
+    /// Stopped by Ctrl-C: the report is partial, and messages sent but not
+    /// yet echoed were in flight, not lost (`lost` is 0, see `in_flight`).
+    pub interrupted: bool,
+    /// Messages sent and not yet checked when the run was interrupted.
+    pub in_flight: u64,
     /// Set when the run stopped early.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
+
+/// The error text of a run stopped by Ctrl-C.
+const INTERRUPTED: &str = "interrupted by Ctrl-C";
 
 fn mix(mut x: u64) -> u64 {
     x ^= x >> 31;
@@ -213,8 +221,14 @@ async fn receive_all(
     progress: Arc<AtomicU64>,
 ) -> (Checker, Option<String>) {
     let mut checker = Checker::new(opts.messages);
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
     while checker.received < opts.messages {
-        match tokio::time::timeout(opts.stall_timeout, rx.next()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(opts.stall_timeout, rx.next()) => next,
+            _ = &mut interrupt => return (checker, Some(INTERRUPTED.into())),
+        };
+        match next {
             Ok(Ok(Some(msg))) => {
                 checker.check(opts.seed, opts.size, &msg);
                 progress.store(checker.received, Ordering::Relaxed);
@@ -249,7 +263,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
             let sessions = server_stats.clone();
-            let mut server = tether::Server::<Bytes>::new(listener, config.clone());
+            let server = tether::Server::<Bytes>::new(listener, config.clone());
             let task = tokio::spawn(async move {
                 while let Some(conduit) = server.accept().await {
                     let (tx, mut rx) = conduit.split();
@@ -372,7 +386,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         t.abort();
     }
     let messages_sent = sent.load(Ordering::Relaxed);
-    let lost = messages_sent.saturating_sub(checker.received);
+    let interrupted = error.as_deref() == Some(INTERRUPTED);
+    let unchecked = messages_sent.saturating_sub(checker.received);
+    let (lost, in_flight) = if interrupted {
+        (0, unchecked)
+    } else {
+        (unchecked, 0)
+    };
     let ok = error.is_none()
         && lost == 0
         && checker.duplicated == 0
@@ -400,6 +420,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         mid_frame_cuts: p.mid_frame_cuts,
         elapsed_s: elapsed.as_secs_f64(),
         round_trips_per_s: checker.received as f64 / elapsed.as_secs_f64().max(1e-9),
+        interrupted,
+        in_flight,
         error,
     })
 }
@@ -427,7 +449,17 @@ fn print_progress(n: u64, sent: &AtomicU64, received: &AtomicU64, s: &Stats, p: 
 /// The report as text for people.
 pub fn render(r: &DemoReport, opts: &DemoOptions) -> String {
     let mut out = String::new();
-    let verdict = if r.ok && r.one_way {
+    let verdict = if r.interrupted {
+        format!(
+            "INTERRUPTED (Ctrl-C), partial report: {} in flight, none lost so far{}",
+            r.in_flight,
+            if r.duplicated + r.reordered + r.corrupted == 0 {
+                ""
+            } else {
+                ", but the delivery check FAILED"
+            }
+        )
+    } else if r.ok && r.one_way {
         "OK: every message arrived exactly once, in order, intact".to_string()
     } else if r.ok {
         "OK: every message came back exactly once, in order, intact".to_string()

@@ -179,11 +179,8 @@ enum Command {
         one_way: bool,
     },
     /// Run a stable-conduit echo server over TCP (messages: byte strings).
-    Echo {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:4000")]
-        listen: SocketAddr,
-    },
+    /// Ctrl-C (or SIGTERM) closes every session gracefully, then exits.
+    Echo(EchoArgs),
     /// Benchmark tether against tokio-util's Framed: throughput, round
     /// trips, resume latency, allocations, idle-session memory and a
     /// reconnect storm, side by side, with targets. See BENCHMARKS.md.
@@ -217,6 +214,168 @@ enum Command {
         #[arg(long, hide = true)]
         addr: Option<SocketAddr>,
     },
+}
+
+/// `tether echo`'s flags: every server limit. Sizes take a K, M or G
+/// suffix (KiB, MiB, GiB); durations `500ms`, `10s`, `2m` or plain seconds.
+/// Unset flags keep the library's defaults.
+#[derive(clap::Args)]
+struct EchoArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:4000")]
+    listen: SocketAddr,
+    /// Listen backlog (connections the kernel queues before accept).
+    #[arg(long, default_value_t = tether::link::DEFAULT_BACKLOG)]
+    backlog: u32,
+    /// Most sessions at once.
+    #[arg(long)]
+    max_sessions: Option<usize>,
+    /// Most sessions per source address (IPv4, or IPv6 /64).
+    #[arg(long)]
+    max_sessions_per_source: Option<usize>,
+    /// Most links in their handshake at once.
+    #[arg(long)]
+    max_pending: Option<usize>,
+    /// Most links in their handshake per source address.
+    #[arg(long)]
+    max_pending_per_source: Option<usize>,
+    /// Budget for all sessions' buffers together.
+    #[arg(long, value_parser = parse_size)]
+    memory_budget: Option<usize>,
+    /// Time a new link gets to send its hello (and a new session to prove
+    /// its key).
+    #[arg(long, value_parser = parse_duration)]
+    handshake_timeout: Option<Duration>,
+    /// How long a session whose link was lost waits for a resume.
+    #[arg(long, value_parser = parse_duration)]
+    resume_window: Option<Duration>,
+    /// Keepalive ping interval.
+    #[arg(long, value_parser = parse_duration)]
+    keepalive_interval: Option<Duration>,
+    /// A link without a pong for this long is dead.
+    #[arg(long, value_parser = parse_duration)]
+    keepalive_timeout: Option<Duration>,
+    /// A link without keepalive on which nothing arrives for this long is
+    /// dropped.
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Refuse clients that do not speak keepalive (and standalone acks).
+    #[arg(long)]
+    require_keepalive: bool,
+    /// Largest message accepted.
+    #[arg(long, value_parser = parse_size)]
+    max_message_size: Option<usize>,
+    /// Replay-buffer bound per session (bytes).
+    #[arg(long, value_parser = parse_size)]
+    max_replay_bytes: Option<usize>,
+    /// Receive-queue bound per session (bytes).
+    #[arg(long, value_parser = parse_size)]
+    max_recv_queue_bytes: Option<usize>,
+    /// How long a graceful close may take.
+    #[arg(long, value_parser = parse_duration)]
+    close_timeout: Option<Duration>,
+    /// How long Ctrl-C waits for sessions to close before exiting.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    shutdown_timeout: Duration,
+}
+
+impl EchoArgs {
+    fn options(&self) -> tether_cli::echo::EchoOptions {
+        let mut c = tether::Config::default();
+        if let Some(n) = self.max_sessions {
+            c.max_sessions(n);
+        }
+        if let Some(n) = self.max_sessions_per_source {
+            c.max_sessions_per_source(n);
+        }
+        if let Some(n) = self.max_pending {
+            c.max_pending_handshakes(n);
+        }
+        if let Some(n) = self.max_pending_per_source {
+            c.max_pending_per_source(n);
+        }
+        if let Some(n) = self.memory_budget {
+            c.memory_budget(n);
+        }
+        if let Some(t) = self.handshake_timeout {
+            c.handshake_timeout(t);
+        }
+        if let Some(t) = self.resume_window {
+            c.resume_window(t);
+        }
+        // Timeout after interval: it is raised to the interval if shorter.
+        if let Some(t) = self.keepalive_interval {
+            c.keepalive_interval(t);
+        }
+        if let Some(t) = self.keepalive_timeout {
+            c.keepalive_timeout(t);
+        }
+        if let Some(t) = self.idle_timeout {
+            c.idle_timeout(t);
+        }
+        if self.require_keepalive {
+            c.require_extensions(tether::proto::ext::KEEPALIVE | tether::proto::ext::ACKS);
+        }
+        if let Some(n) = self.max_message_size {
+            c.max_message_size(n);
+        }
+        if let Some(n) = self.max_replay_bytes {
+            c.max_replay_bytes(n);
+        }
+        if let Some(n) = self.max_recv_queue_bytes {
+            c.max_recv_queue_bytes(n);
+        }
+        if let Some(t) = self.close_timeout {
+            c.close_timeout(t);
+        }
+        tether_cli::echo::EchoOptions {
+            listen: self.listen,
+            backlog: self.backlog,
+            config: c,
+            shutdown_timeout: self.shutdown_timeout,
+        }
+    }
+}
+
+/// `64K`, `8M`, `1G` (powers of 1024) or plain bytes.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let (digits, unit) = match s.trim().char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.trim().split_at(i),
+        None => (s.trim(), ""),
+    };
+    let n: usize = digits.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    let shift = match unit
+        .trim_end_matches(['i', 'B', 'b'])
+        .to_ascii_uppercase()
+        .as_str()
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(format!("unknown size unit in {s:?} (use K, M or G)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size too large: {s:?}"))
+}
+
+/// `500ms`, `10s`, `2m` or plain (possibly fractional) seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?} (use 500ms, 10s, 2m)"))?;
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("bad duration {s:?}: {e}"))
 }
 
 /// `tether bench`, which builds its own runtimes.
@@ -253,12 +412,17 @@ fn random_seed() -> u64 {
 }
 
 fn main() -> ExitCode {
+    // Log lines go to stderr from a thread of their own: a runtime thread
+    // never blocks on a slow terminal or pipe, and when the writer falls
+    // behind, lines are dropped (and counted) rather than queued without
+    // bound.
+    let (writer, _log_guard) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
     let cli = Cli::parse();
     if let Command::Bench {
@@ -337,8 +501,8 @@ fn main() -> ExitCode {
                 }
                 Ok::<bool, anyhow::Error>(report.ok)
             }
-            Command::Echo { listen } => {
-                tether_cli::echo::run(listen, tether::Config::default()).await?;
+            Command::Echo(args) => {
+                tether_cli::echo::run(args.options()).await?;
                 Ok(true)
             }
             Command::Bench { .. } => unreachable!("handled before the runtime starts"),
@@ -351,5 +515,24 @@ fn main() -> ExitCode {
             eprintln!("tether: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("12X").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("soon").is_err());
     }
 }

@@ -99,6 +99,12 @@ pub enum RefusalKind {
     /// `03`: the client lacks something the server requires (for example
     /// keepalive).
     Policy,
+    /// `04`, to a resume: the session never started. The server dropped it
+    /// because the client never proved its key (no frame arrived after the
+    /// ServerHello), so its application never saw it and nothing the client
+    /// sent was delivered. The client opens a new session and sends
+    /// everything again.
+    Restart,
     /// A kind this implementation does not know.
     Other(u8),
 }
@@ -111,6 +117,7 @@ impl RefusalKind {
             RefusalKind::Busy => 1,
             RefusalKind::Denied => 2,
             RefusalKind::Policy => 3,
+            RefusalKind::Restart => 4,
             RefusalKind::Other(b) => b,
         }
     }
@@ -122,6 +129,7 @@ impl RefusalKind {
             1 => RefusalKind::Busy,
             2 => RefusalKind::Denied,
             3 => RefusalKind::Policy,
+            4 => RefusalKind::Restart,
             b => RefusalKind::Other(b),
         }
     }

@@ -40,6 +40,10 @@ pub enum SessionLost {
     /// numbers, an ack for data never sent, an impossible resume point).
     #[error("protocol violation by the peer: {0}")]
     Protocol(String),
+    /// The server refused to take the session back on a resume (its
+    /// policy changed, or it denies the client now).
+    #[error("the server refused the resume: {0}")]
+    Refused(Refusal),
     /// The server shut down and dropped the session.
     #[error("the server shut down")]
     ServerShutdown,
@@ -51,6 +55,51 @@ pub enum SessionLost {
     /// says how many of this side's).
     #[error("the close did not complete within the close timeout")]
     CloseTimedOut,
+}
+
+/// Why a server refused to open a session for this client. Unlike
+/// [`SessionLost`], no session existed: nothing was sent or lost.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The server is at capacity (sessions, handshakes or memory). The
+    /// client retries with backoff, waiting at least `retry_after`, and
+    /// returns this only when its give-up deadline passed.
+    #[error("the server is busy ({reason}); retry after {retry_after:?}")]
+    Busy {
+        /// The server's hint: the least time to wait before trying again.
+        retry_after: Duration,
+        /// What the server said.
+        reason: String,
+    },
+    /// The server's application refused this client (its authorization
+    /// hook). Not retried.
+    #[error("the server refused this client: {reason}")]
+    Denied {
+        /// What the server's application said.
+        reason: String,
+    },
+    /// The client lacks something the server requires (for example the
+    /// keepalive extension). Not retried.
+    #[error("the server's policy refused this client: {reason}")]
+    Policy {
+        /// What the server said.
+        reason: String,
+    },
+}
+
+impl Refusal {
+    pub(crate) fn from_wire(refusal: tether_proto::Refusal) -> Refusal {
+        let reason = refusal.reason;
+        match refusal.kind {
+            tether_proto::RefusalKind::Busy => Refusal::Busy {
+                retry_after: Duration::from_millis(u64::from(refusal.retry_after_ms)),
+                reason,
+            },
+            tether_proto::RefusalKind::Denied => Refusal::Denied { reason },
+            _ => Refusal::Policy { reason },
+        }
+    }
 }
 
 /// The error type of conduits, clients and servers.
@@ -95,6 +144,10 @@ pub enum Error {
     /// it accepts no new messages.
     #[error("the conduit is closed")]
     Closed,
+    /// The server refused to open a session (busy, denied or policy); see
+    /// [`Refusal`]. Only from [`StableConduit::connect`](crate::StableConduit::connect).
+    #[error("session refused: {0}")]
+    Refused(#[from] Refusal),
 }
 
 impl Error {
@@ -117,6 +170,7 @@ impl From<Error> for std::io::Error {
             Error::Encode(_) | Error::Decode { .. } | Error::Handshake(_) => ErrorKind::InvalidData,
             Error::TooLarge { .. } => ErrorKind::InvalidInput,
             Error::Closed => ErrorKind::NotConnected,
+            Error::Refused(_) => ErrorKind::ConnectionRefused,
         };
         std::io::Error::new(kind, err)
     }

@@ -22,10 +22,11 @@ pub mod stable;
 
 pub use bare::{BareConduit, BareReceiver, BareSender};
 pub use borrowed::{Borrowed, BorrowedMessage};
-pub use error::{Error, SessionLost};
+pub use error::{Error, Refusal, SessionLost};
 pub use link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener};
 pub use stable::{
-    ConduitState, Config, ReconnectPolicy, Server, ServerStats, StableConduit, StableReceiver,
+    Admission, Authorize, ConduitState, Config, Denied, Grant, ReconnectPolicy, Server,
+    ServerStats, SessionInfo, SessionSummary, ShutdownReport, StableConduit, StableReceiver,
     StableSender, Stats,
 };
 pub use tether_proto as proto;

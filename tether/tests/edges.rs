@@ -384,7 +384,7 @@ async fn connect<S>(
 where
     S: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
 {
-    let mut server = Server::<S>::new(listener, server_cfg);
+    let server = Server::<S>::new(listener, server_cfg);
     let client = StableConduit::<S>::connect(net.clone(), client_cfg)
         .await
         .unwrap();
@@ -922,7 +922,7 @@ async fn finding_7_a_session_whose_server_hello_was_lost_is_never_accepted() {
                 ..Plan::default()
             },
         );
-        let mut server = Server::<Msg>::new(listener, server_cfg);
+        let server = Server::<Msg>::new(listener, server_cfg);
         let client = StableConduit::<Msg>::connect(net.clone(), client_cfg)
             .await
             .unwrap();
@@ -984,7 +984,7 @@ fn raw_frame(seq: u32, ack: Option<u32>, m: &Msg) -> Bytes {
 #[tokio::test(start_paused = true)]
 async fn finding_8a_a_stale_piggybacked_ack_is_ignored() {
     let (listener, c) = mem::listener(16);
-    let mut server = Server::<Msg>::new(listener, config(81));
+    let server = Server::<Msg>::new(listener, config(81));
     let (mut tx, mut rx) = c.connect().await.unwrap().split();
     let hello = ClientHello {
         resume_key: None,

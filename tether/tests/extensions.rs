@@ -30,10 +30,16 @@ async fn server_echoes_only_extensions_both_sides_speak() {
         let _server = Server::<Msg>::new(listener, config(1));
         assert_eq!(server_answer(&c, ext::ACKS).await.extensions, ext::ACKS);
         assert_eq!(server_answer(&c, 0).await.extensions, 0);
-        // Unknown bits are ignored, known ones kept.
+        // Unknown bits are ignored, known ones kept (0x40 is ADMISSION).
         assert_eq!(
-            server_answer(&c, 0x80 | 0x40 | ext::ACKS).await.extensions,
+            server_answer(&c, 0x80 | ext::ACKS).await.extensions,
             ext::ACKS
+        );
+        assert_eq!(
+            server_answer(&c, 0x80 | ext::ADMISSION | ext::ACKS)
+                .await
+                .extensions,
+            ext::ADMISSION | ext::ACKS
         );
 
         let (listener, c) = mem::listener(8);
@@ -49,7 +55,7 @@ async fn server_echoes_only_extensions_both_sides_speak() {
 /// occupancy (frames) the sender showed while doing so.
 async fn one_way(client_cfg: Config, server_cfg: Config, n: u64) -> usize {
     let (listener, c) = mem::listener(64);
-    let mut server = Server::<u64>::new(listener, server_cfg);
+    let server = Server::<u64>::new(listener, server_cfg);
     let client = StableConduit::<u64>::connect(c.clone(), client_cfg)
         .await
         .unwrap();
@@ -113,7 +119,7 @@ async fn tiny_windows_both_ways_do_not_deadlock() {
         let mut cfg = config(5);
         cfg.max_replay(4096, 8);
         let (listener, c) = mem::listener(8);
-        let mut server = Server::<Msg>::new(listener, cfg.clone());
+        let server = Server::<Msg>::new(listener, cfg.clone());
         let client = StableConduit::<Msg>::connect(c.clone(), cfg).await.unwrap();
         let session = server.accept().await.unwrap();
         let t = Traffic {
@@ -135,7 +141,7 @@ async fn an_ack_goes_out_after_the_delay_when_few_frames_wait() {
     let mut cfg = config(6);
     cfg.ack_policy(1_000, Duration::from_millis(50));
     let (listener, c) = mem::listener(8);
-    let mut server = Server::<u64>::new(listener, cfg.clone());
+    let server = Server::<u64>::new(listener, cfg.clone());
     let client = StableConduit::<u64>::connect(c.clone(), cfg).await.unwrap();
     let mut session = server.accept().await.unwrap();
     for i in 0..3 {
@@ -157,7 +163,7 @@ async fn acks_follow_half_the_peers_window() {
     cfg.max_replay(64 * 1024, 10_000)
         .ack_policy(10_000, Duration::from_secs(3600));
     let (listener, c) = mem::listener(8);
-    let mut server = Server::<Vec<u8>>::new(listener, cfg.clone());
+    let server = Server::<Vec<u8>>::new(listener, cfg.clone());
     let client = StableConduit::<Vec<u8>>::connect(c, cfg).await.unwrap();
     let mut session = server.accept().await.unwrap();
     let started = tokio::time::Instant::now();

@@ -177,7 +177,7 @@ async fn setup(
     StableConduit<Msg>,
 ) {
     let (listener, c) = mem::listener(64);
-    let mut server = Server::<Msg>::new(listener, server_cfg);
+    let server = Server::<Msg>::new(listener, server_cfg);
     let connector = TestConnector::new(c);
     let client = StableConduit::<Msg>::connect(connector.clone(), client_cfg)
         .await
@@ -406,7 +406,7 @@ async fn a_full_replay_buffer_blocks_send_until_acks_arrive() {
 async fn an_ack_for_data_never_sent_is_a_protocol_error() {
     within(async {
         let (listener, c) = mem::listener(8);
-        let mut server = Server::<Msg>::new(listener, config(6));
+        let server = Server::<Msg>::new(listener, config(6));
         let (mut tx, mut rx) = c.connect().await.unwrap().split();
         let hello = ClientHello {
             resume_key: None,
@@ -446,7 +446,7 @@ async fn one_way_stream_of_a_million_messages_stays_under_the_bound() {
     let mut cfg = Config::default();
     cfg.max_replay(64 * 1024, 1024);
     let (listener, c) = mem::listener(256);
-    let mut server = Server::<u64>::new(listener, cfg.clone());
+    let server = Server::<u64>::new(listener, cfg.clone());
     let client = StableConduit::<u64>::connect(c, cfg).await.unwrap();
     let mut session = server.accept().await.unwrap();
     let reader = tokio::spawn(async move {
@@ -492,7 +492,7 @@ async fn every_extension_combination_speaks_the_right_format() {
             let mut scfg = keepalive_config(7);
             scfg.extensions(server_ext);
             let (listener, c) = mem::listener(64);
-            let mut server = Server::<Msg>::new(listener, scfg);
+            let server = Server::<Msg>::new(listener, scfg);
             let connector = TestConnector::new(c);
             let mut client = StableConduit::<Msg>::connect(connector.clone(), ccfg)
                 .await
@@ -556,17 +556,34 @@ async fn sessions_beyond_the_limit_are_rejected() {
         let mut cfg = config(8);
         cfg.max_sessions(2);
         let (listener, c) = mem::listener(8);
-        let mut server = Server::<Msg>::new(listener, cfg);
+        let server = Server::<Msg>::new(listener, cfg);
         let a = StableConduit::<Msg>::connect(c.clone(), config(9))
             .await
             .unwrap();
         let b = StableConduit::<Msg>::connect(c.clone(), config(10))
             .await
             .unwrap();
-        let third = StableConduit::<Msg>::connect(c.clone(), config(11)).await;
+        // A full server is busy, not a lost session: the client retries
+        // until its deadline, then reports the refusal.
+        let mut impatient = config(11);
+        impatient
+            .reconnect_mut()
+            .give_up_after(Some(Duration::from_secs(1)));
+        let third = StableConduit::<Msg>::connect(c.clone(), impatient).await;
         let err = third.expect_err("a third session was accepted");
+        assert!(
+            matches!(err, tether::Error::Refused(tether::Refusal::Busy { .. })),
+            "{err}"
+        );
+        // A base-format client cannot read a typed refusal: it is rejected.
+        let mut base = config(12);
+        base.extensions(0);
+        let err = StableConduit::<Msg>::connect(c.clone(), base)
+            .await
+            .expect_err("a third session was accepted");
         assert_eq!(err.session_lost(), Some(&SessionLost::Rejected), "{err}");
         assert_eq!(server.stats().sessions_open, 2);
+        assert_eq!(server.stats().refused_busy, 2);
         // The two admitted sessions work (accepted in either order).
         a.send(&(0, 0, vec![])).await.unwrap();
         b.send(&(1, 0, vec![])).await.unwrap();

@@ -44,7 +44,7 @@ async fn mem_session(
     StableConduit<Msg>,
 ) {
     let (listener, connector) = mem::listener(64);
-    let mut server = Server::<Msg>::new(listener, config(seed));
+    let server = Server::<Msg>::new(listener, config(seed));
     let client = StableConduit::<Msg>::connect(connector.clone(), config(seed))
         .await
         .unwrap();
@@ -133,7 +133,7 @@ async fn sends_racing_a_reconnect_are_delivered() {
 async fn send_blocked_on_full_buffer_survives_reconnect() {
     common::within(async move {
         let (listener, connector) = mem::listener(64);
-        let mut server = Server::<Msg>::new(listener, config(3));
+        let server = Server::<Msg>::new(listener, config(3));
         let mut cfg = config(3);
         cfg.max_replay(1 << 20, 4);
         let client = StableConduit::<Msg>::connect(connector.clone(), cfg)
@@ -188,7 +188,7 @@ impl Connector for Switchable {
 async fn resume_with_unknown_key_is_session_lost() {
     common::within(async move {
         let (l1, c1) = mem::listener(16);
-        let mut s1 = Server::<Msg>::new(l1, config(1));
+        let s1 = Server::<Msg>::new(l1, config(1));
         let switch = Switchable(Arc::new(Mutex::new(c1.clone())));
         let mut client = StableConduit::<Msg>::connect(switch.clone(), config(1))
             .await
@@ -272,7 +272,7 @@ fn frame(seq: u32, msg: &Msg) -> Bytes {
 async fn server_rotates_keys_and_rejects_replaced_and_forged_ones() {
     common::within(async move {
         let (listener, c) = mem::listener(16);
-        let mut server = Server::<Msg>::new(listener, config(5));
+        let server = Server::<Msg>::new(listener, config(5));
         let (h1, link1) = raw_handshake(&c, new_hello()).await;
         assert!(!h1.rejected);
         let (mut tx1, _rx1) = link1;
@@ -427,7 +427,7 @@ impl Connector for KeySwap {
 async fn client_presenting_a_rotated_key_gets_session_lost() {
     common::within(async move {
         let (listener, c) = mem::listener(16);
-        let mut server = Server::<Msg>::new(listener, config(8));
+        let server = Server::<Msg>::new(listener, config(8));
         let swap = KeySwap {
             inner: c.clone(),
             swap: Default::default(),
@@ -466,7 +466,7 @@ async fn client_presenting_a_rotated_key_gets_session_lost() {
 async fn two_clients_get_distinct_sessions() {
     common::within(async move {
         let (listener, c) = mem::listener(16);
-        let mut server = Server::<Msg>::new(listener, config(9));
+        let server = Server::<Msg>::new(listener, config(9));
         let a = StableConduit::<Msg>::connect(c.clone(), config(10))
             .await
             .unwrap();
@@ -510,7 +510,7 @@ async fn hostile_clients_do_not_disturb_a_healthy_session() {
         let (listener, c) = mem::listener(16);
         let mut cfg = config(12);
         cfg.handshake_timeout(Duration::from_millis(200));
-        let mut server = Server::<Msg>::new(listener, cfg.clone());
+        let server = Server::<Msg>::new(listener, cfg.clone());
         let client = StableConduit::<Msg>::connect(c.clone(), cfg).await.unwrap();
         let healthy = server.accept().await.unwrap();
         let t = Traffic {
@@ -588,7 +588,7 @@ async fn sequence_numbers_wrap_without_loss_or_duplication() {
         let (listener, c) = mem::listener(64);
         let mut cfg = config(14);
         cfg.initial_seq(u32::MAX - 500);
-        let mut server = Server::<Msg>::new(listener, cfg.clone());
+        let server = Server::<Msg>::new(listener, cfg.clone());
         let client = StableConduit::<Msg>::connect(c.clone(), cfg).await.unwrap();
         let server_side = server.accept().await.unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -614,7 +614,7 @@ async fn sequence_numbers_wrap_without_loss_or_duplication() {
 async fn give_up_deadline_ends_the_session() {
     common::within(async move {
         let (listener, c) = mem::listener(16);
-        let mut server = Server::<Msg>::new(listener, config(16));
+        let server = Server::<Msg>::new(listener, config(16));
         let mut cfg = config(16);
         cfg.reconnect_mut()
             .give_up_after(Some(Duration::from_millis(200)));
@@ -644,7 +644,7 @@ async fn give_up_deadline_ends_the_session() {
 async fn oversized_message_is_refused_and_the_session_goes_on() {
     common::within(async {
         let (listener, c) = mem::listener(16);
-        let mut server = Server::<Msg>::new(listener, config(17));
+        let server = Server::<Msg>::new(listener, config(17));
         let mut cfg = config(17);
         cfg.max_message_size(1024);
         let client = StableConduit::<Msg>::connect(c, cfg).await.unwrap();

@@ -79,7 +79,7 @@ async fn run(
     base_format: bool,
 ) -> Result<(), TestCaseError> {
     let (listener, connector) = mem::listener(8);
-    let mut server = Server::<u64>::new(listener, config(seed, initial_seq, base_format));
+    let server = Server::<u64>::new(listener, config(seed, initial_seq, base_format));
     let mut client = StableConduit::<u64>::connect(
         connector.clone(),
         config(seed + 1, initial_seq, base_format),

@@ -60,7 +60,7 @@ fn fault(seed: u64, mean_bytes_between_cuts: u64, handshake_cut_probability: f64
 /// newest one created when `connect` returns; the orphans before it are
 /// dropped (which ends them) and counted.
 async fn connect_session<C: Connector>(
-    server: &mut Server<Msg>,
+    server: &Server<Msg>,
     taken: &mut u64,
     connector: C,
     cfg: Config,
@@ -141,11 +141,11 @@ fn reply(t: Traffic) -> Traffic {
 
 /// One client and one server through a cutting proxy, traffic both ways.
 async fn proxied_run(seed: u64, fault: FaultConfig, t: Traffic) -> Run {
-    let (mut server, addr) = tcp_server(seed).await;
+    let (server, addr) = tcp_server(seed).await;
     let proxy = FaultProxy::start(addr, fault).await.unwrap();
     let mut taken = 0;
     let (client, server_side, orphans) = connect_session(
-        &mut server,
+        &server,
         &mut taken,
         TcpConnector::new(proxy.local_addr()),
         config(seed),
@@ -350,7 +350,7 @@ fn spawn_replay_monitor(
 async fn cuts_during_replay_of_a_queued_burst() {
     within(async move {
         let seed = 40;
-        let (mut server, addr) = tcp_server(seed).await;
+        let (server, addr) = tcp_server(seed).await;
         let proxy = Arc::new(
             FaultProxy::start(addr, fault(seed, 60_000, 0.1))
                 .await
@@ -359,7 +359,7 @@ async fn cuts_during_replay_of_a_queued_burst() {
         let gate = Gate::new(TcpConnector::new(proxy.local_addr()));
         let mut taken = 0;
         let (client, server_side, orphans) =
-            connect_session(&mut server, &mut taken, gate.clone(), config(seed)).await;
+            connect_session(&server, &mut taken, gate.clone(), config(seed)).await;
         let (client_tx, mut client_rx) = client.split();
         let (server_tx, mut server_rx) = server_side.split();
         for round in 0..3 {
@@ -558,7 +558,7 @@ impl Connector for KillableUnix {
 async fn unix_socket_round_trip() {
     within(async move {
         let sock = SocketPath::new("round-trip");
-        let mut server = Server::<Msg>::new(UnixListener::bind(sock.path()).unwrap(), config(50));
+        let server = Server::<Msg>::new(UnixListener::bind(sock.path()).unwrap(), config(50));
         let client = StableConduit::<Msg>::connect(UnixConnector::new(sock.path()), config(50))
             .await
             .unwrap();
@@ -589,8 +589,7 @@ async fn unix_socket_links_shut_down_repeatedly() {
     for seed in 60..63 {
         within(async move {
             let sock = SocketPath::new(&format!("chaos-{seed}"));
-            let mut server =
-                Server::<Msg>::new(UnixListener::bind(sock.path()).unwrap(), config(seed));
+            let server = Server::<Msg>::new(UnixListener::bind(sock.path()).unwrap(), config(seed));
             let connector = KillableUnix::new(sock.path());
             let client = StableConduit::<Msg>::connect(connector.clone(), config(seed))
                 .await
@@ -653,20 +652,20 @@ async fn unix_socket_links_shut_down_repeatedly() {
 async fn two_clients_through_cutting_proxy_do_not_cross_talk() {
     within(async move {
         let seed = 70;
-        let (mut server, addr) = tcp_server(seed).await;
+        let (server, addr) = tcp_server(seed).await;
         let proxy = FaultProxy::start(addr, fault(seed, 50_000, 0.2))
             .await
             .unwrap();
         let mut taken = 0;
         let (a, sa, orphans_a) = connect_session(
-            &mut server,
+            &server,
             &mut taken,
             TcpConnector::new(proxy.local_addr()),
             config(71),
         )
         .await;
         let (b, sb, orphans_b) = connect_session(
-            &mut server,
+            &server,
             &mut taken,
             TcpConnector::new(proxy.local_addr()),
             config(72),
@@ -800,7 +799,7 @@ async fn lost_answer_to_a_new_session_leaves_no_orphan() {
         let addr = listener.local_addr().unwrap();
         let mut cfg = config(80);
         cfg.handshake_timeout(Duration::from_millis(500));
-        let mut server = Server::<Msg>::new(listener, cfg.clone());
+        let server = Server::<Msg>::new(listener, cfg.clone());
         let connector = LoseFirstReply {
             inner: TcpConnector::new(addr),
             links: Arc::default(),
@@ -831,7 +830,7 @@ async fn lost_answer_to_a_new_session_leaves_no_orphan() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_way_traffic_beyond_the_replay_bound_completes() {
     within(async move {
-        let (mut server, addr) = tcp_server(81).await;
+        let (server, addr) = tcp_server(81).await;
         let mut cfg = config(81);
         cfg.max_replay(1 << 20, 64);
         let client = StableConduit::<Msg>::connect(TcpConnector::new(addr), cfg)

@@ -69,7 +69,7 @@ where
     Li: Listener,
     C: Connector,
 {
-    let mut server = Server::<Msg>::new(listener, Config::default());
+    let server = Server::<Msg>::new(listener, Config::default());
     let client = StableConduit::<Msg>::connect(connector, resume_config()).await?;
     let session = server.accept().await.context("the server stopped")?;
     let (server_tx, mut server_rx) = session.split();

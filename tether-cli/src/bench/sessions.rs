@@ -254,7 +254,7 @@ async fn track_session(conduit: StableConduit<Msg>, tracker: Arc<Tracker>, echo:
 
 /// Accepts sessions into `tracker` until told to stop; returns the server.
 fn spawn_acceptor(
-    mut server: Server<Msg>,
+    server: Server<Msg>,
     tracker: Arc<Tracker>,
     echo: bool,
 ) -> (oneshot::Sender<()>, JoinHandle<Server<Msg>>) {

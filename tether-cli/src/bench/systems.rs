@@ -221,7 +221,7 @@ pub(crate) async fn accept(listening: Listening) -> anyhow::Result<Endpoint> {
             let (tx, rx) = BareConduit::<_, Msg>::new(link).split();
             Endpoint::Bare(tx, rx)
         }
-        Listening::Stable(mut server, keep) => {
+        Listening::Stable(server, keep) => {
             let conduit = server.accept().await.context("the server stopped")?;
             let (tx, rx) = conduit.split();
             Endpoint::Stable {

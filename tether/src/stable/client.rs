@@ -7,14 +7,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tether_proto::{ext, ClientHello, ResumeKey, Seq, ServerHello};
+use tether_proto::{
+    ext, ClientHello, Refusal as WireRefusal, RefusalKind, ResumeKey, Seq, ServerHello, HELLO_LEN,
+};
 use tokio::time::{timeout, Instant};
 
 use super::attach::{endpoint, run_attachment, AttachEnd, Endpoint};
 use super::config::Config;
 use super::shared::{Role, Shared};
 use super::{ConduitState, StableConduit};
-use crate::error::{Error, SessionLost};
+use crate::error::{Error, Refusal, SessionLost};
 use crate::link::{Connector, Link, LinkRx, LinkTx};
 
 type Halves<C> = (
@@ -26,6 +28,11 @@ type Halves<C> = (
 enum Attempt<C: Connector> {
     Attached(Halves<C>, ServerHello),
     Rejected,
+    /// A typed refusal (busy, denied, policy).
+    Refused(Refusal),
+    /// The server dropped the session before it heard from this client
+    /// after its hello: nothing was delivered; start a new one.
+    Restart,
     /// The server answered that the session's close already completed.
     Closed,
     Failed(String),
@@ -42,9 +49,12 @@ impl<S, R> StableConduit<S, R> {
     /// conduit; a driver task keeps it connected from then on, replacing the
     /// link whenever it fails.
     ///
-    /// The first connection is retried under the same policy as later ones;
-    /// this fails only if the server rejects the session or the give-up
-    /// deadline passes.
+    /// The first connection is retried under the same policy as later ones,
+    /// and so is a server that answers busy (waiting at least as long as it
+    /// asks); this fails with [`Error::Refused`] if the server refuses the
+    /// client (or is still busy at the give-up deadline), and with
+    /// [`Error::SessionLost`] if it rejects the session or the deadline
+    /// passes without a link.
     pub async fn connect<C: Connector>(connector: C, config: Config) -> Result<Self, Error> {
         let shared = Shared::new(&config, Role::Client, ConduitState::Connecting);
         let mut rng = match config.seed {
@@ -140,6 +150,9 @@ impl<C: Connector> ClientDriver<C> {
                     return self.shared.finish();
                 }
                 Err(Error::SessionLost(reason)) => return self.shared.fail(reason),
+                Err(Error::Refused(refusal)) => {
+                    return self.shared.fail(SessionLost::Refused(refusal))
+                }
                 Err(e) => return self.shared.fail(SessionLost::Protocol(e.to_string())),
             };
             self.key = hello.resume_key;
@@ -165,7 +178,7 @@ impl<C: Connector> ClientDriver<C> {
 async fn reconnect<C: Connector>(
     connector: &C,
     shared: &Shared,
-    key: Option<ResumeKey>,
+    mut key: Option<ResumeKey>,
     last_received: Option<Seq>,
     config: &Config,
     rng: &mut SmallRng,
@@ -176,9 +189,11 @@ async fn reconnect<C: Connector>(
     let mut bound = policy.min_backoff;
     loop {
         attempts += 1;
+        let mut at_least = Duration::ZERO;
+        let mut busy = None;
         let outcome = match timeout(
             config.handshake_timeout,
-            attempt::<C>(connector, shared, key, last_received, config.extensions),
+            attempt::<C>(connector, shared, key, last_received, config),
         )
         .await
         {
@@ -192,6 +207,32 @@ async fn reconnect<C: Connector>(
             Attempt::Attached(halves, hello) => return Ok(Reconnected::Attached(halves, hello)),
             Attempt::Closed => return Ok(Reconnected::Closed),
             Attempt::Rejected => return Err(SessionLost::Rejected.into()),
+            Attempt::Refused(Refusal::Busy {
+                retry_after,
+                reason,
+            }) => {
+                // A full server: back off as after a failure, but never
+                // sooner than the server asked.
+                at_least = retry_after;
+                let error = format!("server busy: {reason}");
+                busy = Some(Refusal::Busy {
+                    retry_after,
+                    reason,
+                });
+                error
+            }
+            Attempt::Refused(refusal) => return Err(refusal.into()),
+            // The server never handed the session to its application, so
+            // nothing this side sent was delivered: a new session with the
+            // whole replay buffer (nothing in it was ever acknowledged)
+            // loses nothing and delivers nothing twice. Only if nothing was
+            // received either, which the server's word implies.
+            Attempt::Restart if key.is_some() && last_received.is_none() => {
+                tracing::debug!("the server never heard from this session: starting over");
+                key = None;
+                continue;
+            }
+            Attempt::Restart => return Err(SessionLost::Rejected.into()),
             Attempt::Failed(e) => e,
         };
         tracing::debug!(attempts, error = %last_error, "connection attempt failed");
@@ -200,9 +241,13 @@ async fn reconnect<C: Connector>(
             Duration::ZERO
         } else {
             rng.random_range(Duration::ZERO..=bound)
-        };
+        }
+        .max(at_least);
         if let Some(limit) = policy.give_up_after {
             if elapsed + delay >= limit {
+                if let Some(busy) = busy {
+                    return Err(busy.into());
+                }
                 return Err(SessionLost::GaveUp {
                     attempts,
                     elapsed,
@@ -221,7 +266,7 @@ async fn attempt<C: Connector>(
     shared: &Shared,
     key: Option<ResumeKey>,
     last_received: Option<Seq>,
-    extensions: u8,
+    config: &Config,
 ) -> Attempt<C> {
     let link = match connector.connect().await {
         Ok(link) => link,
@@ -231,12 +276,18 @@ async fn attempt<C: Connector>(
     let hello = ClientHello {
         resume_key: key,
         last_received,
-        extensions,
+        extensions: config.extensions,
+    };
+    // The credential goes with a new session's hello only: a resume is
+    // proven by its key.
+    let payload = match (&config.credential, key) {
+        (Some(credential), None) => Bytes::from(hello.encode_with_credential(credential)),
+        _ => Bytes::copy_from_slice(&hello.encode()),
     };
     // A send error does not end the attempt: the hello may have been
     // delivered and answered (a rejection, say) before the server dropped the
     // link, so the answer is read either way.
-    let sent = tx.send(Bytes::copy_from_slice(&hello.encode())).await;
+    let sent = tx.send(payload).await;
     let reply = match (rx.recv().await, sent) {
         (Ok(Some(reply)), _) => reply,
         (_, Err(e)) => return Attempt::Failed(format!("sending hello: {e}")),
@@ -245,6 +296,13 @@ async fn attempt<C: Connector>(
         }
         (Err(e), Ok(())) => return Attempt::Failed(format!("waiting for the server's hello: {e}")),
     };
+    if reply.len() > HELLO_LEN && config.extensions & ext::ADMISSION != 0 {
+        return match WireRefusal::decode(&reply) {
+            Ok(refusal) if refusal.kind == RefusalKind::Restart => Attempt::Restart,
+            Ok(refusal) => Attempt::Refused(Refusal::from_wire(refusal)),
+            Err(e) => Attempt::Failed(format!("bad server refusal: {e}")),
+        };
+    }
     match ServerHello::decode(&reply) {
         // "Closed" completes a close this side began with the close
         // handshake; any other time it is a rejection like any other.

@@ -71,6 +71,14 @@ pub struct Config {
     pub(crate) close_timeout: Duration,
     pub(crate) max_message_size: usize,
     pub(crate) fragment_size: usize,
+    pub(crate) max_pending_handshakes: usize,
+    pub(crate) max_pending_per_source: usize,
+    pub(crate) max_sessions_per_source: usize,
+    pub(crate) memory_budget: usize,
+    pub(crate) require_extensions: u8,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) credential: Option<bytes::Bytes>,
+    pub(crate) max_credential_len: usize,
 }
 
 /// The extensions this implementation speaks.
@@ -96,13 +104,24 @@ impl Default for Config {
             close_timeout: Duration::from_secs(10),
             max_message_size: crate::link::DEFAULT_MAX_PAYLOAD,
             fragment_size: 64 * 1024,
+            max_pending_handshakes: 1024,
+            max_pending_per_source: 64,
+            max_sessions_per_source: 1024,
+            memory_budget: 1 << 30,
+            require_extensions: 0,
+            idle_timeout: Duration::from_secs(300),
+            credential: None,
+            max_credential_len: 1024,
         }
     }
 }
 
 impl Config {
     /// How long one connection attempt plus handshake may take (client), or
-    /// how long a new link may take to send its hello (server). Default 10 s.
+    /// how long a new link may take to set up and send its hello (server).
+    /// A new session whose client does not prove it got the key (by a
+    /// first frame or a resume) within this much again is dropped, so that
+    /// sessions nobody uses do not wait out the resume window. Default 10 s.
     pub fn handshake_timeout(&mut self, value: Duration) -> &mut Self {
         self.handshake_timeout = value;
         self
@@ -136,6 +155,13 @@ impl Config {
     pub fn max_replay(&mut self, bytes: usize, frames: usize) -> &mut Self {
         self.max_replay_bytes = bytes;
         self.max_replay_frames = frames.max(1);
+        self
+    }
+
+    /// The byte bound of [`max_replay`](Self::max_replay), keeping the
+    /// frame bound.
+    pub fn max_replay_bytes(&mut self, bytes: usize) -> &mut Self {
+        self.max_replay_bytes = bytes;
         self
     }
 
@@ -198,6 +224,20 @@ impl Config {
         self
     }
 
+    /// The ping interval of [`keepalive`](Self::keepalive), keeping the
+    /// timeout (raised to the interval if it is shorter).
+    pub fn keepalive_interval(&mut self, interval: Duration) -> &mut Self {
+        let timeout = self.keepalive_timeout;
+        self.keepalive(interval, timeout)
+    }
+
+    /// The timeout of [`keepalive`](Self::keepalive), keeping the interval
+    /// (at least the interval).
+    pub fn keepalive_timeout(&mut self, timeout: Duration) -> &mut Self {
+        let interval = self.keepalive_interval;
+        self.keepalive(interval, timeout)
+    }
+
     /// Server: how long a session whose link was lost waits for its client
     /// to resume before it expires and frees its memory. Default 120 s
     /// (match the clients' give-up deadline).
@@ -207,7 +247,7 @@ impl Config {
     }
 
     /// Server: most sessions kept at once; a new session beyond it is
-    /// rejected. Default 100,000.
+    /// refused as busy. Default 100,000.
     pub fn max_sessions(&mut self, value: usize) -> &mut Self {
         self.max_sessions = value;
         self
@@ -245,6 +285,87 @@ impl Config {
     /// messages are never copied).
     pub fn fragment_size(&mut self, value: usize) -> &mut Self {
         self.fragment_size = value.max(1);
+        self
+    }
+
+    /// Server: most links in their handshake at once (connected, hello not
+    /// yet answered), over all clients; [`max_pending_per_source`](Self::max_pending_per_source)
+    /// caps them per source (an IPv4 address or an IPv6 /64; links without
+    /// an address count only globally). A link over either cap is closed at
+    /// once, before anything is read from it. Default 1,024. Each pending
+    /// handshake holds a socket and at most a hello's worth of buffer (see
+    /// `docs/SECURITY.md`).
+    pub fn max_pending_handshakes(&mut self, global: usize) -> &mut Self {
+        self.max_pending_handshakes = global.max(1);
+        self
+    }
+
+    /// Server: most links in their handshake at once from one source; see
+    /// [`max_pending_handshakes`](Self::max_pending_handshakes). Default 64.
+    pub fn max_pending_per_source(&mut self, value: usize) -> &mut Self {
+        self.max_pending_per_source = value.max(1);
+        self
+    }
+
+    /// Server: most sessions kept at once for one source (an IPv4 address
+    /// or an IPv6 /64), tombstones excluded; a new session beyond it is
+    /// refused as busy. Default 1,024, so that one address cannot take the
+    /// whole [`max_sessions`](Self::max_sessions) table; raise it for
+    /// clients behind one large NAT.
+    pub fn max_sessions_per_source(&mut self, value: usize) -> &mut Self {
+        self.max_sessions_per_source = value.max(1);
+        self
+    }
+
+    /// Server: a budget, in bytes, for the buffers of all sessions
+    /// together (replay buffers and receive queues). Once it is reached,
+    /// new sessions are refused as busy and the server's `send` calls wait
+    /// until memory is freed. Default 1 GiB. `docs/SECURITY.md` gives the
+    /// worst case per session and per server.
+    pub fn memory_budget(&mut self, bytes: usize) -> &mut Self {
+        self.memory_budget = bytes;
+        self
+    }
+
+    /// Server: extensions a client must offer to get a session, as bits of
+    /// [`tether_proto::ext`]; a client lacking one is refused (a typed
+    /// policy refusal to clients that understand it, a plain rejection to
+    /// others). Default none, so base-format clients are served. Requiring
+    /// [`ext::KEEPALIVE`] (which implies `ACKS`) refuses clients whose
+    /// liveness cannot be checked and whose replay buffer only their own
+    /// traffic frees.
+    pub fn require_extensions(&mut self, bits: u8) -> &mut Self {
+        self.require_extensions = bits & SUPPORTED_EXTENSIONS;
+        self
+    }
+
+    /// A link without keepalive on which nothing arrives for this long is
+    /// dropped (the session then waits for a resume as after any link
+    /// failure). Default 300 s. Links with keepalive are checked by the
+    /// keepalive timeout instead.
+    pub fn idle_timeout(&mut self, value: Duration) -> &mut Self {
+        self.idle_timeout = value.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Client: a credential sent with the first hello of a new session (not
+    /// with resumes), for the server's authorization hook
+    /// ([`Authorize`](crate::Authorize)). It travels in the clear unless the
+    /// link encrypts. Offering it needs a server that speaks the
+    /// `ADMISSION` extension: a base-format server rejects the longer
+    /// hello.
+    pub fn credential(&mut self, value: impl Into<bytes::Bytes>) -> &mut Self {
+        self.credential = Some(value.into());
+        self
+    }
+
+    /// Server: the longest credential accepted in a hello, in bytes. The
+    /// hello is read with this limit (plus its 25 bytes): a longer length
+    /// prefix closes the link before anything is reserved. Default 1,024.
+    /// A server without an authorizer takes no credential at all: its
+    /// limit is the 25 bytes of the hello.
+    pub fn max_credential_len(&mut self, value: usize) -> &mut Self {
+        self.max_credential_len = value;
         self
     }
 

@@ -33,7 +33,10 @@ use tokio::sync::watch;
 use self::attach::Handles;
 pub use self::config::{Config, ReconnectPolicy};
 use self::inbox::{Delivered, Taken};
-pub use self::server::{Server, ServerStats};
+pub use self::server::{
+    Admission, Authorize, Denied, Grant, Server, ServerStats, SessionInfo, SessionSummary,
+    ShutdownReport,
+};
 use self::shared::{Shared, Terminal};
 use crate::borrowed::{Borrowed, BorrowedMessage};
 use crate::error::Error;
@@ -103,6 +106,7 @@ pub struct Stats {
 pub struct StableConduit<S, R = S> {
     tx: StableSender<S>,
     rx: StableReceiver<R>,
+    info: Option<Arc<SessionInfo>>,
 }
 
 impl<S, R> std::fmt::Debug for StableConduit<S, R> {
@@ -127,7 +131,20 @@ impl<S, R> StableConduit<S, R> {
                 ready: VecDeque::new(),
                 _msg: PhantomData,
             },
+            info: None,
         }
+    }
+
+    pub(crate) fn with_info(mut self, info: Arc<SessionInfo>) -> Self {
+        self.info = Some(info);
+        self
+    }
+
+    /// On a server's session: who the client is (its id, peer address, and
+    /// what the authorization hook decided). `None` on a client's conduit.
+    /// Read it before [`split`](Self::split), which drops it.
+    pub fn session_info(&self) -> Option<&Arc<SessionInfo>> {
+        self.info.as_ref()
     }
 
     /// Splits into a sender (clonable) and a receiver.
@@ -156,7 +173,7 @@ impl<S, R> StableConduit<S, R> {
     /// [`StableSender::close`] and keep calling
     /// [`recv`](StableReceiver::recv) until it returns `Ok(None)`.
     pub async fn close(self) -> Result<(), Error> {
-        let StableConduit { tx, rx } = self;
+        let StableConduit { tx, rx, .. } = self;
         drop(rx);
         tx.close().await
     }

@@ -575,7 +575,7 @@ async fn run_pair(plan: PairPlan, seed: u64) -> Result<String, String> {
         capacity: plan.link_capacity,
         ..MemConfig::default()
     });
-    let mut server = Server::<Msg>::new(
+    let server = Server::<Msg>::new(
         FaultListener::new(listener, faults.clone()),
         plan.configs[1].clone(),
     );
@@ -596,7 +596,7 @@ async fn run_pair(plan: PairPlan, seed: u64) -> Result<String, String> {
     let driven = timeout(TIME_LIMIT, async {
         tokio::select! {
             biased;
-            driven = drive(&plan, seed, &board, &mut server, connector) => driven,
+            driven = drive(&plan, seed, &board, &server, connector) => driven,
             () = stuck(&board, stuck_after) => {
                 Err(format!("no progress for {stuck_after:?} of virtual time"))
             }
@@ -646,7 +646,7 @@ async fn drive(
     plan: &PairPlan,
     seed: u64,
     board: &Arc<Board>,
-    server: &mut Server<Msg>,
+    server: &Server<Msg>,
     connector: FaultConnector,
 ) -> Result<[Option<Stats>; 2], String> {
     let client = match StableConduit::<Msg>::connect(connector, plan.configs[0].clone()).await {
@@ -852,7 +852,7 @@ async fn run_many(seed: u64) -> Result<String, String> {
 
 /// Hands every session the server accepts to an echo task, until stopped.
 async fn accept_echoes(
-    mut server: Server<Msg>,
+    server: Server<Msg>,
     mut stop: oneshot::Receiver<()>,
 ) -> (Server<Msg>, Vec<JoinHandle<Result<(u32, u64), String>>>) {
     let mut echoes = Vec::new();

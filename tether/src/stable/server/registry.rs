@@ -1,0 +1,234 @@
+//! The server's session table: resume keys to sessions, the per-source
+//! session counts, and tombstones of closed sessions.
+//!
+//! Resume keys rotate on every handshake. A key handed out in a ServerHello
+//! may never reach the client (the link can die right after the server sent
+//! it), and a hello can reach the server late, after the client gave up on
+//! that attempt and succeeded with another. So the server keeps, per
+//! session, the last key the client is known to hold (`confirmed`) beside
+//! the keys it issued since (`pending`, a few at most). A key is *proven*
+//! by a resume with it or by the first frame the client sends on the link
+//! that carried it: it becomes `confirmed` and every other key stops
+//! working. A resume with `confirmed` (the client never saw a pending key,
+//! or it is a stale hello) issues one more pending key and withdraws none,
+//! so a late hello can never revoke the key the client really holds.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+use tether_proto::ResumeKey;
+use tokio::sync::mpsc;
+
+use super::admission::{PerSource, Source};
+use super::SessionInfo;
+use crate::link::Link;
+use crate::stable::shared::Shared;
+
+/// Most keys issued to a session and not yet proven. Each handshake with
+/// the confirmed key adds one; a client's own attempts are sequential, so
+/// more than a few are stale hellos, and the oldest goes first.
+const MAX_PENDING_KEYS: usize = 8;
+
+/// Where a session's driver receives the links that resume it. Boxed: the
+/// channel's slots then cost a pointer each, not a whole pair of link
+/// halves, in every idle session.
+pub(super) type AttachTx<L> = mpsc::Sender<Box<super::Attach<L>>>;
+pub(super) type AttachRx<L> = mpsc::Receiver<Box<super::Attach<L>>>;
+
+pub(super) struct Entry<L: Link> {
+    confirmed: Option<ResumeKey>,
+    pending: Vec<ResumeKey>,
+    attach: AttachTx<L>,
+    source: Option<Source>,
+    pub(super) info: Arc<SessionInfo>,
+    pub(super) shared: Weak<Shared>,
+    /// Handed to `accept`.
+    pub(super) accepted: bool,
+    /// The session ended: a tombstone until the resume window passes.
+    tomb: Option<Tomb>,
+}
+
+/// What a tombstone answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tomb {
+    /// The close completed.
+    Closed,
+    /// The session was dropped before its client proved its key: nothing
+    /// was delivered, and the client may start over.
+    Unproven,
+}
+
+/// Where a resume goes.
+pub(super) enum Route<L: Link> {
+    Session(AttachTx<L>),
+    Ended(Tomb),
+}
+
+/// Why a new session was not registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Full {
+    Sessions,
+    Source,
+}
+
+pub(super) struct Registry<L: Link> {
+    by_key: HashMap<ResumeKey, u64>,
+    pub(super) sessions: HashMap<u64, Entry<L>>,
+    next_id: u64,
+    pub(super) tombstones: usize,
+    per_source: PerSource,
+}
+
+impl<L: Link> Registry<L> {
+    pub(super) fn new() -> Self {
+        Registry {
+            by_key: HashMap::new(),
+            sessions: HashMap::new(),
+            next_id: 1,
+            tombstones: 0,
+            per_source: PerSource::default(),
+        }
+    }
+
+    /// Whether a new session from `source` fits under the caps.
+    pub(super) fn check(
+        &self,
+        source: Option<Source>,
+        max: usize,
+        max_per_source: usize,
+    ) -> Result<(), Full> {
+        if self.live() >= max {
+            Err(Full::Sessions)
+        } else if self.per_source.get(source) >= max_per_source {
+            Err(Full::Source)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The id the next session gets.
+    pub(super) fn reserve_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Registers a new session under its first key.
+    pub(super) fn insert(
+        &mut self,
+        id: u64,
+        key: ResumeKey,
+        attach: AttachTx<L>,
+        source: Option<Source>,
+        info: Arc<SessionInfo>,
+        shared: Weak<Shared>,
+    ) {
+        self.by_key.insert(key, id);
+        self.per_source.add(source);
+        self.sessions.insert(
+            id,
+            Entry {
+                confirmed: None,
+                pending: vec![key],
+                attach,
+                source,
+                info,
+                shared,
+                accepted: false,
+                tomb: None,
+            },
+        );
+    }
+
+    /// Looks `key` up: a live session's attach channel, with `fresh`
+    /// registered as its newest pending key; a tombstone; or `None` if the
+    /// key is not (or no longer) valid.
+    pub(super) fn route(&mut self, key: &ResumeKey, fresh: ResumeKey) -> Option<Route<L>> {
+        // HashMap lookup hashes with a per-process random SipHash key; the
+        // final comparison is `ResumeKey`'s constant-time equality.
+        let id = *self.by_key.get(key)?;
+        let entry = self.sessions.get_mut(&id)?;
+        if let Some(tomb) = entry.tomb {
+            return Some(Route::Ended(tomb));
+        }
+        if entry.pending.contains(key) {
+            // The client holds this key: it is proven, the rest is revoked.
+            prove(&mut self.by_key, entry, key);
+        } else if entry.pending.len() >= MAX_PENDING_KEYS {
+            let oldest = entry.pending.remove(0);
+            self.by_key.remove(&oldest);
+        }
+        entry.pending.push(fresh);
+        self.by_key.insert(fresh, id);
+        Some(Route::Session(entry.attach.clone()))
+    }
+
+    /// The client proved it holds `key` by sending a frame on the link that
+    /// delivered it.
+    pub(super) fn confirm(&mut self, id: u64, key: &ResumeKey) {
+        if let Some(entry) = self.sessions.get_mut(&id) {
+            if entry.pending.contains(key) {
+                prove(&mut self.by_key, entry, key);
+            }
+        }
+    }
+
+    /// Whether `key` still leads to session `id`.
+    pub(super) fn is_valid(&self, id: u64, key: &ResumeKey) -> bool {
+        self.by_key.get(key) == Some(&id)
+    }
+
+    /// The session ended: its keys now answer `tomb`, and it no longer
+    /// counts against its source. Returns `false`, changing nothing, when
+    /// `max` tombstones are kept already: the caller forgets the session
+    /// instead (a client resuming after that is rejected, as after the
+    /// resume window).
+    pub(super) fn tombstone(&mut self, id: u64, tomb: Tomb, max: usize) -> bool {
+        if self.tombstones >= max {
+            return false;
+        }
+        if let Some(entry) = self.sessions.get_mut(&id) {
+            if entry.tomb.is_none() {
+                entry.tomb = Some(tomb);
+                self.tombstones += 1;
+                self.per_source.remove(entry.source);
+            }
+        }
+        true
+    }
+
+    pub(super) fn remove(&mut self, id: u64) {
+        if let Some(entry) = self.sessions.remove(&id) {
+            if entry.tomb.is_some() {
+                self.tombstones -= 1;
+            } else {
+                self.per_source.remove(entry.source);
+            }
+            for key in entry.confirmed.iter().chain(entry.pending.iter()) {
+                self.by_key.remove(key);
+            }
+        }
+    }
+
+    /// Sessions that are not tombstones.
+    pub(super) fn live(&self) -> usize {
+        self.sessions.len() - self.tombstones
+    }
+
+    /// The live sessions.
+    pub(super) fn live_entries(&self) -> impl Iterator<Item = &Entry<L>> {
+        self.sessions.values().filter(|e| e.tomb.is_none())
+    }
+}
+
+/// `key` (one of `entry`'s pending keys) is proven: it becomes the confirmed
+/// key, and every other key of the session is revoked.
+fn prove<L: Link>(by_key: &mut HashMap<ResumeKey, u64>, entry: &mut Entry<L>, key: &ResumeKey) {
+    for old in entry.confirmed.iter().chain(entry.pending.iter()) {
+        if old != key {
+            by_key.remove(old);
+        }
+    }
+    entry.pending.clear();
+    entry.confirmed = Some(*key);
+}
