@@ -46,7 +46,7 @@ impl<S, R> StableConduit<S, R> {
     /// this fails only if the server rejects the session or the give-up
     /// deadline passes.
     pub async fn connect<C: Connector>(connector: C, config: Config) -> Result<Self, Error> {
-        let shared = Shared::new(&config, Role::Client, ConduitState::Connecting);
+        let shared = Shared::new(&config, Role::Client, ConduitState::Connecting, None);
         let mut rng = match config.seed {
             Some(seed) => SmallRng::seed_from_u64(seed),
             None => SmallRng::from_os_rng(),

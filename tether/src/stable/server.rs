@@ -422,7 +422,7 @@ async fn answer<L: Link>(inner: &Inner<L>, mut tx: L::Tx, hello: ServerHello) {
 }
 
 async fn new_session<L: Link>(inner: Arc<Inner<L>>, attach: Attach<L>) {
-    let shared = Shared::new(&inner.config, Role::Server, ConduitState::Connecting);
+    let shared = Shared::new(&inner.config, Role::Server, ConduitState::Connecting, None);
     let (ep, handles) = endpoint(shared.clone());
     let (attach_tx, attach_rx) = mpsc::channel(4);
     let key = attach.key;
