@@ -217,6 +217,9 @@ enum RefFrame {
         value: u32,
         /// The second value of a window frame (its byte bound).
         extra: Option<u32>,
+        /// The third value of a window frame, if present (its receive
+        /// bound).
+        recv: Option<u32>,
         /// The seq is the single byte `00` and the value varint is in its
         /// shortest form (so the frame re-encodes to the same bytes).
         canonical: bool,
@@ -307,11 +310,19 @@ fn ref_decode(payload: &[u8], extensions: u8) -> Result<RefFrame, RefError> {
         kind if ref_control_extension(kind).is_some_and(|bit| extensions & bit != 0) => {
             let value = ref_varint(&payload[pos..])?;
             pos += value.len;
-            // A window frame carries a second varint: the byte bound.
+            // A window frame carries a second varint, the byte bound, and
+            // may carry a third, the receive bound.
             let extra = if kind == 0x06 {
                 let bytes = ref_varint(&payload[pos..])?;
                 pos += bytes.len;
                 Some(bytes)
+            } else {
+                None
+            };
+            let recv = if kind == 0x06 && pos < payload.len() {
+                let recv = ref_varint(&payload[pos..])?;
+                pos += recv.len;
+                Some(recv)
             } else {
                 None
             };
@@ -322,10 +333,12 @@ fn ref_decode(payload: &[u8], extensions: u8) -> Result<RefFrame, RefError> {
                 kind,
                 value: value.value,
                 extra: extra.as_ref().map(|v| v.value),
+                recv: recv.as_ref().map(|v| v.value),
                 canonical: seq.len == 1
                     && seq.value == 0
                     && value.minimal
-                    && extra.is_none_or(|v| v.minimal),
+                    && extra.as_ref().is_none_or(|v| v.minimal)
+                    && recv.as_ref().is_none_or(|v| v.minimal),
             })
         }
         other => Err(RefError::BadOptionTag(other)),
@@ -342,14 +355,18 @@ fn same_error(ours: &FrameError, reference: RefError) -> bool {
     }
 }
 
-fn control_parts(control: Control) -> (u8, u32, Option<u32>) {
+fn control_parts(control: Control) -> (u8, u32, Option<u32>, Option<u32>) {
     match control {
-        Control::Ack(seq) => (0x02, seq.0, None),
-        Control::Ping(nonce) => (0x03, nonce, None),
-        Control::Pong(nonce) => (0x04, nonce, None),
-        Control::Close(seq) => (0x05, seq.0, None),
-        Control::Window { frames, bytes } => (0x06, frames, Some(bytes)),
-        Control::Closed(seq) => (0x07, seq.0, None),
+        Control::Ack(seq) => (0x02, seq.0, None, None),
+        Control::Ping(nonce) => (0x03, nonce, None, None),
+        Control::Pong(nonce) => (0x04, nonce, None, None),
+        Control::Close(seq) => (0x05, seq.0, None, None),
+        Control::Window {
+            frames,
+            bytes,
+            recv_bytes,
+        } => (0x06, frames, Some(bytes), recv_bytes),
+        Control::Closed(seq) => (0x07, seq.0, None, None),
     }
 }
 
@@ -426,7 +443,7 @@ pub fn frame(data: &[u8]) {
         assert_eq!(incoming.as_ref().ok(), base.as_ref().ok());
     }
     if let Ok(Incoming::Control(control)) = incoming {
-        let (kind, _, _) = control_parts(control);
+        let (kind, _, _, _) = control_parts(control);
         assert!(matches!(header, Err(FrameError::BadOptionTag(k)) if k == kind));
     }
 
@@ -497,16 +514,17 @@ fn check_incoming(
                 kind,
                 value,
                 extra,
+                recv,
                 canonical,
             }),
         ) => {
-            assert_eq!(control_parts(*control), (kind, value, extra));
+            assert_eq!(control_parts(*control), (kind, value, extra, recv));
             assert_ne!(control.extension() & extensions, 0);
             let mut out = BytesMut::new();
             control.encode(&mut out);
             let mut expected = vec![0x00, kind];
             ref_put_varint(value, &mut expected);
-            if let Some(extra) = extra {
+            for extra in [extra, recv].into_iter().flatten() {
                 ref_put_varint(extra, &mut expected);
             }
             assert_eq!(&out[..], &expected[..], "control re-encoding");

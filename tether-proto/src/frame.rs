@@ -19,6 +19,16 @@ pub const MAX_HEADER_LEN: usize = 11;
 /// Longest varint encoding of a u32.
 const MAX_VARINT_LEN: usize = 5;
 
+/// What each received message counts for against a receive bound
+/// ([`Control::Window`]'s `recv_bytes`), on top of its item's bytes: the
+/// bookkeeping a receiver holds per queued message. A sender counts each
+/// frame it has not had acknowledged as its length plus this.
+pub const RECV_ITEM_COST: usize = 64;
+
+/// The receive bound a sender assumes until its peer's first window frame
+/// arrives (`ACKS`); every receiver accepts at least this much.
+pub const INITIAL_RECV_WINDOW: usize = 64 * 1024;
+
 const OPTION_NONE: u8 = 0x00;
 const OPTION_SOME: u8 = 0x01;
 
@@ -227,7 +237,8 @@ const TAG_FRAGMENT: u8 = 0x08;
 /// ping, `04` pong, `05` close, `06` window, `07` closed, followed by one
 /// varint (the acked seq, the ping's nonce, the echoed nonce, the close
 /// frame's own seq, the seq of the client's close frame) or, for a window,
-/// two (frames, then bytes), and nothing after them.
+/// two or three (frames, bytes, then the receive bound if announced), and
+/// nothing after them.
 ///
 /// Control frames are not delivered to the application and, except for
 /// [`Control::Close`], not sequenced and never kept for replay.
@@ -249,14 +260,21 @@ pub enum Control {
     /// up to and including the client's close frame, whose seq this is, and
     /// its own frames were all acknowledged ([`ext::CLOSE`]).
     Closed(Seq),
-    /// The sender's replay-buffer bound: it holds at most this many
-    /// unacknowledged frames and bytes, so its peer should acknowledge by
-    /// half of either ([`ext::ACKS`]).
+    /// The sender's bounds ([`ext::ACKS`]): its replay buffer holds at most
+    /// `frames` unacknowledged frames and `bytes` bytes, so its peer should
+    /// acknowledge by half of either; and it holds at most `recv_bytes` of
+    /// received, unconsumed messages for its application (each counted as
+    /// its item's length plus [`RECV_ITEM_COST`]), so its peer keeps what
+    /// it has not had acknowledged below that.
     Window {
-        /// Frames.
+        /// Replay bound, frames.
         frames: u32,
-        /// Bytes (saturated at `u32::MAX`).
+        /// Replay bound, bytes (saturated at `u32::MAX`).
         bytes: u32,
+        /// Receive bound, bytes (saturated at `u32::MAX`); `None` when the
+        /// frame carries only the first two values (a sender that announces
+        /// no receive bound).
+        recv_bytes: Option<u32>,
     },
 }
 
@@ -280,12 +298,18 @@ impl Control {
     /// Appends the encoded frame to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
         let (kind, value, _) = self.kind_and_value();
-        out.reserve(2 + 2 * MAX_VARINT_LEN);
+        out.reserve(2 + 3 * MAX_VARINT_LEN);
         out.put_u8(0);
         out.put_u8(kind);
         put_varint(value, out);
-        if let Control::Window { bytes, .. } = *self {
+        if let Control::Window {
+            bytes, recv_bytes, ..
+        } = *self
+        {
             put_varint(bytes, out);
+            if let Some(recv_bytes) = recv_bytes {
+                put_varint(recv_bytes, out);
+            }
         }
     }
 }
@@ -360,7 +384,16 @@ pub fn decode_payload(payload: &[u8], extensions: u8) -> Result<Incoming, FrameE
         KIND_WINDOW if extensions & ext::ACKS != 0 => {
             let frames = take_varint(payload, &mut pos)?;
             let bytes = take_varint(payload, &mut pos)?;
-            Control::Window { frames, bytes }
+            let recv_bytes = if pos < payload.len() {
+                Some(take_varint(payload, &mut pos)?)
+            } else {
+                None
+            };
+            Control::Window {
+                frames,
+                bytes,
+                recv_bytes,
+            }
         }
         other => return Err(FrameError::BadOptionTag(other)),
     };
@@ -870,8 +903,17 @@ mod tests {
                 Control::Window {
                     frames: 4096,
                     bytes: 1 << 20,
+                    recv_bytes: None,
                 },
                 "00 06 80 20 80 80 40",
+            ),
+            (
+                Control::Window {
+                    frames: 4096,
+                    bytes: 1 << 20,
+                    recv_bytes: Some(1 << 20),
+                },
+                "00 06 80 20 80 80 40 80 80 40",
             ),
         ];
         let all = ext::ALL;
@@ -893,10 +935,25 @@ mod tests {
             ));
             let mut long = out.to_vec();
             long.push(0);
-            assert!(matches!(
-                decode_payload(&long, all),
-                Err(FrameError::TrailingBytes(1))
-            ));
+            match control {
+                // A window with two values takes a third: its receive bound.
+                Control::Window {
+                    frames,
+                    bytes,
+                    recv_bytes: None,
+                } => assert_eq!(
+                    decode_payload(&long, all).unwrap(),
+                    Incoming::Control(Control::Window {
+                        frames,
+                        bytes,
+                        recv_bytes: Some(0)
+                    })
+                ),
+                _ => assert!(matches!(
+                    decode_payload(&long, all),
+                    Err(FrameError::TrailingBytes(1))
+                )),
+            }
         }
     }
 

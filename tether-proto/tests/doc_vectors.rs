@@ -182,6 +182,15 @@ fn doc_vectors_match_the_encoders() {
             control(Control::Window {
                 frames: 4096,
                 bytes: 1 << 20,
+                recv_bytes: None,
+            }),
+        ),
+        (
+            "control-window-recv",
+            control(Control::Window {
+                frames: 4096,
+                bytes: 1 << 20,
+                recv_bytes: Some(64 << 20),
             }),
         ),
         ("fragment", {
@@ -227,6 +236,24 @@ fn doc_vectors_decode_as_documented() {
         decode_payload(&documented["control-close-41"], ext::ALL).unwrap(),
         Incoming::Control(Control::Close(Seq(41)))
     );
+    for (id, recv_bytes) in [
+        ("control-window", None),
+        ("control-window-recv", Some(64 << 20)),
+    ] {
+        assert_eq!(
+            decode_payload(&documented[id], ext::ALL).unwrap(),
+            Incoming::Control(Control::Window {
+                frames: 4096,
+                bytes: 1 << 20,
+                recv_bytes
+            }),
+            "{id}"
+        );
+        assert!(
+            decode_payload(&documented[id], ext::ALL & !ext::ACKS).is_err(),
+            "{id} without ACKS"
+        );
+    }
     assert_eq!(
         decode_payload(&documented["fragment"], ext::ALL).unwrap(),
         Incoming::Fragment {

@@ -92,21 +92,120 @@ async fn standalone_acks_keep_a_one_way_stream_bounded() {
     .await;
 }
 
+/// A base-format stream of `n` messages from the client, whose receiver
+/// (the server) replies with one message every `reply_every`: the replies'
+/// piggybacked acks are the only acks the client gets. Returns the largest
+/// replay-buffer occupancy (frames) the client showed.
+async fn one_way_with_replies(
+    client_cfg: Config,
+    server_cfg: Config,
+    n: u64,
+    reply_every: u64,
+) -> usize {
+    let (listener, c) = mem::listener(64);
+    let server = Server::<u64>::new(listener, server_cfg);
+    let client = StableConduit::<u64>::connect(c.clone(), client_cfg)
+        .await
+        .unwrap();
+    let (tx, mut rx) = client.split();
+    let sender = tokio::spawn(async move {
+        let mut max_frames = 0;
+        for i in 0..n {
+            tx.send(&i).await.unwrap();
+            max_frames = max_frames.max(tx.stats().replay_frames);
+        }
+        (tx, max_frames)
+    });
+    let replies = tokio::spawn(async move {
+        for r in 0..n / reply_every {
+            assert_eq!(rx.recv().await.unwrap(), Some(r));
+        }
+        rx
+    });
+    let mut session = server.accept().await.unwrap();
+    for i in 0..n {
+        assert_eq!(session.recv().await.unwrap(), Some(i));
+        if (i + 1) % reply_every == 0 {
+            session.send(&(i / reply_every)).await.unwrap();
+        }
+    }
+    let (_tx, max_frames) = sender.await.unwrap();
+    drop(replies.await.unwrap());
+    max_frames
+}
+
+/// The replay bound holds in the base format too: a receive-only peer
+/// that never acknowledges holds the sender to its bound, and the acks its
+/// replies carry free it, with a base-format peer on either side.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn base_format_peer_on_either_side_still_delivers() {
+async fn base_format_peer_on_either_side_still_delivers_within_the_bound() {
     within(async {
         let mut with = config(4);
         with.max_replay(1 << 20, 256);
         let mut without = with.clone();
         without.extensions(0);
         let n = 5_000;
-        // Base-format client, and base-format server: no standalone acks, so
-        // a receive-only peer never acknowledges and the bound is not
-        // enforced (enforcing it could deadlock); everything still arrives.
-        let peak = one_way(without.clone(), with.clone(), n).await;
-        assert_eq!(peak, n as usize, "acks flowed although not negotiated");
-        let peak = one_way(with, without, n).await;
-        assert_eq!(peak, n as usize, "acks flowed although not negotiated");
+        let peak = one_way_with_replies(without.clone(), with.clone(), n, 100).await;
+        assert!(peak <= 256, "replay buffer grew to {peak} frames");
+        let peak = one_way_with_replies(with, without, n, 100).await;
+        assert!(peak <= 256, "replay buffer grew to {peak} frames");
+    })
+    .await;
+}
+
+/// A base-format stream to a peer that only receives: `send` waits once
+/// the bound is reached (the peer never acknowledges), and a resume, whose
+/// hello reports what the peer received, frees the buffer and lets it go
+/// on. Everything arrives once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_format_send_waits_at_the_bound_until_a_resume_trims() {
+    within(async {
+        let mut cfg = config(7);
+        cfg.max_replay(1 << 20, 64).extensions(0);
+        let (listener, c) = mem::listener(64);
+        let server = Server::<u64>::new(listener, cfg.clone());
+        let client = StableConduit::<u64>::connect(c.clone(), cfg).await.unwrap();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let n = 200;
+        let sender = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                for i in 0..n {
+                    client.send(&i).await.unwrap();
+                    sent.store(i + 1, std::sync::atomic::Ordering::SeqCst);
+                }
+                client
+            })
+        };
+        let mut session = server.accept().await.unwrap();
+        for i in 0..64 {
+            assert_eq!(session.recv().await.unwrap(), Some(i));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            sent.load(std::sync::atomic::Ordering::SeqCst),
+            64,
+            "send went past the bound of 64 frames with no ack"
+        );
+        // Each cut's resume trims what the server received.
+        let mut got = 64;
+        while got < n {
+            c.kill_all();
+            let more = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut k = 0;
+                while got + k < n && k < 64 {
+                    assert_eq!(session.recv().await.unwrap(), Some(got + k));
+                    k += 1;
+                }
+                k
+            })
+            .await
+            .expect("the resume freed nothing");
+            got += more;
+        }
+        let client = sender.await.unwrap();
+        assert!(client.stats().max_replay_bytes > 0);
+        assert!(client.stats().replay_frames <= 64);
     })
     .await;
 }

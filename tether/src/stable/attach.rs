@@ -12,6 +12,7 @@ use super::recv::{deliver_batch, read_loop, RecvSide};
 use super::send::write_loop;
 use super::shared::Shared;
 use crate::link::{LinkError, LinkRx, LinkTx};
+use crate::throttle::{throttled, Throttle};
 
 /// Why one attachment ended.
 #[derive(Debug)]
@@ -29,7 +30,8 @@ pub(crate) enum AttachEnd<P> {
     Finished,
     /// The close did not complete within the close timeout.
     CloseTimedOut,
-    /// No pong arrived within the keepalive timeout.
+    /// No pong arrived within the keepalive timeout, or (without
+    /// keepalive) nothing at all within the idle timeout.
     Timeout,
     /// The caller's preempting future resolved (e.g. a newer link arrived).
     Preempted(P),
@@ -136,25 +138,91 @@ where
     end
 }
 
-/// Declares the link dead when no pong arrived for the keepalive timeout.
+/// Declares the link dead when no pong answered a ping for the keepalive
+/// timeout; without keepalive, when nothing at all arrived for the idle
+/// timeout (not counting the time this side's reader waits for its
+/// application).
+///
+/// In the base format it also ends a link on which a `send` has waited
+/// for room for a keepalive interval with no frame freed: a peer that only
+/// receives never acknowledges, and the hellos of the resume that follows
+/// report what each side received, which trims the replay buffer
+/// (`resume_from`). Without this, a one-way stream to such a peer would
+/// stop for good at the replay bound.
+///
+/// It runs beside the reader and the writer, never behind them: a writer
+/// blocked on a full socket (a peer that stopped reading) holds up neither
+/// the clock nor this check, and such a peer, which never sees the ping,
+/// cannot answer it either, since its nonce is unpredictable.
 async fn watchdog<P>(shared: &Shared, extensions: u8) -> AttachEnd<P> {
     use std::sync::atomic::Ordering;
-    if extensions & ext::KEEPALIVE == 0 {
-        return std::future::pending().await;
-    }
-    let timeout_us = shared.keepalive_timeout.as_micros() as u64;
+    static TIMEOUT_LOG: Throttle = Throttle::new(10);
+    let keepalive = extensions & ext::KEEPALIVE != 0;
+    let (last_seen, timeout) = if keepalive {
+        (&shared.last_pong_us, shared.keepalive_timeout)
+    } else {
+        (&shared.last_rx_us, shared.idle_timeout)
+    };
+    let timeout_us = u64::try_from(timeout.as_micros()).unwrap_or(u64::MAX);
+    let acks = extensions & ext::ACKS != 0;
+    let stall_us = u64::try_from(shared.keepalive_interval.as_micros()).unwrap_or(u64::MAX);
     loop {
-        let last = shared.last_pong_us.load(Ordering::Acquire);
-        let due = last + timeout_us;
+        let stall_wake = shared.stall_wake.notified();
+        tokio::pin!(stall_wake);
+        stall_wake.as_mut().enable();
+        let due = last_seen.load(Ordering::Acquire).saturating_add(timeout_us);
         let now = shared.now_us();
-        if now >= due {
+        if !acks {
+            let stalled = shared.send_stalled_us.load(Ordering::Acquire);
+            if stalled != 0 {
+                let stall_due = stalled.saturating_add(stall_us);
+                if now >= stall_due {
+                    shared.counters.ack_stalls.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("no ack for a waiting send: ending the link for a resume");
+                    return AttachEnd::Timeout;
+                }
+                if stall_due < due {
+                    tokio::time::sleep(Duration::from_micros(stall_due - now)).await;
+                    continue;
+                }
+            }
+        }
+        if now < due {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_micros(due - now)) => {}
+                () = &mut stall_wake, if !acks => {}
+            }
+            continue;
+        }
+        if !keepalive && shared.reader_paused.load(Ordering::Acquire) {
+            // Not the link's silence: the reader stopped. It notes the time
+            // when it reads again.
+            tokio::time::sleep(timeout.min(Duration::from_secs(1))).await;
+            continue;
+        }
+        if keepalive {
             shared
                 .counters
                 .keepalive_timeouts
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(timeout = ?shared.keepalive_timeout, "no pong: link declared dead");
-            return AttachEnd::Timeout;
+            throttled!(
+                tracing::Level::INFO,
+                TIMEOUT_LOG,
+                ?timeout,
+                "no pong: link declared dead"
+            );
+        } else {
+            shared
+                .counters
+                .idle_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            throttled!(
+                tracing::Level::INFO,
+                TIMEOUT_LOG,
+                ?timeout,
+                "nothing arrived: idle link dropped"
+            );
         }
-        tokio::time::sleep(Duration::from_micros(due - now)).await;
+        return AttachEnd::Timeout;
     }
 }

@@ -56,7 +56,7 @@ impl<S, R> StableConduit<S, R> {
     /// [`Error::SessionLost`] if it rejects the session or the deadline
     /// passes without a link.
     pub async fn connect<C: Connector>(connector: C, config: Config) -> Result<Self, Error> {
-        let shared = Shared::new(&config, Role::Client, ConduitState::Connecting);
+        let shared = Shared::new(&config, Role::Client, ConduitState::Connecting, None);
         let mut rng = match config.seed {
             Some(seed) => SmallRng::seed_from_u64(seed),
             None => SmallRng::from_os_rng(),

@@ -66,6 +66,7 @@ pub struct Config {
     pub(crate) ack_delay: Duration,
     pub(crate) keepalive_interval: Duration,
     pub(crate) keepalive_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     pub(crate) resume_window: Duration,
     pub(crate) max_sessions: usize,
     pub(crate) close_timeout: Duration,
@@ -76,7 +77,6 @@ pub struct Config {
     pub(crate) max_sessions_per_source: usize,
     pub(crate) memory_budget: usize,
     pub(crate) require_extensions: u8,
-    pub(crate) idle_timeout: Duration,
     pub(crate) credential: Option<bytes::Bytes>,
     pub(crate) max_credential_len: usize,
 }
@@ -99,6 +99,7 @@ impl Default for Config {
             ack_delay: Duration::from_millis(5),
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(300),
             resume_window: Duration::from_secs(120),
             max_sessions: 100_000,
             close_timeout: Duration::from_secs(10),
@@ -109,7 +110,6 @@ impl Default for Config {
             max_sessions_per_source: 1024,
             memory_budget: 1 << 30,
             require_extensions: 0,
-            idle_timeout: Duration::from_secs(300),
             credential: None,
             max_credential_len: 1024,
         }
@@ -139,9 +139,10 @@ impl Config {
     }
 
     /// Bound of the replay buffer (sent but unacknowledged frames), in bytes
-    /// and in frames. When it is full, `send` waits for acknowledgements:
-    /// backpressure instead of growth. One message larger than the byte bound
-    /// is still accepted when the buffer is empty. Defaults: 4 MiB, 65,536
+    /// and in frames, whatever the extensions. When it is full, `send` waits
+    /// for acknowledgements: backpressure instead of growth. One message
+    /// larger than the byte bound is still accepted when the buffer is
+    /// empty. Defaults: 4 MiB, 65,536
     /// frames. Memory per session is at most about this much while the peer
     /// is not acknowledging.
     ///
@@ -165,14 +166,16 @@ impl Config {
         self
     }
 
-    /// Bound of received messages waiting for the application, in bytes.
-    /// Default 64 MiB.
+    /// Bound of received messages waiting for the application, in bytes,
+    /// each message counted as its encoded length plus 64 bytes of
+    /// bookkeeping. Default 64 MiB.
     ///
-    /// With standalone acks (the default) the peer's window (its replay
-    /// bound) already bounds them, since acks report consumption: the link
-    /// is always read, so that keepalive and the close keep working while
-    /// the application is slow, and a peer that sends more than its window
-    /// plus one message, and more than this bound, breaks the protocol. In
+    /// With standalone acks (the default) this side announces the bound in
+    /// its window frame and the peer keeps what it has not had acknowledged
+    /// below it, since acks report consumption: the link is always read, so
+    /// that keepalive and the close keep working while the application is
+    /// slow, and a peer that has more than this bound (at least 64 KiB) plus
+    /// one message waiting breaks the protocol, whatever it announced. In
     /// the base format the conduit stops reading from the link while the
     /// bound is exceeded, which pushes back on the peer.
     pub fn max_recv_queue_bytes(&mut self, value: usize) -> &mut Self {
@@ -195,9 +198,12 @@ impl Config {
     /// ever on together with standalone acks.
     ///
     /// Without standalone acks a side that only receives never
-    /// acknowledges, so the replay bound ([`max_replay`](Self::max_replay))
-    /// cannot be enforced without risking a deadlock: it is then not
-    /// enforced, as in the base protocol.
+    /// acknowledges: the replay bound ([`max_replay`](Self::max_replay))
+    /// still holds, and a link on which `send` has waited for room for a
+    /// keepalive interval with nothing acknowledged is ended, so that the
+    /// resume's hellos (which report what each side received) free the
+    /// buffer. A one-way stream to such a peer therefore moves one window
+    /// per reconnect.
     pub fn extensions(&mut self, bits: u8) -> &mut Self {
         self.extensions = bits & SUPPORTED_EXTENSIONS;
         self
@@ -339,10 +345,12 @@ impl Config {
         self
     }
 
-    /// A link without keepalive on which nothing arrives for this long is
-    /// dropped (the session then waits for a resume as after any link
-    /// failure). Default 300 s. Links with keepalive are checked by the
-    /// keepalive timeout instead.
+    /// A link without keepalive (not negotiated) on which nothing at all
+    /// arrives for this long is dropped, as keepalive would drop it: the
+    /// client reconnects, the server waits for a resume. Not counted while
+    /// this side stops reading because its application is behind. Links
+    /// with keepalive are checked by the keepalive timeout instead. Default
+    /// 300 s.
     pub fn idle_timeout(&mut self, value: Duration) -> &mut Self {
         self.idle_timeout = value.max(Duration::from_millis(1));
         self

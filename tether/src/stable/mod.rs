@@ -14,6 +14,7 @@
 //! never waits on receiving or the other way round.
 
 mod attach;
+pub(crate) mod budget;
 mod client;
 mod config;
 mod inbox;

@@ -4,16 +4,25 @@
 //! The reader decodes each frame header, applies acks to the replay
 //! buffer, drops duplicates, puts fragmented messages back together, and
 //! queues the item bytes (a slice of the link's buffer, not a copy, unless
-//! the message came in pieces) for the application, a batch at a time
-//! (`inbox.rs`). With standalone acks it never stops reading: pings, pongs,
-//! acks and the close keep flowing however slow the application is, and
-//! memory is bounded by the peer's window, because acks report what the
-//! application has *consumed*. Only in the base format, where nothing else
-//! pushes back, does a full receive queue pause the reader.
+//! the message came in pieces or the application is behind) for the
+//! application, a batch at a time (`inbox.rs`). With standalone acks it
+//! never stops reading: pings, pongs, acks and the close keep flowing
+//! however slow the application is. Memory is bounded by this side's own
+//! receive bound, which it announces in its window frame: acks report what
+//! the application has *consumed*, and the peer keeps what it has not had
+//! acknowledged below the bound. Only in the base format, where nothing
+//! else pushes back, does a full receive queue pause the reader.
+//!
+//! Each queued item counts as its bytes plus `RECV_ITEM_COST`
+//! ([`Shared::item_cost`]), and what is counted is what is held: an item
+//! is a slice of the link's read buffer, which it keeps alive whole, so
+//! small items queued behind others the application has not taken yet are
+//! copied out, a batch into one buffer of their exact size.
 
 use std::sync::atomic::Ordering;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
+use tether_proto::frame::{INITIAL_RECV_WINDOW, RECV_ITEM_COST};
 use tether_proto::{decode_payload, ext, Control, Delivery, Incoming, Reassembly, RecvState, Seq};
 
 use super::attach::{poll_now, AttachEnd};
@@ -23,10 +32,15 @@ use super::shared::{encode_seq, lock, Role, Shared};
 /// Items handed to the receiver per batch at most, and bytes.
 const MAX_DELIVER_BATCH: usize = 256;
 const MAX_DELIVER_BATCH_BYTES: usize = 256 * 1024;
+/// Items shorter than this are copied out of the link's buffer when the
+/// application is behind: half the stream link's read chunk, so that a
+/// queued item holds at most about twice what it is counted for.
+const COPY_BELOW: usize = 16 * 1024;
 
 impl Shared {
     /// Called by the application's receiver for each item it takes.
     pub(crate) fn consumed(&self, seq: Seq, len: usize) {
+        let len = Shared::item_cost(len);
         self.consumed
             .store(encode_seq(Some(seq)), Ordering::Release);
         if self.acks_negotiated() {
@@ -45,19 +59,23 @@ impl Shared {
             }
         }
         let before = self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        self.recv_release(len, before - len);
         if before > self.max_queued_bytes && before - len <= self.max_queued_bytes {
             self.queue_space.notify_one();
         }
     }
 
-    /// The most bytes the peer may have waiting here, unconsumed, before it
-    /// is breaking flow control: its announced window (plus one message,
-    /// which an empty replay buffer always takes), or our own receive bound
-    /// if that is larger.
+    /// The most the peer may have waiting here, unconsumed (in the units of
+    /// [`item_cost`](Shared::item_cost)), before it is breaking flow
+    /// control: our own receive bound, which it learns from our window
+    /// frame (at least what it assumes before that), plus one message,
+    /// which its empty replay buffer always takes. Nothing the peer
+    /// announces raises it.
     fn recv_cap(&self) -> usize {
-        let window = self.peer_window_bytes.load(Ordering::Acquire) as usize;
         self.max_queued_bytes
-            .max(window.saturating_add(self.max_message_size))
+            .max(INITIAL_RECV_WINDOW)
+            .saturating_add(self.max_message_size)
+            .saturating_add(RECV_ITEM_COST)
     }
 
     /// The peer's close frame arrived, after every frame before it: the
@@ -79,6 +97,12 @@ impl Shared {
 
 /// Hands the reader's batch to the application (or, when the receiver is
 /// gone, counts it consumed so that the peer can free it).
+///
+/// When items from earlier batches still wait for the receiver, the
+/// application is behind and this batch will wait too: its small items are
+/// copied out of the link's buffers first (`compact`). An application that
+/// keeps up takes every batch before the next one comes, and nothing is
+/// copied.
 pub(super) fn deliver_batch(shared: &Shared, batch: &mut Vec<Delivered>) {
     if batch.is_empty() {
         return;
@@ -87,11 +111,36 @@ pub(super) fn deliver_batch(shared: &Shared, batch: &mut Vec<Delivered>) {
         .counters
         .frames_received
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    let len: usize = batch.iter().map(|(_, b)| b.len()).sum();
-    shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
+    if shared.inbox.has_queued() {
+        compact(batch);
+    }
+    let cost: usize = batch.iter().map(|(_, b)| Shared::item_cost(b.len())).sum();
+    shared.queued_bytes.fetch_add(cost, Ordering::AcqRel);
+    shared.recv_charge(cost);
     if !shared.inbox.push(batch) {
         for (seq, item) in batch.drain(..) {
             shared.consumed(seq, item.len());
+        }
+    }
+}
+
+/// Copies the items of `batch` shorter than [`COPY_BELOW`] into one
+/// buffer of their exact total size, so that they no longer keep the
+/// link's read buffers alive: one allocation and one copy per batch.
+fn compact(batch: &mut [Delivered]) {
+    let total: usize = batch
+        .iter()
+        .map(|(_, item)| item.len())
+        .filter(|&len| len < COPY_BELOW)
+        .sum();
+    let mut buf = BytesMut::with_capacity(total);
+    for (_, item) in batch.iter_mut() {
+        if item.is_empty() {
+            // An empty slice can still hold its buffer.
+            *item = Bytes::new();
+        } else if item.len() < COPY_BELOW {
+            buf.extend_from_slice(item);
+            *item = buf.split().freeze();
         }
     }
 }
@@ -110,11 +159,18 @@ fn apply_ack(
     strict: bool,
     freed: &mut Vec<Bytes>,
 ) -> Result<(), String> {
-    let result = lock(&shared.send).replay.ack_into(ack, freed);
+    let (result, before, after) = {
+        let mut s = lock(&shared.send);
+        let before = s.replay.bytes();
+        let result = s.replay.ack_into(ack, freed);
+        (result, before, s.replay.bytes())
+    };
     freed.clear();
+    shared.replay_resized(before, after);
     match result {
         Ok(0) => Ok(()),
         Ok(_) => {
+            shared.send_stalled_us.store(0, Ordering::Release);
             shared.space_wake.notify_waiters();
             // A closing writer waits for the buffer to drain. Waking the
             // writer on every ack also measured faster on loopback than
@@ -154,6 +210,9 @@ pub(super) async fn read_loop<Rx: crate::link::LinkRx, P>(
     let mut last_ack: Option<Seq> = None;
     let mut freed: Vec<Bytes> = Vec::new();
     let acks = extensions & ext::ACKS != 0;
+    // Without keepalive the watchdog drops a link on which nothing arrives
+    // for the idle timeout: note when something does, once per batch.
+    let track_idle = extensions & ext::KEEPALIVE == 0;
     let RecvSide {
         state: recv,
         batch,
@@ -169,13 +228,21 @@ pub(super) async fn read_loop<Rx: crate::link::LinkRx, P>(
             if shared.queued_bytes.load(Ordering::Acquire) > shared.max_queued_bytes
                 && !shared.inbox.receiver_gone()
             {
+                // Not reading is this side's doing: the link is not idle.
+                shared.reader_paused.store(true, Ordering::Release);
                 notified.await;
+                shared.last_rx_us.store(shared.now_us(), Ordering::Release);
+                shared.reader_paused.store(false, Ordering::Release);
             }
             continue;
         }
         // Everything the link has ready now becomes one batch for the
         // receiver: one lock and one wake-up per batch, not per message.
         let mut next = rx.recv().await;
+        if track_idle {
+            shared.last_rx_us.store(shared.now_us(), Ordering::Release);
+        }
+        // What the batch will count for in the receive queue.
         let mut batch_bytes = 0;
         loop {
             let payload = match next {
@@ -251,7 +318,7 @@ pub(super) async fn read_loop<Rx: crate::link::LinkRx, P>(
                                 Ok(item) => item,
                                 Err(e) => return AttachEnd::Protocol(e.to_string()),
                             };
-                            batch_bytes += item.len();
+                            batch_bytes += Shared::item_cost(item.len());
                             batch.push((seq, item));
                         }
                     }
@@ -306,9 +373,22 @@ fn on_control<P>(
             shared.writer_wake.notify_one();
         }
         Control::Pong(nonce) => shared.on_pong(nonce),
-        Control::Window { frames, bytes } => {
+        Control::Window {
+            frames,
+            bytes,
+            recv_bytes,
+        } => {
             shared.peer_window_frames.store(frames, Ordering::Release);
             shared.peer_window_bytes.store(bytes, Ordering::Release);
+            // A peer that announces no receive bound (two values) predates
+            // it and holds whatever this side's replay bound lets through.
+            let recv = match recv_bytes {
+                None | Some(u32::MAX) => usize::MAX,
+                Some(b) => b as usize,
+            };
+            shared.peer_recv_bytes.store(recv, Ordering::Release);
+            // Senders waiting on the bound assumed until now look again.
+            shared.space_wake.notify_waiters();
         }
         Control::Close(fin) => match on_frame(recv, fin).map_err(AttachEnd::Protocol)? {
             Delivery::Deliver if reassembly.is_started() => {

@@ -16,9 +16,8 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::Serialize;
-use tether_proto::{
-    encode_item, encode_item_gapped, ext, frame::FrameHeader, Control, Seq, MAX_HEADER_LEN,
-};
+use tether_proto::frame::{FrameHeader, RECV_ITEM_COST};
+use tether_proto::{encode_item, encode_item_gapped, ext, Control, Seq, MAX_HEADER_LEN};
 
 use super::attach::AttachEnd;
 use super::shared::{decode_seq, encode_seq, lock, Role, Shared};
@@ -77,8 +76,15 @@ impl Shared {
     }
 
     /// Writes the headers in front of the encoded pieces and queues the
-    /// message's frames, unless the replay buffer is full; `item` is taken
+    /// message's frames, unless there is no room for them; `item` is taken
     /// (left empty) only when queued.
+    ///
+    /// Room, whatever the extensions: the replay bound (frames and bytes);
+    /// with standalone acks, the peer's receive bound (what is
+    /// unacknowledged, each frame counted as its length plus
+    /// `RECV_ITEM_COST`, stays below it); and the server's memory budget
+    /// not over its limit. An empty replay buffer always takes one message,
+    /// so that no bound can stall a session for good.
     fn try_push(&self, item: &mut BytesMut, item_len: usize) -> Result<TrySend, Error> {
         {
             let mut guard = lock(&self.send);
@@ -110,15 +116,28 @@ impl Shared {
                     max: self.max_message_size,
                 });
             }
-            // Without standalone acks, a side that only receives never
-            // acknowledges: enforcing the bound could deadlock two senders.
-            if acks
-                && !s
-                    .replay
-                    .has_room_for(pieces, len + (pieces - 1) * header_len)
-            {
+            let bytes = len + (pieces - 1) * header_len;
+            // In the base format too: a peer that never acknowledges (it
+            // only receives) holds this side to one window until its hellos
+            // trim the buffer on a resume.
+            if !s.replay.has_room_for(pieces, bytes) {
                 return Ok(TrySend::Full);
             }
+            if !s.replay.is_empty() {
+                let peer_recv = if acks {
+                    self.peer_recv_bytes.load(Ordering::Acquire)
+                } else {
+                    usize::MAX
+                };
+                let cost = |frames: usize, bytes: usize| bytes + frames * RECV_ITEM_COST;
+                let held = cost(s.replay.len(), s.replay.bytes());
+                if held.saturating_add(cost(pieces, bytes)) > peer_recv
+                    || self.budget.as_ref().is_some_and(|b| b.is_over())
+                {
+                    return Ok(TrySend::Full);
+                }
+            }
+            let before = s.replay.bytes();
             for i in 0..pieces {
                 let seq = first.wrapping_add(i as u32);
                 let (mut frame, (bytes, hlen)) = if seq == last {
@@ -136,18 +155,20 @@ impl Shared {
             }
             // Only the sender, under this lock, raises the peak: a plain
             // store when it grows, no read-modify-write per message.
-            let bytes = s.replay.bytes();
+            let after = s.replay.bytes();
             let peak = &self.counters.max_replay_bytes;
-            if bytes > peak.load(Ordering::Relaxed) {
-                peak.store(bytes, Ordering::Relaxed);
+            if after > peak.load(Ordering::Relaxed) {
+                peak.store(after, Ordering::Relaxed);
             }
+            drop(guard);
+            self.replay_resized(before, after);
         }
         self.writer_wake.notify_one();
         Ok(TrySend::Sent)
     }
 
-    /// Sends `msg`, waiting while the replay buffer is full. It is
-    /// serialized once, whatever the wait.
+    /// Sends `msg`, waiting while there is no room for it (`try_push`). It
+    /// is serialized once, whatever the wait.
     pub(crate) async fn send<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(), Error> {
         let (mut item, item_len) = self.encode(msg)?;
         loop {
@@ -162,7 +183,24 @@ impl Shared {
             if let TrySend::Sent = self.try_push(&mut item, item_len)? {
                 return Ok(());
             }
-            notified.await;
+            if !self.acks_negotiated()
+                && self
+                    .send_stalled_us
+                    .compare_exchange(0, self.now_us().max(1), Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                // The watchdog ends a link on which no ack comes.
+                self.stall_wake.notify_one();
+            }
+            match &self.budget {
+                // Memory other sessions free wakes this one too; the budget
+                // registers before it looks, like `notified`.
+                Some(budget) if budget.is_over() => tokio::select! {
+                    () = &mut notified => {}
+                    () = budget.wait_below() => {}
+                },
+                _ => notified.await,
+            }
         }
     }
 
@@ -184,14 +222,22 @@ impl Shared {
     ) -> Result<u64, SessionLost> {
         self.set_extensions(extensions)?;
         let acks = extensions & ext::ACKS != 0;
-        self.last_pong_us.store(self.now_us(), Ordering::Release);
+        let now = self.now_us();
+        self.last_pong_us.store(now, Ordering::Release);
+        self.last_rx_us.store(now, Ordering::Release);
+        self.reader_paused.store(false, Ordering::Release);
+        // A pong for a ping of the last link answers nothing on this one.
+        self.ping_nonce.store(0, Ordering::Release);
+        // A send still waiting for room starts its wait over on this link.
+        self.send_stalled_us.store(0, Ordering::Release);
         self.pong_due.store(0, Ordering::Release);
         // In the base format the peer trims on our hello's last received;
         // with acks it trims on acks only, so this link starts with no ack
         // told and the writer acknowledges what was consumed.
         self.set_ack_told(if acks { None } else { our_last_received });
-        let (frames, bytes) = {
+        let (frames, bytes, trimmed) = {
             let mut s = lock(&self.send);
+            let held = s.replay.bytes();
             let start = if acks {
                 s.replay.rewind_to(peer_last_received)
             } else {
@@ -211,8 +257,9 @@ impl Shared {
                 frames += 1;
                 bytes += f.len() as u64;
             }
-            (frames, bytes)
+            (frames, bytes, (held, s.replay.bytes()))
         };
+        self.replay_resized(trimmed.0, trimmed.1);
         self.space_wake.notify_waiters();
         let c = &self.counters;
         c.frames_replayed.fetch_add(frames, Ordering::Relaxed);
@@ -237,7 +284,9 @@ impl Shared {
     }
 
     /// Consumed frames and bytes that make an ack due: the configured
-    /// count, or half the peer's announced window, whichever is smaller.
+    /// count, or half the peer's announced window, whichever is smaller;
+    /// for bytes, half of the peer's window or of our own receive bound
+    /// (which holds the peer back too), whichever is smaller.
     pub(super) fn ack_thresholds(&self) -> (u32, usize) {
         let frames = match self.peer_window_frames.load(Ordering::Acquire) {
             0 => self.ack_every,
@@ -245,8 +294,9 @@ impl Shared {
         };
         let bytes = match self.peer_window_bytes.load(Ordering::Acquire) {
             0 => usize::MAX,
-            w => (w as usize / 2).max(1),
+            w => w as usize,
         };
+        let bytes = (bytes.min(self.max_queued_bytes) / 2).max(1);
         (frames, bytes)
     }
 
@@ -316,23 +366,30 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
     let mut next_ping = tokio::time::Instant::now();
     if acks {
         let (frames, bytes) = shared.window;
-        Control::Window { frames, bytes }.encode(&mut control);
+        let recv_bytes = Some(u32::try_from(shared.max_queued_bytes).unwrap_or(u32::MAX));
+        Control::Window {
+            frames,
+            bytes,
+            recv_bytes,
+        }
+        .encode(&mut control);
         if let Err(e) = tx.send(control.split().freeze()).await {
             return AttachEnd::Link(e);
         }
     }
     loop {
         let now = tokio::time::Instant::now();
+        // One ping outstanding at a time, with an unpredictable nonce: only
+        // its pong counts, and only a peer that read it can send that. One
+        // still unanswered an interval later is left to the watchdog.
         if keepalive && now >= next_ping {
-            let nonce = shared.ping_nonce.load(Ordering::Relaxed) as u32;
-            let nonce = nonce.wrapping_add(1);
-            shared
-                .ping_sent_us
-                .store(shared.now_us(), Ordering::Release);
-            shared.ping_nonce.store(u64::from(nonce), Ordering::Release);
-            Control::Ping(nonce).encode(&mut control);
-            if let Err(e) = tx.send(control.split().freeze()).await {
-                return AttachEnd::Link(e);
+            if !shared.ping_outstanding() {
+                // Recorded before it is written: its pong can come back
+                // before `send` returns.
+                Control::Ping(shared.next_ping()).encode(&mut control);
+                if let Err(e) = tx.send(control.split().freeze()).await {
+                    return AttachEnd::Link(e);
+                }
             }
             next_ping = now + shared.keepalive_interval;
         }

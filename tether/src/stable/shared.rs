@@ -11,20 +11,31 @@
 //! arrives; from then on `send` refuses new messages, and the close runs
 //! over this link or the next ones, bounded as a whole by `close_timeout`.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use tether_proto::frame::{INITIAL_RECV_WINDOW, RECV_ITEM_COST};
 use tether_proto::{decode_payload, ext, Control, Incoming, ReplayBuffer, Seq};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use super::budget::MemoryBudget;
 use super::config::Config;
 use super::inbox::Inbox;
 use super::{ConduitState, Stats};
 use crate::bare::Arena;
 use crate::error::{Error, SessionLost};
+use crate::throttle::{throttled, Throttle};
+
+/// Session losses logged per second at most, over every session.
+static LOST_LOG: Throttle = Throttle::new(20);
+
+/// Consumed bytes a session gathers before it releases them to the budget.
+const RELEASE_BATCH: usize = 32 * 1024;
 
 /// How a session ended for good.
 #[derive(Debug, Clone)]
@@ -67,6 +78,15 @@ pub(crate) struct Counters {
     pub(super) bytes_replayed: AtomicU64,
     pub(super) duplicates: AtomicU64,
     pub(super) keepalive_timeouts: AtomicU64,
+    /// Pongs that answered no outstanding ping (forged, replayed, or late
+    /// for a ping a newer one replaced): they refresh nothing.
+    pub(crate) unsolicited_pongs: AtomicU64,
+    /// Links dropped because nothing arrived for the idle timeout (no
+    /// keepalive).
+    pub(crate) idle_timeouts: AtomicU64,
+    /// Base-format links dropped because a send waited for an ack for a
+    /// keepalive interval: the resume's hellos trim the replay buffer.
+    pub(crate) ack_stalls: AtomicU64,
     pub(super) max_replay_bytes: AtomicUsize,
     pub(super) undelivered: AtomicU64,
 }
@@ -100,29 +120,62 @@ pub(crate) struct Shared {
     /// half of it.
     pub(super) peer_window_frames: AtomicU32,
     pub(super) peer_window_bytes: AtomicU32,
+    /// The peer's announced receive bound, in the units of
+    /// [`item_cost`](Shared::item_cost): what this side keeps unacknowledged
+    /// stays below it (but for one message). [`INITIAL_RECV_WINDOW`] until
+    /// the peer's first window frame; `usize::MAX` if its window frames
+    /// announce none.
+    pub(super) peer_recv_bytes: AtomicUsize,
     /// Bytes consumed since the peer was last told an ack.
     pub(super) unacked_bytes: AtomicUsize,
     /// Our own bound, announced to the peer.
     pub(super) window: (u32, u32),
     pub(super) keepalive_interval: Duration,
     pub(super) keepalive_timeout: Duration,
+    /// Without keepalive: a link on which nothing arrives for this long is
+    /// dropped.
+    pub(super) idle_timeout: Duration,
     close_timeout: Duration,
     pub(super) max_message_size: usize,
     pub(super) fragment_size: usize,
     /// Time base for the atomics below.
     epoch: Instant,
-    /// Nonce and send time (µs since `epoch`) of the last ping.
+    /// The outstanding ping's nonce (`1 << 32 | nonce`, 0 for none) and
+    /// its send time (µs since `epoch`). Only a pong with that nonce counts.
     pub(super) ping_nonce: AtomicU64,
     pub(super) ping_sent_us: AtomicU64,
-    /// When the last pong (or the link's start) was seen, µs since `epoch`.
+    /// Draws the ping nonces, so that a peer cannot answer a ping it did
+    /// not read.
+    pub(super) ping_rng: Mutex<SmallRng>,
+    /// When the last pong that answered a ping (or the link's start) was
+    /// seen, µs since `epoch`.
     pub(super) last_pong_us: AtomicU64,
+    /// Without keepalive: when the reader last got anything from the link
+    /// (or the link started, or the reader resumed reading), µs since
+    /// `epoch`.
+    pub(super) last_rx_us: AtomicU64,
+    /// The reader stopped reading because the application is behind (base
+    /// format): the link is not idle meanwhile.
+    pub(super) reader_paused: AtomicBool,
+    /// Base format: since when (µs since `epoch`, 0 for not) a `send` has
+    /// been waiting for room with no frame freed since; `stall_wake` tells
+    /// the watchdog it started.
+    pub(super) send_stalled_us: AtomicU64,
+    pub(super) stall_wake: Notify,
     /// Smoothed round-trip time in µs; 0 until the first sample.
     srtt_us: AtomicU64,
     /// A pong to send: `1 << 32 | nonce`, 0 for none.
     pub(super) pong_due: AtomicU64,
-    /// Bytes delivered to the inbox and not yet consumed.
+    /// What the items delivered to the inbox and not yet consumed hold, in
+    /// the units of [`item_cost`](Shared::item_cost).
     pub(super) queued_bytes: AtomicUsize,
+    /// Our receive bound (announced to the peer in window frames).
     pub(super) max_queued_bytes: usize,
+    /// The server-wide memory budget this session's buffers count against.
+    pub(super) budget: Option<Arc<MemoryBudget>>,
+    /// Consumed bytes not yet released to the budget: consumed items are
+    /// released in batches.
+    pub(super) recv_unreleased: AtomicUsize,
     /// Received items on their way to the application.
     pub(crate) inbox: Inbox,
     /// The seq of the peer's close frame once it arrived (same encoding as
@@ -137,6 +190,19 @@ pub(crate) struct Shared {
     terminal: OnceLock<Terminal>,
     state: watch::Sender<ConduitState>,
     pub(crate) counters: Counters,
+}
+
+impl Drop for Shared {
+    /// Whatever the session still holds leaves the budget with it (a
+    /// runtime shut down under it, or items nobody consumed).
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            let replay = lock(&self.send).replay.bytes();
+            let queued = self.queued_bytes.load(Ordering::Acquire);
+            let pending = self.recv_unreleased.load(Ordering::Acquire);
+            budget.release(replay + queued + pending);
+        }
+    }
 }
 
 pub(super) fn lock(m: &Mutex<SendSide>) -> MutexGuard<'_, SendSide> {
@@ -154,7 +220,18 @@ pub(super) fn decode_seq(v: u64) -> Option<Seq> {
 }
 
 impl Shared {
-    pub(crate) fn new(config: &Config, role: Role, initial: ConduitState) -> Arc<Shared> {
+    pub(crate) fn new(
+        config: &Config,
+        role: Role,
+        initial: ConduitState,
+        budget: Option<Arc<MemoryBudget>>,
+    ) -> Arc<Shared> {
+        // Reproducible nonces for seeded (test) configurations, drawn from a
+        // stream of their own; unpredictable ones otherwise.
+        let ping_rng = match config.seed {
+            Some(seed) => SmallRng::seed_from_u64(seed ^ 0x7069_6e67_5f72_6e67 ^ role as u64),
+            None => SmallRng::from_os_rng(),
+        };
         Arc::new(Shared {
             role,
             send: Mutex::new(SendSide {
@@ -180,6 +257,7 @@ impl Shared {
             ack_delay: config.ack_delay,
             peer_window_frames: AtomicU32::new(0),
             peer_window_bytes: AtomicU32::new(0),
+            peer_recv_bytes: AtomicUsize::new(INITIAL_RECV_WINDOW),
             unacked_bytes: AtomicUsize::new(0),
             window: (
                 u32::try_from(config.max_replay_frames).unwrap_or(u32::MAX),
@@ -187,17 +265,25 @@ impl Shared {
             ),
             keepalive_interval: config.keepalive_interval,
             keepalive_timeout: config.keepalive_timeout,
+            idle_timeout: config.idle_timeout,
             close_timeout: config.close_timeout,
             max_message_size: config.max_message_size,
             fragment_size: config.fragment_size,
             epoch: Instant::now(),
             ping_nonce: AtomicU64::new(0),
             ping_sent_us: AtomicU64::new(0),
+            ping_rng: Mutex::new(ping_rng),
             last_pong_us: AtomicU64::new(0),
+            last_rx_us: AtomicU64::new(0),
+            reader_paused: AtomicBool::new(false),
+            send_stalled_us: AtomicU64::new(0),
+            stall_wake: Notify::new(),
             srtt_us: AtomicU64::new(0),
             pong_due: AtomicU64::new(0),
             queued_bytes: AtomicUsize::new(0),
             max_queued_bytes: config.max_recv_queue_bytes,
+            budget,
+            recv_unreleased: AtomicUsize::new(0),
             inbox: Inbox::default(),
             peer_fin: AtomicU64::new(0),
             close_deadline: OnceLock::new(),
@@ -269,8 +355,10 @@ impl Shared {
                 let seq = s.replay.next_seq();
                 let mut frame = BytesMut::new();
                 Control::Close(seq).encode(&mut frame);
+                let len = frame.len();
                 s.replay.push(frame.freeze());
                 s.fin = Some(seq);
+                self.replay_resized(0, len);
             }
             let _ = self.close_deadline.set(Instant::now() + self.close_timeout);
         }
@@ -327,7 +415,13 @@ impl Shared {
             self.counters
                 .undelivered
                 .store(undelivered, Ordering::Relaxed);
-            tracing::warn!(%reason, undelivered, "stable session lost");
+            throttled!(
+                tracing::Level::WARN,
+                LOST_LOG,
+                %reason,
+                undelivered,
+                "stable session lost"
+            );
             self.release_buffers();
             self.set_state(ConduitState::Lost);
         }
@@ -360,9 +454,52 @@ impl Shared {
     fn release_buffers(&self) {
         let mut s = lock(&self.send);
         let next = s.replay.next_seq();
-        s.replay = ReplayBuffer::with_limits(next, s.replay.max_bytes(), s.replay.max_frames());
+        let held = s.replay.bytes();
+        let fresh = ReplayBuffer::with_limits(next, s.replay.max_bytes(), s.replay.max_frames());
+        let old = std::mem::replace(&mut s.replay, fresh);
         drop(s);
+        drop(old);
+        self.replay_resized(held, 0);
         *self.arena.lock().unwrap_or_else(PoisonError::into_inner) = Arena::new();
+    }
+
+    /// What a received item of `len` bytes counts for against the receive
+    /// bound and the budget: its bytes plus the bookkeeping that holds it
+    /// (`RECV_ITEM_COST`, as the peer counts it too).
+    pub(super) fn item_cost(len: usize) -> usize {
+        len + RECV_ITEM_COST
+    }
+
+    /// The replay buffer went from `before` to `after` bytes: the budget
+    /// follows (one atomic add; nothing without a budget).
+    pub(super) fn replay_resized(&self, before: usize, after: usize) {
+        if let Some(budget) = &self.budget {
+            if after > before {
+                budget.charge(after - before);
+            } else {
+                budget.release(before - after);
+            }
+        }
+    }
+
+    /// Items of `cost` in all were queued for the application.
+    pub(super) fn recv_charge(&self, cost: usize) {
+        if let Some(budget) = &self.budget {
+            budget.charge(cost);
+        }
+    }
+
+    /// An item of `cost` was consumed, and the queue holds `left` now: the
+    /// budget is released in batches of at least [`RELEASE_BATCH`] bytes,
+    /// and in full whenever the queue runs empty.
+    pub(super) fn recv_release(&self, cost: usize, left: usize) {
+        let Some(budget) = &self.budget else {
+            return;
+        };
+        let pending = self.recv_unreleased.fetch_add(cost, Ordering::AcqRel) + cost;
+        if pending >= RELEASE_BATCH || left == 0 {
+            budget.release(self.recv_unreleased.swap(0, Ordering::AcqRel));
+        }
     }
 
     /// Waits until the session ended; `Ok` for a graceful end.
@@ -389,10 +526,54 @@ impl Shared {
         }
     }
 
+    /// Draws the nonce of the next ping and records it as outstanding,
+    /// sent now. Only one ping is outstanding at a time.
+    pub(super) fn next_ping(&self) -> u32 {
+        let nonce = rand::Rng::random::<u32>(
+            &mut *self.ping_rng.lock().unwrap_or_else(PoisonError::into_inner),
+        );
+        self.ping_sent_us.store(self.now_us(), Ordering::Release);
+        self.ping_nonce
+            .store(encode_seq(Some(Seq(nonce))), Ordering::Release);
+        nonce
+    }
+
+    /// Whether a ping is waiting for its pong.
+    pub(super) fn ping_outstanding(&self) -> bool {
+        self.ping_nonce.load(Ordering::Acquire) != 0
+    }
+
+    /// A pong arrived. It counts (liveness, a round-trip sample) only if it
+    /// carries the outstanding ping's nonce, once: a pong for no ping, a
+    /// wrong nonce or a repeated one refreshes nothing. That is not a
+    /// protocol violation (a late pong for a ping of an earlier link is
+    /// harmless); it is counted and logged at debug level.
     pub(super) fn on_pong(&self, nonce: u32) {
+        let answered = self
+            .ping_nonce
+            .compare_exchange(
+                encode_seq(Some(Seq(nonce))),
+                0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if !answered {
+            static UNSOLICITED_LOG: Throttle = Throttle::new(10);
+            self.counters
+                .unsolicited_pongs
+                .fetch_add(1, Ordering::Relaxed);
+            throttled!(
+                tracing::Level::DEBUG,
+                UNSOLICITED_LOG,
+                nonce,
+                "pong answers no outstanding ping: ignored"
+            );
+            return;
+        }
         let now = self.now_us();
         self.last_pong_us.store(now, Ordering::Release);
-        if u64::from(nonce) == self.ping_nonce.load(Ordering::Acquire) {
+        {
             let sample = now
                 .saturating_sub(self.ping_sent_us.load(Ordering::Acquire))
                 .max(1);

@@ -47,6 +47,7 @@ use self::admission::{DynAuthorize, Pending, PendingSlot, Source};
 use self::driver::SessionDriver;
 use self::registry::{Full, Registry, Route, Tomb};
 use super::attach::{endpoint, Handles};
+use super::budget::MemoryBudget;
 use super::config::Config;
 use super::shared::{Role, Shared};
 use super::{ConduitState, StableConduit, Stats};
@@ -89,6 +90,9 @@ pub struct ServerStats {
     /// Links dropped during the handshake: setup failed, malformed or
     /// oversized hello, timeout, or closed before the hello.
     pub bad_handshakes: u64,
+    /// Bytes all sessions' replay buffers and receive queues hold now,
+    /// against [`Config::memory_budget`].
+    pub memory_used: u64,
 }
 
 #[derive(Default)]
@@ -185,6 +189,8 @@ struct Inner<L: Link> {
     accepted: mpsc::Sender<Accepted>,
     authorizer: Option<Box<dyn DynAuthorize>>,
     shutting_down: AtomicBool,
+    /// What every session's replay buffer and receive queue hold, together.
+    budget: Arc<MemoryBudget>,
 }
 
 impl<L: Link> Inner<L> {
@@ -246,6 +252,7 @@ impl<L: Link> ServerShared for Inner<L> {
             refused_policy: n(&c.refused_policy),
             unproven_dropped: n(&c.unproven_dropped),
             bad_handshakes: n(&c.bad_handshakes),
+            memory_used: self.budget.used() as u64,
         }
     }
 
@@ -300,6 +307,7 @@ impl<S, R> Server<S, R> {
         authorizer: Option<Box<dyn DynAuthorize>>,
     ) -> Self {
         let (accepted_tx, accepted) = mpsc::channel(ACCEPT_QUEUE);
+        let budget_limit = config.memory_budget;
         let inner = Arc::new(Inner::<Li::Link> {
             pending: Pending::new(config.max_pending_handshakes, config.max_pending_per_source),
             config,
@@ -308,6 +316,7 @@ impl<S, R> Server<S, R> {
             accepted: accepted_tx,
             authorizer,
             shutting_down: AtomicBool::new(false),
+            budget: Arc::new(MemoryBudget::new(budget_limit)),
         });
         let weak = Arc::downgrade(&inner);
         let accept_task = tokio::spawn(async move {
@@ -579,6 +588,12 @@ fn capacity<L: Link>(inner: &Inner<L>, source: Option<Source>) -> Result<(), Str
     if inner.shutting_down.load(Ordering::Acquire) {
         return Err("the server is shutting down".into());
     }
+    if inner.budget.is_over() {
+        return Err(format!(
+            "memory budget of {} bytes reached",
+            inner.budget.limit()
+        ));
+    }
     if inner.accepted.capacity() == 0 {
         return Err("the application is not accepting sessions".into());
     }
@@ -653,7 +668,12 @@ fn new_session<L: Link>(
 ) -> Result<(), Attach<L>> {
     let config = &inner.config;
     let client_extensions = attach.client_extensions;
-    let shared = Shared::new(config, Role::Server, ConduitState::Connecting);
+    let shared = Shared::new(
+        config,
+        Role::Server,
+        ConduitState::Connecting,
+        Some(inner.budget.clone()),
+    );
     let (attach_tx, attach_rx) = mpsc::channel(4);
     let (id, info) = {
         let mut registry = inner.registry();
