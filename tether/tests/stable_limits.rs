@@ -138,6 +138,13 @@ async fn forged_pongs_do_not_keep_a_peer_that_never_reads_alive() {
     assert_eq!(session.stats().keepalive_timeouts, 1);
     let pongs = forger.await.unwrap();
     assert!(pongs >= 8, "the forger sent only {pongs} pongs");
+    // Every forged pong that arrived while the link lived was counted, and
+    // refreshed nothing.
+    assert!(
+        session.stats().unsolicited_pongs >= 8,
+        "{:?}",
+        session.stats()
+    );
 }
 
 /// The pong that answers the outstanding ping keeps the link alive, and a

@@ -84,13 +84,25 @@ pub struct Stats {
     pub replay_frames: usize,
     /// Bytes in the replay buffer now.
     pub replay_bytes: usize,
-    /// Bytes received and waiting for the application.
+    /// Bytes received and waiting for the application, each message
+    /// counted as its length plus 64 bytes of bookkeeping (what
+    /// [`Config::max_recv_queue_bytes`] bounds).
     pub recv_queue_bytes: usize,
     /// The most bytes the replay buffer ever held.
     pub max_replay_bytes: usize,
     /// Links declared dead because no pong came within the keepalive
     /// timeout.
     pub keepalive_timeouts: u64,
+    /// Pongs that answered no outstanding ping (forged, replayed or late):
+    /// they refreshed nothing.
+    pub unsolicited_pongs: u64,
+    /// Links without keepalive dropped because nothing arrived for the
+    /// idle timeout.
+    pub idle_timeouts: u64,
+    /// Base-format links ended because a `send` waited a keepalive
+    /// interval for an acknowledgement (the resume's hellos then trim the
+    /// replay buffer).
+    pub ack_stalls: u64,
     /// Smoothed round-trip time from keepalive pings, once one was answered.
     pub rtt: Option<std::time::Duration>,
     /// Once the session is lost: how many of the messages this side's

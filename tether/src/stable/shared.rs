@@ -622,6 +622,9 @@ impl Shared {
             recv_queue_bytes: self.queued_bytes.load(Ordering::Relaxed),
             max_replay_bytes: c.max_replay_bytes.load(Ordering::Relaxed),
             keepalive_timeouts: c.keepalive_timeouts.load(Ordering::Relaxed),
+            unsolicited_pongs: c.unsolicited_pongs.load(Ordering::Relaxed),
+            idle_timeouts: c.idle_timeouts.load(Ordering::Relaxed),
+            ack_stalls: c.ack_stalls.load(Ordering::Relaxed),
             rtt: self.rtt(),
             undelivered: c.undelivered.load(Ordering::Relaxed),
         }
