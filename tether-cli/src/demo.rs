@@ -263,8 +263,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
             let sessions = server_stats.clone();
-            let server = tether::Server::<Bytes>::new(listener, config.clone());
+            let server = Arc::new(tether::Server::<Bytes>::new(listener, config.clone()));
+            let acceptor = server.clone();
             let task = tokio::spawn(async move {
+                let server = acceptor;
                 while let Some(conduit) = server.accept().await {
                     let (tx, mut rx) = conduit.split();
                     sessions.lock().expect("not poisoned").push(tx.clone());
@@ -292,7 +294,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
                     });
                 }
             });
-            (addr, Some(task))
+            (addr, Some((server, task)))
         }
     };
     let proxy = Arc::new(
@@ -381,9 +383,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
             .map(|s| s.keepalive_timeouts)
             .sum::<u64>();
     let p: ProxyStats = proxy.stats();
+    // A clean end: the client closes (with the close handshake, so the
+    // server learns that everything arrived), then the server shuts down.
+    if error.is_none() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), tx.close()).await;
+    }
     proxy.shutdown();
-    if let Some(t) = server_task {
-        t.abort();
+    if let Some((server, task)) = server_task {
+        server.shutdown(Duration::from_secs(1)).await;
+        task.abort();
     }
     let messages_sent = sent.load(Ordering::Relaxed);
     let interrupted = error.as_deref() == Some(INTERRUPTED);

@@ -406,6 +406,17 @@ impl Shared {
     /// Ends the session for good with `reason`, unless nothing was left to
     /// deliver either way, which is a close however it came about.
     pub(crate) fn fail(&self, reason: SessionLost) {
+        self.lose(reason, true);
+    }
+
+    /// Ends a session nobody ever saw (a server session whose client never
+    /// proved its key) as lost, without the warning: there is no one to
+    /// tell, and a peer could trigger it at will.
+    pub(crate) fn discard(&self, reason: SessionLost) {
+        self.lose(reason, false);
+    }
+
+    fn lose(&self, reason: SessionLost, warn: bool) {
         if self.delivered_both_ways() {
             tracing::debug!(%reason, "session ends with everything delivered: closed");
             return self.finish();
@@ -415,13 +426,15 @@ impl Shared {
             self.counters
                 .undelivered
                 .store(undelivered, Ordering::Relaxed);
-            throttled!(
-                tracing::Level::WARN,
-                LOST_LOG,
-                %reason,
-                undelivered,
-                "stable session lost"
-            );
+            if warn {
+                throttled!(
+                    tracing::Level::WARN,
+                    LOST_LOG,
+                    %reason,
+                    undelivered,
+                    "stable session lost"
+                );
+            }
             self.release_buffers();
             self.set_state(ConduitState::Lost);
         }

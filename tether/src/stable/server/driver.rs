@@ -230,7 +230,7 @@ impl<L: Link> SessionDriver<L> {
             return self.end(Some(SessionLost::Expired));
         }
         tracing::debug!("session dropped: the client never proved its key");
-        self.shared.fail(SessionLost::Expired);
+        self.shared.discard(SessionLost::Expired);
         let Some(inner) = self.weak.upgrade() else {
             return;
         };
