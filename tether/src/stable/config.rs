@@ -91,7 +91,7 @@ impl Default for Config {
             reconnect: ReconnectPolicy::default(),
             max_replay_bytes: 4 * 1024 * 1024,
             max_replay_frames: 1 << 16,
-            max_recv_queue_bytes: 64 * 1024 * 1024,
+            max_recv_queue_bytes: 8 * 1024 * 1024,
             initial_seq: Seq::ZERO,
             seed: None,
             extensions: SUPPORTED_EXTENSIONS,
@@ -168,7 +168,10 @@ impl Config {
 
     /// Bound of received messages waiting for the application, in bytes,
     /// each message counted as its encoded length plus 64 bytes of
-    /// bookkeeping. Default 64 MiB.
+    /// bookkeeping. Default 8 MiB: twice the default replay bound, so a
+    /// peer with the default window is never held back by it, and small
+    /// enough that a server's sessions do not each promise 64 MiB to
+    /// clients that may never let its application catch up.
     ///
     /// With standalone acks (the default) this side announces the bound in
     /// its window frame and the peer keeps what it has not had acknowledged
