@@ -7,7 +7,6 @@
 //! per message, and the two `VecDeque`s swap places instead of allocating.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -32,9 +31,6 @@ pub(crate) struct Inbox {
     state: Mutex<State>,
     /// Wakes the receiver: items arrived or the driver ended.
     ready: Notify,
-    /// The queue holds items the receiver has not taken yet (kept in step
-    /// with it under the lock; read without it, as a hint).
-    queued: AtomicBool,
 }
 
 /// What [`Inbox::take`] found.
@@ -65,7 +61,6 @@ impl Inbox {
                 return false;
             }
             s.items.extend(batch.drain(..));
-            self.queued.store(true, Ordering::Relaxed);
         }
         self.ready.notify_one();
         true
@@ -78,7 +73,6 @@ impl Inbox {
         let mut s = self.lock();
         if !s.items.is_empty() {
             std::mem::swap(&mut s.items, into);
-            self.queued.store(false, Ordering::Relaxed);
             Taken::Items
         } else if s.driver_done {
             Taken::Ended
@@ -105,14 +99,7 @@ impl Inbox {
     pub(crate) fn close_receiver(&self) -> VecDeque<Delivered> {
         let mut s = self.lock();
         s.receiver_gone = true;
-        self.queued.store(false, Ordering::Relaxed);
         std::mem::take(&mut s.items)
-    }
-
-    /// Whether items wait that the receiver has not even taken yet: the
-    /// application is not keeping up. A hint, read without the lock.
-    pub(crate) fn has_queued(&self) -> bool {
-        self.queued.load(Ordering::Relaxed)
     }
 
     pub(crate) fn receiver_gone(&self) -> bool {

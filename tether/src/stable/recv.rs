@@ -4,7 +4,7 @@
 //! The reader decodes each frame header, applies acks to the replay
 //! buffer, drops duplicates, puts fragmented messages back together, and
 //! queues the item bytes (a slice of the link's buffer, not a copy, unless
-//! the message came in pieces or the application is behind) for the
+//! the message came in pieces) for the
 //! application, a batch at a time (`inbox.rs`). With standalone acks it
 //! never stops reading: pings, pongs, acks and the close keep flowing
 //! however slow the application is. Memory is bounded by this side's own
@@ -15,13 +15,14 @@
 //!
 //! Each queued item counts as its bytes plus `RECV_ITEM_COST`
 //! ([`Shared::item_cost`]), and what is counted is what is held: an item
-//! is a slice of the link's read buffer, which it keeps alive whole, so
-//! small items queued behind others the application has not taken yet are
-//! copied out, a batch into one buffer of their exact size.
+//! is a slice of the link's read buffer, which it keeps alive whole, and
+//! the stream link fills each read buffer before it takes another, so
+//! queued items share their buffers instead of each pinning its own
+//! (`StreamRx::make_room`).
 
 use std::sync::atomic::Ordering;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use tether_proto::frame::{INITIAL_RECV_WINDOW, RECV_ITEM_COST};
 use tether_proto::{decode_payload, ext, Control, Delivery, Incoming, Reassembly, RecvState, Seq};
 
@@ -32,10 +33,6 @@ use super::shared::{encode_seq, lock, Role, Shared};
 /// Items handed to the receiver per batch at most, and bytes.
 const MAX_DELIVER_BATCH: usize = 256;
 const MAX_DELIVER_BATCH_BYTES: usize = 256 * 1024;
-/// Items shorter than this are copied out of the link's buffer when the
-/// application is behind: half the stream link's read chunk, so that a
-/// queued item holds at most about twice what it is counted for.
-const COPY_BELOW: usize = 16 * 1024;
 
 impl Shared {
     /// Called by the application's receiver for each item it takes.
@@ -97,12 +94,6 @@ impl Shared {
 
 /// Hands the reader's batch to the application (or, when the receiver is
 /// gone, counts it consumed so that the peer can free it).
-///
-/// When items from earlier batches still wait for the receiver, the
-/// application is behind and this batch will wait too: its small items are
-/// copied out of the link's buffers first (`compact`). An application that
-/// keeps up takes every batch before the next one comes, and nothing is
-/// copied.
 pub(super) fn deliver_batch(shared: &Shared, batch: &mut Vec<Delivered>) {
     if batch.is_empty() {
         return;
@@ -111,36 +102,12 @@ pub(super) fn deliver_batch(shared: &Shared, batch: &mut Vec<Delivered>) {
         .counters
         .frames_received
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    if shared.inbox.has_queued() {
-        compact(batch);
-    }
     let cost: usize = batch.iter().map(|(_, b)| Shared::item_cost(b.len())).sum();
     shared.queued_bytes.fetch_add(cost, Ordering::AcqRel);
     shared.recv_charge(cost);
     if !shared.inbox.push(batch) {
         for (seq, item) in batch.drain(..) {
             shared.consumed(seq, item.len());
-        }
-    }
-}
-
-/// Copies the items of `batch` shorter than [`COPY_BELOW`] into one
-/// buffer of their exact total size, so that they no longer keep the
-/// link's read buffers alive: one allocation and one copy per batch.
-fn compact(batch: &mut [Delivered]) {
-    let total: usize = batch
-        .iter()
-        .map(|(_, item)| item.len())
-        .filter(|&len| len < COPY_BELOW)
-        .sum();
-    let mut buf = BytesMut::with_capacity(total);
-    for (_, item) in batch.iter_mut() {
-        if item.is_empty() {
-            // An empty slice can still hold its buffer.
-            *item = Bytes::new();
-        } else if item.len() < COPY_BELOW {
-            buf.extend_from_slice(item);
-            *item = buf.split().freeze();
         }
     }
 }
@@ -159,14 +126,15 @@ fn apply_ack(
     strict: bool,
     freed: &mut Vec<Bytes>,
 ) -> Result<(), String> {
-    let (result, before, after) = {
+    let result = {
         let mut s = lock(&shared.send);
         let before = s.replay.bytes();
         let result = s.replay.ack_into(ack, freed);
-        (result, before, s.replay.bytes())
+        // Under the lock: the budget follows the buffer's changes in order.
+        shared.replay_resized(before, s.replay.bytes());
+        result
     };
     freed.clear();
-    shared.replay_resized(before, after);
     match result {
         Ok(0) => Ok(()),
         Ok(_) => {

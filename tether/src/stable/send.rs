@@ -160,8 +160,11 @@ impl Shared {
             if after > peak.load(Ordering::Relaxed) {
                 peak.store(after, Ordering::Relaxed);
             }
-            drop(guard);
+            // Under the lock, so that the budget sees every change in the
+            // order the buffer did (an ack applied between could otherwise
+            // release bytes before they were charged).
             self.replay_resized(before, after);
+            drop(guard);
         }
         self.writer_wake.notify_one();
         Ok(TrySend::Sent)
@@ -235,7 +238,7 @@ impl Shared {
         // with acks it trims on acks only, so this link starts with no ack
         // told and the writer acknowledges what was consumed.
         self.set_ack_told(if acks { None } else { our_last_received });
-        let (frames, bytes, trimmed) = {
+        let (frames, bytes) = {
             let mut s = lock(&self.send);
             let held = s.replay.bytes();
             let start = if acks {
@@ -257,9 +260,9 @@ impl Shared {
                 frames += 1;
                 bytes += f.len() as u64;
             }
-            (frames, bytes, (held, s.replay.bytes()))
+            self.replay_resized(held, s.replay.bytes());
+            (frames, bytes)
         };
-        self.replay_resized(trimmed.0, trimmed.1);
         self.space_wake.notify_waiters();
         let c = &self.counters;
         c.frames_replayed.fetch_add(frames, Ordering::Relaxed);

@@ -470,9 +470,9 @@ impl Shared {
         let held = s.replay.bytes();
         let fresh = ReplayBuffer::with_limits(next, s.replay.max_bytes(), s.replay.max_frames());
         let old = std::mem::replace(&mut s.replay, fresh);
+        self.replay_resized(held, 0);
         drop(s);
         drop(old);
-        self.replay_resized(held, 0);
         *self.arena.lock().unwrap_or_else(PoisonError::into_inner) = Arena::new();
     }
 

@@ -142,8 +142,18 @@ where
     /// come, and the buffer stays under about twice what arrived plus two
     /// read chunks), while a large payload needs only about
     /// log2(len / READ_CHUNK) reallocations.
+    ///
+    /// Between frames (and for a small rest of a frame) a much smaller free
+    /// space is enough: the buffer's remaining capacity is used up before
+    /// a new one is taken. Received payloads are views into the buffer, so
+    /// a buffer replaced while it still had room would stay alive, mostly
+    /// empty, as long as one small payload from it is queued: a peer
+    /// sending one tiny message per segment would make every queued
+    /// message hold a whole read chunk.
     fn make_room(&mut self) {
-        if self.buf.capacity() - self.buf.len() >= self.read_chunk {
+        let spare = self.buf.capacity() - self.buf.len();
+        let enough = self.missing().max(FIRST_READ_CHUNK).min(self.read_chunk);
+        if spare >= enough {
             return;
         }
         let grow = self.read_chunk.max(self.buf.len());
