@@ -1311,3 +1311,52 @@ fn to_keep_malformed_clients() {
         report.finish();
     });
 }
+
+// ---- the operator's side: Ctrl-C ----
+
+/// Ctrl-C (SIGINT) makes `tether echo` close every session gracefully and
+/// exit 0: a connected client sees its session end cleanly (`Ok(None)`,
+/// not a lost session), and the echo reports it on stderr.
+#[test]
+fn echo_shuts_down_gracefully_on_ctrl_c() {
+    run(async {
+        let mut echo = Echo::spawn(&["--shutdown-timeout", "5s"]);
+        let addr = echo.addr;
+        let mut report = Report::new(
+            "echo_ctrl_c",
+            format!(
+                "one honest session from {HONEST}, then SIGINT; echo flags {:?}",
+                echo.flags
+            ),
+        );
+        let mut honest = Honest::connect(HONEST, addr).await.expect("connect");
+        let rtt = honest.round_trip().await.expect("first echo");
+        report.figure("first echo", format!("{rtt:?}"));
+        let started = Instant::now();
+        let status = tokio::task::spawn_blocking(move || {
+            let status = echo.interrupt(Duration::from_secs(8));
+            (status, echo)
+        });
+        let ended = honest.ended_cleanly().await;
+        let (status, echo) = status.await.expect("join");
+        report.check(
+            "the session ends cleanly on the client (Ok(None))",
+            matches!(ended, Ok(true)),
+            format!("{ended:?}"),
+        );
+        report.check(
+            "echo exits with status 0 within the shutdown timeout",
+            status.is_some_and(|s| s.success()),
+            format!("{status:?} after {:?}", started.elapsed()),
+        );
+        let lines = echo.stderr_lines();
+        report.check(
+            "echo reports the session closed",
+            lines
+                .iter()
+                .any(|l| l.contains("1 sessions closed, 0 lost")),
+            format!("{lines:?}"),
+        );
+        report.finish();
+    });
+}

@@ -59,6 +59,17 @@ impl Honest {
         Ok(Honest { conduit, n: 0 })
     }
 
+    /// Waits up to 5 s for the session's end: `Ok(true)` if it ended
+    /// cleanly (the peer closed), `Ok(false)` if a message came instead.
+    pub(crate) async fn ended_cleanly(&mut self) -> Result<bool, String> {
+        match timeout(Duration::from_secs(5), self.conduit.recv()).await {
+            Err(_) => Err("the session did not end within 5 s".into()),
+            Ok(Ok(None)) => Ok(true),
+            Ok(Ok(Some(_))) => Ok(false),
+            Ok(Err(e)) => Err(format!("the session ended with an error: {e}")),
+        }
+    }
+
     /// One echo round trip (a 32-byte message), checked, timed.
     pub(crate) async fn round_trip(&mut self) -> Result<Duration, String> {
         self.n += 1;
