@@ -47,7 +47,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, Instant};
 
 use echo::{mib, Echo};
-use raw::{connect_from, handshake, Raw};
+use raw::{connect_from, handshake, proc_hex, Raw};
 use report::{run, Report};
 use wire::{ext, tag};
 
@@ -141,18 +141,6 @@ where
         out.extend(r.expect("worker"));
     }
     out
-}
-
-/// An address as /proc/net/tcp writes it.
-fn proc_hex(a: SocketAddr) -> Option<String> {
-    match a {
-        SocketAddr::V4(v4) => Some(format!(
-            "{:08X}:{:04X}",
-            u32::from_le_bytes(v4.ip().octets()),
-            v4.port()
-        )),
-        SocketAddr::V6(_) => None,
-    }
 }
 
 /// Every IPv4 TCP socket's state (the `st` column of /proc/net/tcp), by

@@ -149,22 +149,24 @@ pub(crate) async fn handshake(
     Ok((raw, hello))
 }
 
+/// An IPv4 address as /proc/net/tcp writes it (`None` for IPv6).
+pub(crate) fn proc_hex(a: SocketAddr) -> Option<String> {
+    match a {
+        SocketAddr::V4(v4) => Some(format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        )),
+        SocketAddr::V6(_) => None,
+    }
+}
+
 /// The state (the `st` column of /proc/net/tcp) of our socket from `local`
 /// to `remote`: 0x01 established, 0x08 close-wait (the server sent its
 /// FIN), 0x07 closed (reset). Read from the kernel, so that a test can see
 /// the server drop a link without reading it.
 pub(crate) fn tcp_state(local: SocketAddr, remote: SocketAddr) -> Option<u8> {
-    fn hex(a: SocketAddr) -> Option<String> {
-        match a {
-            SocketAddr::V4(v4) => Some(format!(
-                "{:08X}:{:04X}",
-                u32::from_le_bytes(v4.ip().octets()),
-                v4.port()
-            )),
-            SocketAddr::V6(_) => None,
-        }
-    }
-    let (l, r) = (hex(local)?, hex(remote)?);
+    let (l, r) = (proc_hex(local)?, proc_hex(remote)?);
     let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
     table.lines().skip(1).find_map(|line| {
         let mut cols = line.split_whitespace().skip(1);
