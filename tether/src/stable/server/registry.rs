@@ -38,7 +38,9 @@ pub(super) type AttachRx<L> = mpsc::Receiver<Box<super::Attach<L>>>;
 pub(super) struct Entry<L: Link> {
     confirmed: Option<ResumeKey>,
     pending: Vec<ResumeKey>,
-    attach: AttachTx<L>,
+    /// `None` once the session is a tombstone: a tombstone keeps only its
+    /// keys and what it answers.
+    attach: Option<AttachTx<L>>,
     source: Option<Source>,
     pub(super) info: Arc<SessionInfo>,
     pub(super) shared: Weak<Shared>,
@@ -130,7 +132,7 @@ impl<L: Link> Registry<L> {
             Entry {
                 confirmed: None,
                 pending: vec![key],
-                attach,
+                attach: Some(attach),
                 source,
                 info,
                 shared,
@@ -160,7 +162,7 @@ impl<L: Link> Registry<L> {
         }
         entry.pending.push(fresh);
         self.by_key.insert(fresh, id);
-        Some(Route::Session(entry.attach.clone()))
+        entry.attach.clone().map(Route::Session)
     }
 
     /// The client proved it holds `key` by sending a frame on the link that
@@ -190,6 +192,11 @@ impl<L: Link> Registry<L> {
         if let Some(entry) = self.sessions.get_mut(&id) {
             if entry.tomb.is_none() {
                 entry.tomb = Some(tomb);
+                // What the tombstone no longer needs goes now, not after
+                // the resume window: the driver's channel, and the weak
+                // reference that would keep the session's state allocated.
+                entry.attach = None;
+                entry.shared = std::sync::Weak::new();
                 self.tombstones += 1;
                 self.per_source.remove(entry.source);
             }
