@@ -2,9 +2,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tether::link::{StreamConfig, TcpListener};
+use tether::throttle::Throttle;
 use tether::{Config, Server, StableConduit};
 
 use crate::Bytes;
@@ -54,8 +55,10 @@ pub async fn serve(
 
 /// Echoes one session's messages until it ends.
 pub async fn echo_session(mut conduit: StableConduit<Bytes>) {
+    // One line a second for all sessions together: a peer sending garbage
+    // cannot turn the server's log into its own firehose.
+    static NOT_BYTES: Throttle = Throttle::new(1);
     let id = conduit.session_info().map(|i| i.id());
-    let mut warnings = Throttle::new(Duration::from_secs(1));
     loop {
         match conduit.recv().await {
             Ok(Some(msg)) => {
@@ -70,7 +73,7 @@ pub async fn echo_session(mut conduit: StableConduit<Bytes>) {
                 return;
             }
             Err(e) => {
-                if let Some(suppressed) = warnings.allow() {
+                if let Some(suppressed) = NOT_BYTES.allow() {
                     tracing::warn!(
                         ?id,
                         error = %e,
@@ -80,38 +83,6 @@ pub async fn echo_session(mut conduit: StableConduit<Bytes>) {
                 }
             }
         }
-    }
-}
-
-/// Lets one line through per `every`, counting the ones held back: a peer
-/// sending garbage cannot turn the server's log into its own firehose.
-struct Throttle {
-    every: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl Throttle {
-    fn new(every: Duration) -> Self {
-        Throttle {
-            every,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(lines held back since the last one)` if this line may go out.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < self.every)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
     }
 }
 
@@ -137,19 +108,4 @@ pub async fn run(opts: EchoOptions) -> anyhow::Result<()> {
     eprintln!("tether echo listening on {}", listener.local_addr()?);
     serve(listener, opts.config, stop_signal(), opts.shutdown_timeout).await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn throttle_lets_one_line_per_period_and_counts_the_rest() {
-        let mut t = Throttle::new(Duration::from_secs(3600));
-        assert_eq!(t.allow(), Some(0));
-        assert_eq!(t.allow(), None);
-        assert_eq!(t.allow(), None);
-        t.last = Some(Instant::now() - Duration::from_secs(3601));
-        assert_eq!(t.allow(), Some(2));
-    }
 }

@@ -19,7 +19,7 @@ pub mod error;
 pub mod fault;
 pub mod link;
 pub mod stable;
-pub(crate) mod throttle;
+pub mod throttle;
 
 pub use bare::{BareConduit, BareReceiver, BareSender};
 pub use borrowed::{Borrowed, BorrowedMessage};

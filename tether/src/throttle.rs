@@ -7,11 +7,16 @@
 //! one-second window and counts the others; the next line it lets through
 //! says how many were suppressed before it (its `suppressed` field).
 //!
-//! One `static` per site, so that the limit holds across every session:
+//! One `static` per site, so that the limit holds across every session.
+//! Applications can use it for their own peer-triggered log lines:
 //!
-//! ```ignore
-//! static LOST: Throttle = Throttle::new(10);
-//! throttled!(tracing::Level::WARN, LOST, %reason, "stable session lost");
+//! ```
+//! use tether::throttle::Throttle;
+//!
+//! static BAD_MESSAGE: Throttle = Throttle::new(1);
+//! if let Some(suppressed) = BAD_MESSAGE.allow() {
+//!     eprintln!("dropping a bad message ({suppressed} more since the last line)");
+//! }
 //! ```
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -21,7 +26,7 @@ use std::time::Instant;
 /// See the module documentation. Lock-free; races between threads can let
 /// a line or two more through in a window, never fewer.
 #[derive(Debug)]
-pub(crate) struct Throttle {
+pub struct Throttle {
     per_second: u32,
     /// The current window: whole seconds since the process's first use of
     /// any throttle, plus one (0: none yet).
@@ -40,7 +45,7 @@ fn seconds() -> u64 {
 
 impl Throttle {
     /// A throttle that lets `per_second` lines through per second.
-    pub(crate) const fn new(per_second: u32) -> Throttle {
+    pub const fn new(per_second: u32) -> Throttle {
         Throttle {
             per_second,
             window: AtomicU64::new(0),
@@ -53,7 +58,7 @@ impl Throttle {
     /// how many lines this site suppressed since the last one it let
     /// through (to be reported with this one), or `None`: stay silent (the
     /// line is counted).
-    pub(crate) fn allow(&self) -> Option<u64> {
+    pub fn allow(&self) -> Option<u64> {
         let now = seconds();
         let window = self.window.load(Ordering::Relaxed);
         if window != now

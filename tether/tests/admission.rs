@@ -66,6 +66,15 @@ async fn echo_once(conduit: &mut StableConduit<Msg>, n: Msg) {
     assert_eq!(conduit.recv().await.unwrap(), Some(n));
 }
 
+/// A server on a fresh loopback port with `config`, echoing every
+/// session it accepts.
+async fn echo_server(config: tether::Config) -> (Arc<Server<Msg>>, SocketAddr) {
+    let (l, addr) = listener().await;
+    let server = Arc::new(Server::<Msg>::new(l, config));
+    spawn_echo(server.clone());
+    (server, addr)
+}
+
 /// Accepts sessions and echoes, until the server stops.
 fn spawn_echo(server: Arc<Server<Msg>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -84,11 +93,9 @@ fn spawn_echo(server: Arc<Server<Msg>>) -> tokio::task::JoinHandle<()> {
 #[tokio::test]
 async fn per_source_cap_refuses_one_address_and_serves_another() {
     within(async {
-        let (l, addr) = listener().await;
         let mut c = config(1);
         c.max_sessions_per_source(3);
-        let server = Arc::new(Server::<Msg>::new(l, c));
-        spawn_echo(server.clone());
+        let (server, addr) = echo_server(c).await;
         let mut held = Vec::new();
         for i in 0..3 {
             let mut conduit = StableConduit::<Msg>::connect(from(2, addr), config(i))
@@ -135,11 +142,9 @@ async fn per_source_cap_refuses_one_address_and_serves_another() {
 #[tokio::test]
 async fn busy_server_is_retried_until_room_frees() {
     within(async {
-        let (l, addr) = listener().await;
         let mut c = config(2);
         c.max_sessions(1);
-        let server = Arc::new(Server::<Msg>::new(l, c));
-        spawn_echo(server.clone());
+        let (server, addr) = echo_server(c).await;
         let mut first = StableConduit::<Msg>::connect(TcpConnector::new(addr), config(1))
             .await
             .unwrap();
@@ -212,11 +217,9 @@ async fn authorizer_sees_peer_and_credential_and_its_grant_reaches_accept() {
 #[tokio::test]
 async fn required_keepalive_refuses_base_format_clients() {
     within(async {
-        let (l, addr) = listener().await;
         let mut c = config(4);
         c.require_extensions(ext::KEEPALIVE | ext::ACKS);
-        let server = Arc::new(Server::<Msg>::new(l, c));
-        spawn_echo(server.clone());
+        let (server, addr) = echo_server(c).await;
         // Admission but no keepalive: a typed policy refusal.
         let mut weak = config(1);
         weak.extensions(ext::ACKS | ext::ADMISSION);
@@ -240,16 +243,16 @@ async fn required_keepalive_refuses_base_format_clients() {
     .await;
 }
 
-/// A raw client that sends a hello, reads the ServerHello, and never sends
-/// a frame: the session it got is never proven. Returns the socket and the
-/// key the server issued.
-async fn unproven_session(
+/// Connects and sends a ClientHello (a resume with `key`, or a new
+/// session), length-prefixed as on a stream link.
+async fn send_hello(
     addr: SocketAddr,
+    key: Option<tether::proto::ResumeKey>,
     extensions: u8,
-) -> (tokio::net::TcpStream, tether::proto::ResumeKey) {
+) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let hello = tether::proto::ClientHello {
-        resume_key: None,
+        resume_key: key,
         last_received: None,
         extensions,
     }
@@ -258,6 +261,17 @@ async fn unproven_session(
         .await
         .unwrap();
     s.write_all(&hello).await.unwrap();
+    s
+}
+
+/// A raw client that sends a hello, reads the ServerHello, and never sends
+/// a frame: the session it got is never proven. Returns the socket and the
+/// key the server issued.
+async fn unproven_session(
+    addr: SocketAddr,
+    extensions: u8,
+) -> (tokio::net::TcpStream, tether::proto::ResumeKey) {
+    let mut s = send_hello(addr, None, extensions).await;
     let mut answer = [0u8; 4 + 25];
     s.read_exact(&mut answer).await.unwrap();
     let hello = tether::proto::ServerHello::decode(&answer[4..]).unwrap();
@@ -266,17 +280,7 @@ async fn unproven_session(
 
 /// Sends a resume hello with `key` and returns the server's answer.
 async fn resume_answer(addr: SocketAddr, key: tether::proto::ResumeKey, extensions: u8) -> Vec<u8> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let hello = tether::proto::ClientHello {
-        resume_key: Some(key),
-        last_received: None,
-        extensions,
-    }
-    .encode();
-    s.write_all(&(hello.len() as u32).to_le_bytes())
-        .await
-        .unwrap();
-    s.write_all(&hello).await.unwrap();
+    let mut s = send_hello(addr, Some(key), extensions).await;
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await.unwrap();
     let mut answer = vec![0u8; u32::from_le_bytes(len) as usize];
@@ -357,9 +361,7 @@ async fn accept_from_several_tasks_each_session_once() {
 #[tokio::test]
 async fn shutdown_closes_every_session_gracefully_within_its_deadline() {
     within(async {
-        let (l, addr) = listener().await;
-        let server = Arc::new(Server::<Msg>::new(l, config(7)));
-        spawn_echo(server.clone());
+        let (server, addr) = echo_server(config(7)).await;
         let mut clients = Vec::new();
         for i in 0..5u64 {
             let mut c = StableConduit::<Msg>::connect(TcpConnector::new(addr), config(i))

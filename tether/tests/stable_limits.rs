@@ -94,6 +94,30 @@ async fn link_dropped(
 
 // ---- liveness ----
 
+/// A server over memory links with keepalive `interval` and `timeout`.
+fn keepalive_server(
+    seed: u64,
+    interval: Duration,
+    timeout: Duration,
+) -> (Server<u64>, MemConnector) {
+    let mut cfg = config(seed);
+    cfg.keepalive(interval, timeout);
+    let (listener, c) = mem::listener(16);
+    (Server::<u64>::new(listener, cfg), c)
+}
+
+/// Sends a window frame, which proves the key: the session is handed to
+/// accept.
+async fn prove_with_window(tx: &mut Tx) {
+    tx.send(control(Control::Window {
+        frames: 1024,
+        bytes: 1 << 20,
+        recv_bytes: Some(1 << 20),
+    }))
+    .await
+    .unwrap();
+}
+
 /// A peer that negotiates keepalive, never reads, and sends a pong every
 /// interval / 3 with nonces it guesses (0, 1, 2, ...: what sequential
 /// nonces would have been) is dropped within the keepalive timeout: only
@@ -102,20 +126,10 @@ async fn link_dropped(
 async fn forged_pongs_do_not_keep_a_peer_that_never_reads_alive() {
     let interval = Duration::from_secs(1);
     let keepalive_timeout = Duration::from_secs(3);
-    let mut cfg = config(101);
-    cfg.keepalive(interval, keepalive_timeout);
-    let (listener, c) = mem::listener(16);
-    let server = Server::<u64>::new(listener, cfg);
+    let (server, c) = keepalive_server(101, interval, keepalive_timeout);
     let (mut tx, _rx, _) = raw_hello(&c, ext::ACKS | ext::KEEPALIVE).await;
     let start = Instant::now();
-    // The window frame proves the key: the session is handed to accept.
-    tx.send(control(Control::Window {
-        frames: 1024,
-        bytes: 1 << 20,
-        recv_bytes: Some(1 << 20),
-    }))
-    .await
-    .unwrap();
+    prove_with_window(&mut tx).await;
     let forger = tokio::spawn(async move {
         for nonce in 0.. {
             tokio::time::sleep(interval / 3).await;
@@ -155,18 +169,9 @@ async fn forged_pongs_do_not_keep_a_peer_that_never_reads_alive() {
 async fn only_the_answer_to_the_outstanding_ping_counts() {
     let interval = Duration::from_secs(1);
     let keepalive_timeout = Duration::from_secs(3);
-    let mut cfg = config(102);
-    cfg.keepalive(interval, keepalive_timeout);
-    let (listener, c) = mem::listener(16);
-    let server = Server::<u64>::new(listener, cfg);
+    let (server, c) = keepalive_server(102, interval, keepalive_timeout);
     let (mut tx, mut rx, _) = raw_hello(&c, ext::ACKS | ext::KEEPALIVE).await;
-    tx.send(control(Control::Window {
-        frames: 1024,
-        bytes: 1 << 20,
-        recv_bytes: Some(1 << 20),
-    }))
-    .await
-    .unwrap();
+    prove_with_window(&mut tx).await;
     let session = timeout(Duration::from_secs(5), server.accept())
         .await
         .expect("no session")

@@ -31,7 +31,7 @@ mod driver;
 mod registry;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -197,6 +197,13 @@ impl<L: Link> Inner<L> {
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry<L>> {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Whether a client that offered `offered` speaks the admission
+    /// extension with this server: it reads typed refusals, and can be told
+    /// to restart.
+    fn speaks_admission(&self, offered: u8) -> bool {
+        ext::negotiate(offered, self.config.extensions) & ext::ADMISSION != 0
+    }
 }
 
 /// A stable-conduit server: admits links from a [`Listener`], keeps
@@ -226,8 +233,9 @@ pub struct Server<S, R = S> {
 /// the link type).
 trait ServerShared: Send + Sync {
     fn stats(&self) -> ServerStats;
-    fn sessions(&self) -> Vec<(SessionSummary, Weak<Shared>)>;
-    fn begin_shutdown(&self);
+    fn sessions(&self) -> Vec<SessionSummary>;
+    /// Refuses new sessions from now on, and returns the live ones.
+    fn begin_shutdown(&self) -> Vec<Arc<Shared>>;
 }
 
 impl<L: Link> ServerShared for Inner<L> {
@@ -256,7 +264,7 @@ impl<L: Link> ServerShared for Inner<L> {
         }
     }
 
-    fn sessions(&self) -> Vec<(SessionSummary, Weak<Shared>)> {
+    fn sessions(&self) -> Vec<SessionSummary> {
         let live: Vec<_> = self
             .registry()
             .live_entries()
@@ -266,20 +274,21 @@ impl<L: Link> ServerShared for Inner<L> {
         live.into_iter()
             .filter_map(|(info, accepted, weak)| {
                 let stats = weak.upgrade()?.stats();
-                Some((
-                    SessionSummary {
-                        info,
-                        accepted,
-                        stats,
-                    },
-                    weak,
-                ))
+                Some(SessionSummary {
+                    info,
+                    accepted,
+                    stats,
+                })
             })
             .collect()
     }
 
-    fn begin_shutdown(&self) {
+    fn begin_shutdown(&self) -> Vec<Arc<Shared>> {
         self.shutting_down.store(true, Ordering::Release);
+        self.registry()
+            .live_entries()
+            .filter_map(|e| e.shared.upgrade())
+            .collect()
     }
 }
 
@@ -381,7 +390,7 @@ impl<S, R> Server<S, R> {
 
     /// Every live session (not the tombstones), with its counters.
     pub fn sessions(&self) -> Vec<SessionSummary> {
-        self.inner.sessions().into_iter().map(|(s, _)| s).collect()
+        self.inner.sessions()
     }
 
     /// Closes every session gracefully and stops the server.
@@ -395,13 +404,7 @@ impl<S, R> Server<S, R> {
     /// listener is dropped and [`accept`](Self::accept) returns `None`.
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let until = Instant::now() + deadline;
-        self.inner.begin_shutdown();
-        let sessions: Vec<Arc<Shared>> = self
-            .inner
-            .sessions()
-            .into_iter()
-            .filter_map(|(_, weak)| weak.upgrade())
-            .collect();
+        let sessions = self.inner.begin_shutdown();
         for shared in &sessions {
             shared.begin_close();
         }
@@ -505,7 +508,7 @@ async fn handle_link<L: Link, P: PendingLink<Link = L>>(
         }
         Some(Route::Ended(Tomb::Unproven)) => {
             tracing::debug!(?key, "resume of a session that never started");
-            if ext::negotiate(hello.extensions, inner.config.extensions) & ext::ADMISSION == 0 {
+            if !inner.speaks_admission(hello.extensions) {
                 return reject(&inner, attach.tx).await;
             }
             let restart = WireRefusal {
@@ -632,7 +635,7 @@ async fn refuse<L: Link>(
     };
     counter.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(?kind, %reason, peer = ?request.peer.addr, "refusing a new session");
-    if ext::negotiate(request.extensions, inner.config.extensions) & ext::ADMISSION == 0 {
+    if !inner.speaks_admission(request.extensions) {
         return answer(inner, tx, &ServerHello::reject().encode()).await;
     }
     let retry_after_ms = match kind {
@@ -698,8 +701,7 @@ fn new_session<L: Link>(
     // over (`RefusalKind::Restart`), so its unproven session goes after a
     // handshake timeout; a base-format client cannot, and keeps the resume
     // window (the per-source and global caps still bound how many).
-    let proof_window = if ext::negotiate(client_extensions, config.extensions) & ext::ADMISSION != 0
-    {
+    let proof_window = if inner.speaks_admission(client_extensions) {
         config.handshake_timeout
     } else {
         config.resume_window
