@@ -346,7 +346,9 @@ async fn graceful_close_delivers_everything_then_ends_both_sides() {
         assert_eq!(
             server.stats().sessions_open,
             0,
-            "closed session still registered"
+            "closed session still registered: server {:?}, session {:?}",
+            server.stats(),
+            session.stats()
         );
     })
     .await;

@@ -10,7 +10,7 @@ use tether_proto::ext;
 
 use super::recv::{deliver_batch, read_loop, RecvSide};
 use super::send::write_loop;
-use super::shared::Shared;
+use super::shared::{Role, Shared};
 use crate::link::{LinkError, LinkRx, LinkTx};
 use crate::throttle::{throttled, Throttle};
 
@@ -135,7 +135,22 @@ where
     // Whatever the reader had decoded when the attachment ended is the
     // application's.
     deliver_batch(shared, &mut recv.batch);
-    end
+    match end {
+        // The client may end the link as soon as the server's closed frame
+        // arrived, and its end of stream can win the race against the
+        // server's own return from that last write. With everything
+        // delivered both ways (the client's close frame arrived and the
+        // server's was acknowledged), the server's part is done: a late
+        // resume is answered "closed" by the tombstone. Not on the client:
+        // its ack of the server's close frame may not have arrived, and
+        // only the server can say so.
+        AttachEnd::Link(_) | AttachEnd::Eof | AttachEnd::Timeout
+            if shared.role == Role::Server && shared.delivered_both_ways() =>
+        {
+            AttachEnd::Finished
+        }
+        end => end,
+    }
 }
 
 /// Declares the link dead when no pong answered a ping for the keepalive

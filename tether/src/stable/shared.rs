@@ -395,7 +395,7 @@ impl Shared {
     /// Both directions are known complete: this side's close frame (and so
     /// everything before it) was acknowledged, and the peer's close frame
     /// arrived (so everything the peer sent did). Nothing is left to lose.
-    fn delivered_both_ways(&self) -> bool {
+    pub(super) fn delivered_both_ways(&self) -> bool {
         let done = {
             let s = lock(&self.send);
             s.fin.is_some() && s.replay.is_empty()
