@@ -93,11 +93,17 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 pub mod mem;
 pub mod stream;
+pub mod tls;
+pub mod ws;
+
+pub use tls::TlsPeer;
+pub use ws::HttpPeer;
 
 pub use stream::{
     StreamConfig, StreamLink, TcpConnector, TcpLink, TcpListener, TcpPending, DEFAULT_BACKLOG,
@@ -189,20 +195,29 @@ pub trait Link: Send + 'static {
 /// What a link's transport knows about the peer on the other end.
 ///
 /// Only what the transport itself established, never what the peer claims
-/// in its messages. More fields (a TLS identity, request headers) may come;
-/// build one with [`PeerInfo::from_addr`] or [`Default`].
+/// in its messages: the address a TCP socket was accepted from, the
+/// identity a TLS handshake verified, the HTTP request a WebSocket was
+/// upgraded from. Build one with [`PeerInfo::from_addr`] or [`Default`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PeerInfo {
-    /// The peer's network address (TCP links); `None` for transports
-    /// without one (in-memory, Unix sockets).
+    /// The peer's network address (TCP links, and TLS and WebSocket over
+    /// TCP); `None` for transports without one (in-memory, Unix sockets).
     pub addr: Option<SocketAddr>,
+    /// What the TLS handshake established (links over TLS only).
+    pub tls: Option<Arc<TlsPeer>>,
+    /// The HTTP request the WebSocket was opened with (WebSocket links
+    /// only, server side).
+    pub http: Option<Arc<HttpPeer>>,
 }
 
 impl PeerInfo {
     /// Peer information holding only an address.
     pub fn from_addr(addr: SocketAddr) -> Self {
-        PeerInfo { addr: Some(addr) }
+        PeerInfo {
+            addr: Some(addr),
+            ..PeerInfo::default()
+        }
     }
 }
 

@@ -35,7 +35,10 @@ impl StreamLink<tcp::OwnedReadHalf, tcp::OwnedWriteHalf> {
             tracing::warn!(error = %err, "could not set TCP_NODELAY on a link");
         }
         let (reader, writer) = stream.into_split();
-        StreamLink::from_halves(reader, writer, config).with_peer(PeerInfo { addr: peer })
+        StreamLink::from_halves(reader, writer, config).with_peer(PeerInfo {
+            addr: peer,
+            ..PeerInfo::default()
+        })
     }
 }
 

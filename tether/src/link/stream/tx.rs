@@ -66,7 +66,11 @@ pub struct StreamTx<W> {
 }
 
 /// What [`StreamTx::peer`] returns for a link that knows nothing of its peer.
-static UNKNOWN_PEER: PeerInfo = PeerInfo { addr: None };
+static UNKNOWN_PEER: PeerInfo = PeerInfo {
+    addr: None,
+    tls: None,
+    http: None,
+};
 
 impl<W> StreamTx<W>
 where
