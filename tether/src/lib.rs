@@ -3,7 +3,8 @@
 //! replaced.
 //!
 //! Layers, bottom up:
-//! - [`link`]: message-oriented byte transports (in-memory, TCP, Unix).
+//! - [`link`]: message-oriented byte transports (in-memory, TCP, TLS over
+//!   TCP, Unix).
 //! - [`bare`]: typed messages over one link (postcard), no recovery.
 //! - [`fault`]: a fault-injecting TCP proxy for tests and demos.
 //! - [`stable`]: sequencing, acks, replay and session resumption over a

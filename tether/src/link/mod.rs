@@ -40,7 +40,11 @@
 //!   [`MemConnector`](mem::MemConnector)/[`MemListener`](mem::MemListener)
 //!   pair for reconnect tests.
 //! - [`stream`]: any byte stream (`AsyncRead` + `AsyncWrite`), with TCP and
-//!   Unix-socket connectors and listeners.
+//!   Unix-socket connectors and listeners. TCP connectors take a fixed
+//!   address or a host name, resolved again on every connect.
+//! - [`tls`]: TLS over TCP (rustls): [`TlsConnector`] and
+//!   [`TlsListener`], the same framing inside TLS, and
+//!   what the handshake verified about the peer in [`PeerInfo::tls`].
 //!
 //! # Framing on byte streams
 //!
@@ -102,7 +106,10 @@ pub mod stream;
 pub mod tls;
 pub mod ws;
 
-pub use tls::TlsPeer;
+pub use tls::{
+    CertIdentity, ClientTls, ServerTls, TlsConfigError, TlsConnector, TlsLink, TlsListener,
+    TlsPeer, TlsPending, TrustRoots,
+};
 pub use ws::HttpPeer;
 
 pub use stream::{
@@ -296,7 +303,14 @@ impl<L: Link> PendingLink for Ready<L> {
 pub enum LinkError {
     /// The underlying transport failed.
     #[error("link i/o error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(#[source] std::io::Error),
+    /// TLS failed: the handshake (a certificate not valid for the name, an
+    /// unknown issuer, a peer that does not speak TLS, a refused client
+    /// certificate) or, later, a record that does not decrypt or an alert
+    /// from the peer. An [`std::io::Error`] that carries a [`rustls::Error`]
+    /// converts to this variant, not to [`LinkError::Io`].
+    #[error("tls: {0}")]
+    Tls(rustls::Error),
     /// A payload (sent, or announced by a received length prefix) is over
     /// the maximum payload size.
     #[error("payload of {len} bytes is over the maximum of {max} bytes")]
@@ -325,6 +339,20 @@ pub enum LinkError {
     /// `feed` or `flush` after `close()`.
     #[error("link was closed for sending")]
     Closed,
+}
+
+impl From<std::io::Error> for LinkError {
+    /// [`LinkError::Tls`] if the error carries a [`rustls::Error`] (as
+    /// `tokio-rustls` reports TLS failures), [`LinkError::Io`] otherwise.
+    fn from(err: std::io::Error) -> Self {
+        match err
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(tls) => LinkError::Tls(tls.clone()),
+            None => LinkError::Io(err),
+        }
+    }
 }
 
 impl LinkError {
