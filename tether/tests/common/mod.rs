@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tether::{Config, Error, StableConduit, StableReceiver, StableSender};
 
+pub mod pki;
+
 /// (stream id, index within the stream, payload derived from both).
 pub type Msg = (u32, u64, Vec<u8>);
 
