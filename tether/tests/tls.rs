@@ -499,7 +499,7 @@ async fn silent_clients_time_out_in_the_tls_handshake_while_others_connect() {
     within(async {
         let pki = pki();
         let (listener, port) = tls_listener(pki.server_tls()).await;
-        let timeout = Duration::from_millis(600);
+        let timeout = Duration::from_millis(1000);
         let mut cfg = config(40);
         cfg.handshake_timeout(timeout).max_pending_per_source(1);
         let server = Server::<Msg>::new(listener, cfg);
@@ -546,6 +546,161 @@ async fn silent_clients_time_out_in_the_tls_handshake_while_others_connect() {
         assert_eq!(stats.pending_handshakes, 0);
         assert_eq!(stats.bad_handshakes, 1);
         assert_eq!(stats.sessions_created, 1);
+    })
+    .await;
+}
+
+/// A TLS link whose peer goes away without `close_notify` ends in an
+/// error, never in a clean `Ok(None)`: truncation is not an end.
+#[tokio::test]
+async fn a_peer_gone_without_close_notify_is_not_a_clean_end() {
+    within(async {
+        let pki = pki();
+        let (mut listener, port) = tls_listener(pki.server_tls()).await;
+        let server = tokio::spawn(async move {
+            let link = accept_one(&mut listener).await.unwrap();
+            let (mut tx, rx) = link.split();
+            tx.send(Bytes::from_static(b"last words")).await.unwrap();
+            drop((tx, rx));
+        });
+        let link = TlsConnector::new("localhost", port, pki.client_tls())
+            .connect()
+            .await
+            .unwrap();
+        let (_tx, mut rx) = link.split();
+        assert_eq!(rx.recv().await.unwrap().unwrap(), "last words");
+        match rx.recv().await {
+            Err(LinkError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
+            other => panic!("expected an unexpected end of stream, got {other:?}"),
+        }
+        assert!(matches!(rx.recv().await, Err(LinkError::Dead)));
+        server.await.unwrap();
+    })
+    .await;
+}
+
+/// With `allow_client_cert`, a client may come without a certificate (no
+/// identity) or with one the CA signed (its identity); one signed by
+/// another CA is refused.
+#[tokio::test]
+async fn optional_client_certificates() {
+    within(async {
+        let pki = pki();
+        let tls = pki.server_tls().allow_client_cert(&pki.roots()).unwrap();
+        let (mut listener, port) = tls_listener(tls).await;
+        let stranger = {
+            let other = Ca::new("other CA");
+            let id = other.client("stranger");
+            pki.client_tls()
+                .with_client_cert(id.cert_pem.as_bytes(), id.key_pem.as_bytes())
+                .unwrap()
+        };
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                match accept_one(&mut listener).await {
+                    Ok(link) => {
+                        seen.push(Ok(tls_of(&link)));
+                        let (mut tx, _rx) = link.split();
+                        tx.send(Bytes::from_static(b"ok")).await.unwrap();
+                        tx.close().await.unwrap();
+                    }
+                    Err(e) => seen.push(Err(e)),
+                }
+            }
+            seen
+        });
+        for tls in [pki.client_tls(), pki.client_tls_as("bob"), stranger] {
+            let _ = async {
+                let link = TlsConnector::new("localhost", port, tls).connect().await?;
+                link.split().1.recv().await
+            }
+            .await;
+        }
+        let seen = server.await.unwrap();
+        let anonymous = seen[0].as_ref().unwrap();
+        assert!(anonymous.client_identity().is_none());
+        let bob = seen[1].as_ref().unwrap().client_identity().unwrap();
+        assert_eq!(bob.common_name.as_deref(), Some("bob"));
+        match &seen[2] {
+            Err(LinkError::Tls(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            ))) => {}
+            other => panic!("expected the stranger refused, got {other:?}"),
+        }
+    })
+    .await;
+}
+
+/// Configurations from PEM files, and typed errors for what cannot be
+/// used: a missing file, PEM without a certificate, a key that does not
+/// match its certificate.
+#[tokio::test]
+async fn pem_files_and_configuration_errors() {
+    use tether::link::TlsConfigError;
+
+    within(async {
+        let pki = pki();
+        let dir = std::env::temp_dir().join(format!("tether-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let ca = file("ca.pem", &pki.ca.cert_pem);
+        let cert = file("server.pem", &pki.server.cert_pem);
+        let key = file("server.key", &pki.server.key_pem);
+        let alice = pki.ca.client("alice");
+        let alice_cert = file("alice.pem", &alice.cert_pem);
+        let alice_key = file("alice.key", &alice.key_pem);
+
+        let server_tls = ServerTls::from_pem_files(&cert, &key)
+            .unwrap()
+            .require_client_cert(&TrustRoots::from_pem_file(&ca).unwrap())
+            .unwrap();
+        let client_tls = ClientTls::from_ca_file(&ca)
+            .unwrap()
+            .with_client_cert_files(&alice_cert, &alice_key)
+            .unwrap();
+        let (mut listener, port) = tls_listener(server_tls).await;
+        let accepted = tokio::spawn(async move { accept_one(&mut listener).await });
+        let link = TlsConnector::new("localhost", port, client_tls)
+            .connect()
+            .await
+            .unwrap();
+        let server_side = accepted.await.unwrap().unwrap();
+        let id = tls_of(&server_side).client_identity().cloned().unwrap();
+        assert_eq!(id.common_name.as_deref(), Some("alice"));
+        drop(link);
+
+        let missing = ClientTls::from_ca_file(dir.join("nope.pem")).unwrap_err();
+        assert!(
+            matches!(missing, TlsConfigError::Read { .. }),
+            "{missing:?}"
+        );
+        let no_cert = ClientTls::from_ca_pem(pki.server.key_pem.as_bytes()).unwrap_err();
+        assert!(
+            matches!(no_cert, TlsConfigError::NoCertificates(_)),
+            "{no_cert:?}"
+        );
+        let mismatched =
+            ServerTls::from_pem(pki.server.cert_pem.as_bytes(), alice.key_pem.as_bytes())
+                .unwrap_err();
+        assert!(
+            matches!(
+                mismatched,
+                TlsConfigError::Rustls(rustls::Error::InconsistentKeys(_))
+            ),
+            "{mismatched:?}"
+        );
+        // Mozilla's roots are compiled in; the platform store may be empty
+        // on a bare machine, which is a typed error, not a panic.
+        let _ = ClientTls::webpki_roots();
+        if let Err(e) = ClientTls::native_roots() {
+            assert!(matches!(e, TlsConfigError::NativeRoots(_)), "{e:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     })
     .await;
 }

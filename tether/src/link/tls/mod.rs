@@ -32,6 +32,16 @@
 //!   provider chosen explicitly: nothing depends on a process-wide default
 //!   provider. Early data (0-RTT) is never enabled.
 //!
+//! # End of stream
+//!
+//! [`LinkTx::close`](super::LinkTx::close) sends TLS `close_notify`, then
+//! shuts down the TCP write side; the peer reads every payload, then
+//! `Ok(None)`. Unlike plain TCP, a TCP end of stream *without*
+//! `close_notify` (the peer dropped its link without closing, or something
+//! on the path cut the connection) is not a clean end but an error,
+//! [`LinkError::Io`](super::LinkError::Io) of kind `UnexpectedEof`: a
+//! truncation is never taken for the end.
+//!
 //! # ALPN
 //!
 //! Configurations built by this module offer and accept the ALPN protocol
