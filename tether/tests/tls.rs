@@ -426,7 +426,8 @@ async fn connectors_dial_host_names() {
         let pki = pki();
         let (listener, port) = tls_listener(pki.server_tls()).await;
         let server = Server::<Msg>::new(listener, config(22));
-        let connector = TlsConnector::new("localhost", port, pki.client_tls());
+        let connector =
+            TlsConnector::from_host_port(&format!("localhost:{port}"), pki.client_tls()).unwrap();
         let client = StableConduit::<Msg>::connect(connector, config(23))
             .await
             .unwrap();

@@ -11,7 +11,8 @@
 //! ([`LinkRx`]) so that the two directions can be driven from different
 //! tasks without a lock. Before it is split, [`Link::peer`] tells who is on
 //! the other end as far as the transport knows ([`PeerInfo`]: the remote
-//! address of a TCP link, nothing for in-memory or Unix links).
+//! address of a TCP link, and what the handshake verified for a TLS link;
+//! nothing for in-memory or Unix links).
 //!
 //! # Accepting in two phases
 //!

@@ -55,7 +55,7 @@ mod tx;
 // `connect_any`: for every connector that dials a host name (TLS uses it
 // through `Target`; the WebSocket connector will directly).
 #[allow(unused_imports)]
-pub(crate) use net::{connect_any, Target};
+pub(crate) use net::{connect_any, split_host_port, Target};
 pub use net::{TcpConnector, TcpLink, TcpListener, TcpPending, DEFAULT_BACKLOG};
 #[cfg(unix)]
 pub use net::{UnixConnector, UnixLink, UnixListener, UnixPending};

@@ -14,7 +14,7 @@ use super::{
     certs_from_pem, key_from_pem, nodelay, provider, read, tls_link, TlsConfigError, TlsLink,
     TlsPeer, TrustRoots, ALPN,
 };
-use crate::link::stream::Target;
+use crate::link::stream::{split_host_port, Target};
 use crate::link::{Connector, LinkError, StreamConfig};
 
 /// A TLS client configuration: the CAs servers are checked against and,
@@ -146,6 +146,13 @@ impl TlsConnector {
             tls,
             config: StreamConfig::default(),
         }
+    }
+
+    /// [`new`](Self::new) from one `"name:port"` string (`"[::1]:port"` for
+    /// an IPv6 literal). Fails on a string without a valid port.
+    pub fn from_host_port(host_port: &str, tls: ClientTls) -> io::Result<Self> {
+        let (host, port) = split_host_port(host_port)?;
+        Ok(TlsConnector::new(host, port, tls))
     }
 
     /// The same connector, sending `name` as SNI and checking the server's
