@@ -102,6 +102,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+pub mod any;
 pub mod mem;
 pub mod stream;
 pub mod tls;
