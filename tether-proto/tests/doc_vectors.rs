@@ -226,7 +226,7 @@ fn doc_vectors_decode_as_documented() {
     let closed = ServerHello::decode(&documented["server-closed"]).unwrap();
     assert!(closed.is_closed() && closed.rejected);
     let all = ClientHello::decode(&documented["client-new-all"]).unwrap();
-    assert_eq!(all.extensions, 0x7c);
+    assert_eq!(all.extensions, 0xfc);
     assert_eq!(ext::negotiate(all.extensions, ext::ALL), ext::ALL);
     assert_eq!(
         decode_payload(&documented["control-closed"], ext::ALL).unwrap(),

@@ -82,7 +82,7 @@ pub struct Config {
 }
 
 /// The extensions this implementation speaks.
-pub(crate) const SUPPORTED_EXTENSIONS: u8 = ext::ALL;
+pub(crate) const SUPPORTED_EXTENSIONS: u8 = ext::ALL & !ext::PROOF;
 
 impl Default for Config {
     fn default() -> Self {
