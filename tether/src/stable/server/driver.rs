@@ -143,10 +143,6 @@ impl<L: Link> SessionDriver<L> {
                         .weak
                         .upgrade()
                         .and_then(|inner| inner.registry().add_pending_secret(self.id, next));
-                    self.shared
-                        .counters
-                        .proof_resumes
-                        .fetch_add(1, Ordering::Relaxed);
                     (reply, tag.map_or(Proves::Nothing, Proves::Secret))
                 }
             };
@@ -155,6 +151,12 @@ impl<L: Link> SessionDriver<L> {
                 tracing::debug!("link failed while sending the server hello");
                 self.shared.set_state(ConduitState::Reconnecting);
                 continue;
+            }
+            if matches!(proves, Proves::Secret(_)) {
+                self.shared
+                    .counters
+                    .proof_resumes
+                    .fetch_add(1, Ordering::Relaxed);
             }
             let proves = match proves {
                 Proves::KeyShare(new) => {

@@ -96,9 +96,10 @@ pub struct ServerStats {
     pub bad_handshakes: u64,
     /// Resumes with proof of possession (`PROOF`) that verified.
     pub proof_resumes: u64,
-    /// Resumes refused for their proof: a bad MAC, a replayed counter, or
-    /// a bearer key for a `PROOF` session (or a proof for a bearer one).
-    /// Only that link was answered; the session was not touched.
+    /// `PROOF` resumes refused for their proof: a bad MAC, a replayed
+    /// counter, a low-order key, or a proof for a bearer session. Only that
+    /// link was answered; the session was not touched. (A bearer resume
+    /// that names a `PROOF` session's id counts in `rejected`.)
     pub bad_proofs: u64,
     /// Bytes all sessions' replay buffers and receive queues hold now,
     /// against [`Config::memory_budget`].
