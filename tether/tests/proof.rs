@@ -349,7 +349,9 @@ async fn a_lost_key_share_makes_the_client_start_over() {
         // the resume "restart"; the client opens a new session and
         // delivers everything there.
         let (listener, c) = mem::listener(8);
-        let server = Server::<Msg>::new(listener, config(1));
+        let mut cfg = config(1);
+        cfg.handshake_timeout(Duration::from_millis(300));
+        let server = Server::<Msg>::new(listener, cfg);
         let (mut tx, mut rx) = c.connect().await.unwrap().split();
         let hello = ClientHello {
             resume_key: None,
@@ -372,6 +374,14 @@ async fn a_lost_key_share_makes_the_client_start_over() {
             tether::proto::proof::Ephemeral::generate().unwrap(),
             &tether::proto::ResumeSecret::from_bytes([7; 32]),
         );
+        // While the key share could still arrive: "come back".
+        let answer = raw(&c, Bytes::copy_from_slice(resume.request())).await;
+        let refusal = tether::proto::Refusal::decode(&answer).unwrap();
+        assert_eq!(refusal.kind, tether::proto::RefusalKind::Busy);
+        assert_eq!(server.stats().bad_proofs, 0);
+        // After the proof deadline the tombstone says "restart".
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(server.stats().unproven_dropped, 1);
         let answer = raw(&c, Bytes::copy_from_slice(resume.request())).await;
         let refusal = tether::proto::Refusal::decode(&answer).unwrap();
         assert_eq!(refusal.kind, tether::proto::RefusalKind::Restart);
@@ -381,6 +391,158 @@ async fn a_lost_key_share_makes_the_client_start_over() {
             .unwrap();
         let mut session = server.accept().await.unwrap();
         still_delivers(&client, &mut session, 1).await;
+    })
+    .await;
+}
+
+/// A connector whose first link drops everything the client sends after
+/// its hello (so the server never gets the key share).
+#[derive(Clone)]
+struct LoseKeyShare {
+    inner: MemConnector,
+    links: Arc<Mutex<usize>>,
+}
+
+struct LoseTx {
+    inner: <MemLink as Link>::Tx,
+    sent: usize,
+    lossy: bool,
+}
+struct LoseLink(LoseTx, <MemLink as Link>::Rx);
+
+impl Link for LoseLink {
+    type Tx = LoseTx;
+    type Rx = <MemLink as Link>::Rx;
+    fn split(self) -> (LoseTx, Self::Rx) {
+        (self.0, self.1)
+    }
+}
+
+impl LinkTx for LoseTx {
+    async fn feed(&mut self, payload: Bytes) -> Result<(), LinkError> {
+        self.sent += 1;
+        if self.lossy && self.sent > 1 {
+            return Ok(());
+        }
+        self.inner.feed(payload).await
+    }
+    async fn flush(&mut self) -> Result<(), LinkError> {
+        self.inner.flush().await
+    }
+    async fn close(&mut self) -> Result<(), LinkError> {
+        self.inner.close().await
+    }
+}
+
+impl Connector for LoseKeyShare {
+    type Link = LoseLink;
+    async fn connect(&self) -> Result<LoseLink, LinkError> {
+        let (tx, rx) = self.inner.connect().await?.split();
+        let lossy = {
+            let mut n = self.links.lock().unwrap();
+            *n += 1;
+            *n == 1
+        };
+        Ok(LoseLink(
+            LoseTx {
+                inner: tx,
+                sent: 0,
+                lossy,
+            },
+            rx,
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_client_whose_key_share_is_lost_starts_over_exactly_once() {
+    within(async move {
+        let (listener, c) = mem::listener(8);
+        let mut server_cfg = config(1);
+        server_cfg.handshake_timeout(Duration::from_millis(300));
+        let server = Server::<Msg>::new(listener, server_cfg);
+        let lose = LoseKeyShare {
+            inner: c.clone(),
+            links: Arc::default(),
+        };
+        let client = StableConduit::<Msg>::connect(lose, config(2))
+            .await
+            .unwrap();
+        let first_id = client.session_id().unwrap();
+        for i in 0..20u64 {
+            client.send(&(0, i, vec![i as u8])).await.unwrap();
+        }
+        // The first session is never handed out; the second gets every
+        // message once, in order.
+        let mut session = server.accept().await.unwrap();
+        assert_ne!(session.session_id(), Some(first_id));
+        for i in 0..20u64 {
+            assert_eq!(session.recv().await.unwrap().unwrap().1, i);
+        }
+        still_delivers(&client, &mut session, 20).await;
+        assert_eq!(server.stats().unproven_dropped, 1);
+        assert_eq!(server.stats().sessions_created, 2);
+        assert_eq!(client.session_id(), session.session_id());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_with_proof_over_tcp_through_a_cutting_proxy() {
+    use tether::fault::{FaultConfig, FaultProxy};
+    use tether::link::TcpConnector;
+    within(async move {
+        let mut cuts = 0;
+        let mut handshake_cuts = 0;
+        let mut proof_resumes = 0;
+        for seed in 0..4u64 {
+            let listener = tether::link::TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = Server::<Msg>::new(listener, config(seed));
+            let proxy = FaultProxy::start(
+                addr,
+                FaultConfig {
+                    seed,
+                    mean_bytes_between_cuts: 40_000,
+                    handshake_cut_probability: 0.3,
+                    max_connection_age: None,
+                },
+            )
+            .await
+            .unwrap();
+            let client =
+                StableConduit::<Msg>::connect(TcpConnector::new(proxy.local_addr()), config(seed))
+                    .await
+                    .unwrap();
+            // Sessions whose key share never arrived are never handed out;
+            // the client's is the one with its id.
+            let session = loop {
+                let s = server.accept().await.unwrap();
+                if s.session_id() == client.session_id() {
+                    break s;
+                }
+            };
+            let t = traffic(seed, 300);
+            let back = Traffic {
+                seed: seed + 1000,
+                ..t
+            };
+            let (client_tx, server_tx) = exchange(client, session, t, back)
+                .await
+                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            assert_eq!(client_tx.stats().frames_received, back.total());
+            assert_eq!(server_tx.stats().frames_received, t.total());
+            assert_eq!(server.stats().bad_proofs, 0, "seed {seed}");
+            let p = proxy.stats();
+            cuts += p.cuts;
+            handshake_cuts += p.handshake_cuts;
+            proof_resumes += client_tx.stats().proof_resumes;
+        }
+        assert!(cuts > 10, "{cuts} cuts");
+        assert!(handshake_cuts > 2, "{handshake_cuts} handshake cuts");
+        assert!(proof_resumes > 5, "{proof_resumes} proof resumes");
     })
     .await;
 }

@@ -407,16 +407,25 @@ async fn attempt<C: Connector>(
                 Ok(session) => session,
                 Err(e) => return Attempt::Failed(format!("bad server key share: {e}")),
             };
-            // The key share goes first, before any frame: it is what
-            // proves to the server that this client has its hello.
-            if let Err(e) = tx.send(Bytes::copy_from_slice(&session.key_share)).await {
-                return Attempt::Failed(format!("sending the key share: {e}"));
-            }
             record_secret(shared, &session.secret);
             *shared
                 .session_id
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(session.session_id);
+            // From here on the session may exist on the server with this
+            // secret (the key share may arrive even if sending it reports
+            // an error): the next attempt resumes it. If the key share
+            // never arrived, the server says "restart" and nothing is lost.
+            *cred = Cred::Proof {
+                id: session.session_id,
+                secret: session.secret.clone(),
+                counter: 0,
+            };
+            // The key share goes first, before any frame: it is what
+            // proves to the server that this client has its hello.
+            if let Err(e) = tx.send(Bytes::copy_from_slice(&session.key_share)).await {
+                return Attempt::Failed(format!("sending the key share: {e}"));
+            }
             let next = Cred::Proof {
                 id: session.session_id,
                 secret: session.secret,

@@ -229,6 +229,10 @@ type Accepted = (Handles, Arc<SessionInfo>);
 /// session is refused as busy while it is full.
 const ACCEPT_QUEUE: usize = 1024;
 
+/// The retry hint to a `PROOF` resume of a session whose key share has not
+/// arrived yet.
+const NOT_YET_RETRY: Duration = Duration::from_millis(50);
+
 /// The retry hint of a busy refusal.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
 
@@ -704,8 +708,20 @@ async fn resume_with_proof<L: Link>(
         }
         ProofRoute::Ended(tomb) => answer_tomb(&inner, tx, tomb, head.extensions).await,
         ProofRoute::NoSecret => {
-            tracing::debug!(%id, "resume of a session whose key share never arrived");
-            restart(&inner, tx, head.extensions).await;
+            // The key share may still be on its way (the driver reads it
+            // from the first link): answering "restart" now could let the
+            // client start over while this session then gets its key share
+            // and delivers what followed it, twice. So the client is told to
+            // come back; the session either gets its secret (the resume
+            // then verifies) or is dropped at its proof deadline, and its
+            // tombstone answers "restart".
+            tracing::debug!(%id, "resume of a session whose key share has not arrived");
+            let not_yet = WireRefusal {
+                kind: RefusalKind::Busy,
+                retry_after_ms: NOT_YET_RETRY.as_millis() as u32,
+                reason: "the session is not ready yet: try again".into(),
+            };
+            answer(&inner, tx, &not_yet.encode()).await;
         }
         ProofRoute::Unknown => {
             tracing::debug!(%id, "rejecting resume of an unknown session");

@@ -84,8 +84,8 @@ pub(super) enum ProofRoute<L: Link> {
     /// It verified: the driver answers it, MAC'd with `accepted.secret`.
     Session(AttachTx<L>, Accepted),
     Ended(Tomb),
-    /// The session never got its client's key share: nothing was delivered,
-    /// the client may start over.
+    /// The session has not got its client's key share (yet): the client
+    /// is told to come back, since the key share may still arrive.
     NoSecret,
     /// No such session.
     Unknown,
