@@ -833,3 +833,83 @@ pub fn replay(data: &[u8]) {
         check_same(&buf, &model);
     }
 }
+
+// ---------------------------------------------------------------------------
+// proof
+// ---------------------------------------------------------------------------
+
+/// Target `proof`: `data` goes into every decoder and verifier of
+/// proof-of-possession resume (`docs/PROTOCOL.md` 5.9).
+///
+/// - A key share decodes iff it is 33 bytes starting with `01`, and gives
+///   bytes 1..33.
+/// - A server offer decodes iff it is 58 bytes: a ServerHello, `01`, and
+///   `S_pub` (bytes 26..58).
+/// - A resume request decodes iff it is 98 bytes: a ClientHello with the
+///   resume flag and the `PROOF` bit, `01`, and then counter, `C_pub` and
+///   `mac_c` at 26, 34 and 66; the session id is the key field.
+/// - Nothing the fuzzer makes verifies against a fixed secret (it would
+///   have to forge HMAC-SHA256): the server's state refuses it, without
+///   recording its counter, and a client refuses it as a reply.
+pub fn proof(data: &[u8]) {
+    use tether_proto::proof::{
+        decode_key_share, decode_server_offer, ClientResume, Ephemeral, Refused, ResumeRequest,
+        ServerResume, ServerSecrets, KEY_SHARE_LEN, RESUME_REQUEST_LEN, SERVER_OFFER_LEN,
+    };
+    use tether_proto::{ext, ResumeSecret, SessionId};
+
+    let share = decode_key_share(data);
+    assert_eq!(
+        share.is_ok(),
+        data.len() == KEY_SHARE_LEN && data[0] == 1,
+        "key share {data:02x?}"
+    );
+    if let Ok(public) = share {
+        assert_eq!(&public[..], &data[1..]);
+    }
+
+    let offer = decode_server_offer(data);
+    let offer_ok =
+        data.len() == SERVER_OFFER_LEN && data[..4] == SERVER_MAGIC && data[HELLO_LEN] == 1;
+    assert_eq!(offer.is_ok(), offer_ok, "server offer {data:02x?}");
+    if let Ok((hello, public)) = offer {
+        assert_eq!(hello.resume_key.as_bytes()[..], data[KEY]);
+        assert_eq!(&public[..], &data[HELLO_LEN + 1..]);
+    }
+
+    let request = ResumeRequest::decode(data);
+    let request_ok = data.len() == RESUME_REQUEST_LEN
+        && data[..4] == CLIENT_MAGIC
+        && data[FLAGS_AT] & flags::CLIENT_RESUME != 0
+        && data[FLAGS_AT] & ext::PROOF != 0
+        && data[HELLO_LEN] == 1;
+    assert_eq!(request.is_ok(), request_ok, "resume request {data:02x?}");
+    let secret = ResumeSecret::from_bytes([0x5a; 32]);
+    if let Ok(request) = &request {
+        assert_eq!(request.session_id.as_bytes()[..], data[KEY]);
+        assert_eq!(
+            request.counter,
+            u64::from_le_bytes(data[26..34].try_into().unwrap())
+        );
+        assert_eq!(&request.public[..], &data[34..66]);
+        assert_eq!(&request.mac[..], &data[66..]);
+        assert!(!ResumeRequest::verify(data, &secret));
+        let mut state = ServerSecrets::new();
+        assert_eq!(state.accept(data, request).unwrap_err(), Refused::NoSecret);
+        state.set_confirmed(secret.clone());
+        assert_eq!(state.accept(data, request).unwrap_err(), Refused::BadMac);
+        assert_eq!(state.highest_counter(), 0);
+        // The server's half of the exchange refuses only low-order keys.
+        let _ = ServerResume::new(data, Ephemeral::from_private([7; 32]));
+    }
+
+    let client = ClientResume::new(
+        &SessionId::from_bytes([1; 16]),
+        None,
+        ext::ALL,
+        1,
+        Ephemeral::from_private([9; 32]),
+        &secret,
+    );
+    assert!(client.finish(data).is_err(), "a forged reply verified");
+}

@@ -199,23 +199,34 @@ pub mod ext {
     /// policy) after a rejected ServerHello, and its ClientHello may carry a
     /// credential after the 25 hello bytes. Independent of the others.
     pub const ADMISSION: u8 = 0x40;
+    /// Proof-of-possession resume: the hellos' key field carries a public
+    /// session id, and a resume proves a secret that never crosses the wire
+    /// ([`crate::proof`]). Concerns the handshake only; on only together
+    /// with [`ADMISSION`], whose restart answer it relies on.
+    pub const PROOF: u8 = 0x80;
 
     /// Every extension this crate knows.
-    pub const ALL: u8 = ACKS | KEEPALIVE | CLOSE | FRAGMENTS | ADMISSION;
+    pub const ALL: u8 = ACKS | KEEPALIVE | CLOSE | FRAGMENTS | ADMISSION | PROOF;
 
     /// What is on for a link when one side offers `offered` and the other
     /// accepts `accepted`: the bits both have, except that keepalive, close
     /// and fragments are only ever on together with acks (a keepalive peer
     /// must keep reading, and a close or a fragmented message is
     /// acknowledged by ack frames). Admission concerns the handshake only
-    /// and is on whenever both have it.
+    /// and is on whenever both have it; proof is on whenever both have it
+    /// and admission is on.
     #[must_use]
     pub fn negotiate(offered: u8, accepted: u8) -> u8 {
         let both = offered & accepted & ALL;
-        if both & ACKS == 0 {
-            both & ADMISSION
+        let on = if both & ACKS == 0 {
+            both & (ADMISSION | PROOF)
         } else {
             both
+        };
+        if on & ADMISSION == 0 {
+            on & !PROOF
+        } else {
+            on
         }
     }
 }
@@ -889,6 +900,21 @@ mod tests {
             ext::ACKS | ext::CLOSE
         );
         assert_eq!(ext::negotiate(ext::ALL, 0), 0);
+        // Proof concerns the handshake, like admission, and needs it.
+        assert_eq!(ext::ALL, 0xfc);
+        assert_eq!(
+            ext::negotiate(ext::PROOF | ext::ADMISSION, ext::ALL),
+            ext::PROOF | ext::ADMISSION
+        );
+        assert_eq!(ext::negotiate(ext::PROOF | ext::ACKS, ext::ALL), ext::ACKS);
+        assert_eq!(
+            ext::negotiate(ext::ALL, ext::ALL & !ext::ADMISSION),
+            ext::ALL & !ext::ADMISSION & !ext::PROOF
+        );
+        assert_eq!(
+            ext::negotiate(ext::ALL, ext::ALL & !ext::PROOF),
+            ext::ALL & !ext::PROOF
+        );
     }
 
     #[test]

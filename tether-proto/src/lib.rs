@@ -11,6 +11,7 @@
 pub mod frame;
 pub mod hello;
 pub mod key;
+pub mod proof;
 pub mod recv;
 pub mod replay;
 pub mod seq;
@@ -24,6 +25,7 @@ pub use hello::{
     MAX_REASON_LEN, SERVER_MAGIC,
 };
 pub use key::{KeyError, ResumeKey};
+pub use proof::{ProofError, ResumeSecret, SessionId};
 pub use recv::{Delivery, Reassembly, RecvError, RecvState};
 pub use replay::{ReplayBuffer, ReplayError};
 pub use seq::Seq;

@@ -203,6 +203,7 @@ fn doc_vectors_match_the_encoders() {
         ("fragmented-2", fragments("abcd", 3, 300)[1].clone()),
     ]
     .into_iter()
+    .chain(proof_vectors())
     .map(|(id, bytes)| (id.to_owned(), bytes))
     .collect();
 
@@ -226,7 +227,7 @@ fn doc_vectors_decode_as_documented() {
     let closed = ServerHello::decode(&documented["server-closed"]).unwrap();
     assert!(closed.is_closed() && closed.rejected);
     let all = ClientHello::decode(&documented["client-new-all"]).unwrap();
-    assert_eq!(all.extensions, 0x7c);
+    assert_eq!(all.extensions, 0xfc);
     assert_eq!(ext::negotiate(all.extensions, ext::ALL), ext::ALL);
     assert_eq!(
         decode_payload(&documented["control-closed"], ext::ALL).unwrap(),
@@ -295,4 +296,100 @@ fn doc_vectors_decode_as_documented() {
         tether_proto::decode_item::<String>(&joined).unwrap(),
         "abcd"
     );
+}
+
+/// The `proof-*` vectors (section 5.9), recomputed with `tether_proto::proof`
+/// from the inputs the document names.
+fn proof_vectors() -> Vec<(&'static str, Vec<u8>)> {
+    use tether_proto::proof::{
+        ClientNew, ClientResume, Ephemeral, ResumeRequest, ServerNew, ServerResume,
+    };
+    use tether_proto::SessionId;
+    fn unhex(s: &str) -> [u8; 32] {
+        let v: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        v.try_into().unwrap()
+    }
+    let client_private = unhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+    let server_private = unhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb");
+    let mut id = [0u8; 16];
+    id[3] = 1;
+    for (i, b) in id[4..].iter_mut().enumerate() {
+        *b = 0xa0 + i as u8;
+    }
+    let id = SessionId::from_bytes(id);
+    assert_eq!(id.node_id(), 1);
+    let client_hello = ClientHello {
+        resume_key: None,
+        last_received: None,
+        extensions: ext::ALL,
+    }
+    .encode();
+    let server_hello = ServerHello {
+        rejected: false,
+        resume_key: id.as_key(),
+        last_received: None,
+        extensions: ext::negotiate(ext::ALL, ext::ALL),
+    };
+    let client_eph = Ephemeral::from_private(client_private);
+    let server_eph = Ephemeral::from_private(server_private);
+    let client_public = client_eph.public();
+    let server_public = server_eph.public();
+    let shared = client_eph.agree(&server_public).unwrap();
+    assert_eq!(*shared, *server_eph.agree(&client_public).unwrap());
+    let server = ServerNew::new(&client_hello, &server_hello, server_eph);
+    let offer = server.offer().to_vec();
+    let new = ClientNew::new(&client_hello, client_eph)
+        .finish(&offer)
+        .unwrap();
+    assert_eq!(new.session_id, id);
+    let server_secret = server.finish(&new.key_share).unwrap();
+    assert_eq!(server_secret.expose_bytes(), new.secret.expose_bytes());
+
+    let resume_client = Ephemeral::from_private([0x11; 32]);
+    let resume_server = Ephemeral::from_private([0x22; 32]);
+    let (rc_pub, rs_pub) = (resume_client.public(), resume_server.public());
+    let resume_shared = resume_client.agree(&rs_pub).unwrap();
+    let resume = ClientResume::new(
+        &id,
+        Some(Seq(1000)),
+        ext::ALL,
+        1,
+        resume_client,
+        &new.secret,
+    );
+    let request = resume.request().to_vec();
+    assert!(ResumeRequest::verify(&request, &server_secret));
+    let reply_hello = ServerHello {
+        rejected: false,
+        resume_key: id.as_key(),
+        last_received: Some(Seq(5)),
+        extensions: ext::ALL,
+    };
+    let (reply, server_next) = ServerResume::new(&request, resume_server)
+        .unwrap()
+        .reply(&reply_hello, &server_secret);
+    let (hello, client_next) = resume.finish(&reply).unwrap();
+    assert_eq!(hello, reply_hello);
+    assert_eq!(client_next.expose_bytes(), server_next.expose_bytes());
+    vec![
+        ("proof-client-private", client_private.to_vec()),
+        ("proof-client-public", client_public.to_vec()),
+        ("proof-server-private", server_private.to_vec()),
+        ("proof-server-public", server_public.to_vec()),
+        ("proof-shared", shared.to_vec()),
+        ("proof-client-hello", client_hello.to_vec()),
+        ("proof-server-offer", offer),
+        ("proof-key-share", new.key_share.to_vec()),
+        ("proof-secret-1", new.secret.expose_bytes().to_vec()),
+        ("proof-resume-client-public", rc_pub.to_vec()),
+        ("proof-resume-server-public", rs_pub.to_vec()),
+        ("proof-resume-shared", resume_shared.to_vec()),
+        ("proof-resume-mac-c", request[66..].to_vec()),
+        ("proof-resume-request", request),
+        ("proof-resume-mac-s", reply[58..].to_vec()),
+        ("proof-resume-reply", reply),
+        ("proof-secret-2", client_next.expose_bytes().to_vec()),
+    ]
 }

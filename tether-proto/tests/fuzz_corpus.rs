@@ -1,4 +1,4 @@
-//! Replays the committed fuzz corpora of the `hello`, `frame` and `replay`
+//! Replays the committed fuzz corpora of the `hello`, `frame`, `replay` and `proof`
 //! targets (`fuzz/corpus/<target>/`) through the same checks the fuzz
 //! targets run, on stable Rust and without libFuzzer. The checks live in
 //! `fuzz/src/proto_checks.rs`, shared with the targets; see `fuzz/README.md`.
@@ -24,4 +24,9 @@ fn frame_corpus() {
 #[test]
 fn replay_corpus_runs() {
     corpus::replay(env!("CARGO_MANIFEST_DIR"), "replay", proto_checks::replay);
+}
+
+#[test]
+fn proof_corpus() {
+    corpus::replay(env!("CARGO_MANIFEST_DIR"), "proof", proto_checks::proof);
 }

@@ -20,7 +20,15 @@ async fn server_answer(c: &MemConnector, extensions: u8) -> ServerHello {
         extensions,
     };
     let _ = tx.send(Bytes::copy_from_slice(&hello.encode())).await;
-    ServerHello::decode(&rx.recv().await.unwrap().unwrap()).unwrap()
+    let reply = rx.recv().await.unwrap().unwrap();
+    // With `PROOF` on, the server's key share follows the hello.
+    let expected = if ext::negotiate(extensions, ext::ALL) & ext::PROOF != 0 {
+        tether::proto::proof::SERVER_OFFER_LEN
+    } else {
+        tether::proto::HELLO_LEN
+    };
+    assert_eq!(reply.len(), expected, "offered {extensions:#04x}");
+    ServerHello::decode(&reply[..tether::proto::HELLO_LEN]).unwrap()
 }
 
 #[tokio::test]
@@ -30,17 +38,20 @@ async fn server_echoes_only_extensions_both_sides_speak() {
         let _server = Server::<Msg>::new(listener, config(1));
         assert_eq!(server_answer(&c, ext::ACKS).await.extensions, ext::ACKS);
         assert_eq!(server_answer(&c, 0).await.extensions, 0);
-        // Unknown bits are ignored, known ones kept (0x40 is ADMISSION).
+        // PROOF (0x80) is on only with ADMISSION (0x40).
         assert_eq!(
-            server_answer(&c, 0x80 | ext::ACKS).await.extensions,
+            server_answer(&c, ext::PROOF | ext::ACKS).await.extensions,
             ext::ACKS
         );
         assert_eq!(
-            server_answer(&c, 0x80 | ext::ADMISSION | ext::ACKS)
+            server_answer(&c, ext::ADMISSION | ext::ACKS)
                 .await
                 .extensions,
             ext::ADMISSION | ext::ACKS
         );
+        let proof = server_answer(&c, ext::PROOF | ext::ADMISSION | ext::ACKS).await;
+        assert_eq!(proof.extensions, ext::PROOF | ext::ADMISSION | ext::ACKS);
+        assert_eq!(proof.resume_key.as_bytes()[..4], [0, 0, 0, 0], "node id 0");
 
         let (listener, c) = mem::listener(8);
         let mut base = config(2);

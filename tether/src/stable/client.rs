@@ -7,8 +7,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use tether_proto::proof::{ClientNew, ClientResume, Ephemeral};
 use tether_proto::{
-    ext, ClientHello, Refusal as WireRefusal, RefusalKind, ResumeKey, Seq, ServerHello, HELLO_LEN,
+    ext, ClientHello, Refusal as WireRefusal, RefusalKind, ResumeKey, ResumeSecret, Seq,
+    ServerHello, SessionId, HELLO_LEN,
 };
 use tokio::time::{timeout, Instant};
 
@@ -24,9 +26,26 @@ type Halves<C> = (
     <<C as Connector>::Link as Link>::Rx,
 );
 
+/// What the client's next hello presents.
+enum Cred {
+    /// Nothing: a new session (the first, or after a restart).
+    New,
+    /// A bearer resume key, as the last ServerHello gave it.
+    Bearer(ResumeKey),
+    /// Proof of possession (`PROOF`): the session's public id, the secret
+    /// the client holds, and the counter of its last resume attempt (every
+    /// attempt takes the next one).
+    Proof {
+        id: SessionId,
+        secret: ResumeSecret,
+        counter: u64,
+    },
+}
+
 /// What one connection attempt can end in.
 enum Attempt<C: Connector> {
-    Attached(Halves<C>, ServerHello),
+    /// With what the next resume presents.
+    Attached(Halves<C>, ServerHello, Cred),
     Rejected,
     /// A typed refusal (busy, denied, policy).
     Refused(Refusal),
@@ -61,8 +80,9 @@ impl<S, R> StableConduit<S, R> {
             Some(seed) => SmallRng::seed_from_u64(seed),
             None => SmallRng::from_os_rng(),
         };
+        let mut cred = Cred::New;
         let Reconnected::Attached(halves, hello) =
-            reconnect(&connector, &shared, None, None, &config, &mut rng).await?
+            reconnect(&connector, &shared, &mut cred, None, &config, &mut rng).await?
         else {
             unreachable!("a session that never closed is not answered closed");
         };
@@ -79,7 +99,7 @@ impl<S, R> StableConduit<S, R> {
             config,
             shared,
             endpoint: ep,
-            key: hello.resume_key,
+            cred,
             rng,
         };
         let span = tracing::info_span!("tether_client");
@@ -93,7 +113,7 @@ struct ClientDriver<C> {
     config: Config,
     shared: Arc<Shared>,
     endpoint: Endpoint,
-    key: ResumeKey,
+    cred: Cred,
     rng: SmallRng,
 }
 
@@ -134,7 +154,7 @@ impl<C: Connector> ClientDriver<C> {
                 r = reconnect(
                     &self.connector,
                     &self.shared,
-                    Some(self.key),
+                    &mut self.cred,
                     self.endpoint.last_received(),
                     &self.config,
                     &mut self.rng,
@@ -155,7 +175,6 @@ impl<C: Connector> ClientDriver<C> {
                 }
                 Err(e) => return self.shared.fail(SessionLost::Protocol(e.to_string())),
             };
-            self.key = hello.resume_key;
             if let Err(reason) = self.shared.resume(
                 hello.last_received,
                 self.endpoint.last_received(),
@@ -174,11 +193,12 @@ impl<C: Connector> ClientDriver<C> {
 }
 
 /// Gets a link and completes a handshake, retrying with exponential backoff
-/// and full jitter until the give-up deadline.
+/// and full jitter until the give-up deadline. `cred` is what the hellos
+/// present; on success, what the next resume will.
 async fn reconnect<C: Connector>(
     connector: &C,
     shared: &Shared,
-    mut key: Option<ResumeKey>,
+    cred: &mut Cred,
     last_received: Option<Seq>,
     config: &Config,
     rng: &mut SmallRng,
@@ -193,7 +213,7 @@ async fn reconnect<C: Connector>(
         let mut busy = None;
         let outcome = match timeout(
             config.handshake_timeout,
-            attempt::<C>(connector, shared, key, last_received, config),
+            attempt::<C>(connector, shared, cred, last_received, config),
         )
         .await
         {
@@ -204,7 +224,10 @@ async fn reconnect<C: Connector>(
             )),
         };
         let last_error = match outcome {
-            Attempt::Attached(halves, hello) => return Ok(Reconnected::Attached(halves, hello)),
+            Attempt::Attached(halves, hello, next) => {
+                *cred = next;
+                return Ok(Reconnected::Attached(halves, hello));
+            }
             Attempt::Closed => return Ok(Reconnected::Closed),
             Attempt::Rejected => return Err(SessionLost::Rejected.into()),
             Attempt::Refused(Refusal::Busy {
@@ -227,9 +250,9 @@ async fn reconnect<C: Connector>(
             // whole replay buffer (nothing in it was ever acknowledged)
             // loses nothing and delivers nothing twice. Only if nothing was
             // received either, which the server's word implies.
-            Attempt::Restart if key.is_some() && last_received.is_none() => {
+            Attempt::Restart if !matches!(cred, Cred::New) && last_received.is_none() => {
                 tracing::debug!("the server never heard from this session: starting over");
-                key = None;
+                *cred = Cred::New;
                 continue;
             }
             Attempt::Restart => return Err(SessionLost::Rejected.into()),
@@ -261,29 +284,86 @@ async fn reconnect<C: Connector>(
     }
 }
 
+/// What an attempt waits to finish once the server answers.
+enum Pending {
+    /// A new session; with `PROOF` offered, the client's half of the key
+    /// exchange.
+    New(Option<ClientNew>),
+    Bearer,
+    /// A `PROOF` resume with this counter.
+    Resume(ClientResume, SessionId, u64),
+}
+
+/// Notes a secret the client now holds (tests only).
+fn record_secret(shared: &Shared, secret: &ResumeSecret) {
+    if let Some(log) = &shared.secret_log {
+        log.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(*secret.expose_bytes());
+    }
+}
+
 async fn attempt<C: Connector>(
     connector: &C,
     shared: &Shared,
-    key: Option<ResumeKey>,
+    cred: &mut Cred,
     last_received: Option<Seq>,
     config: &Config,
 ) -> Attempt<C> {
+    let offered = config.extensions;
+    // Every attempt of a `PROOF` resume takes the next counter, whether or
+    // not it reaches the server.
+    let (payload, pending) = match cred {
+        Cred::New => {
+            let hello = ClientHello {
+                resume_key: None,
+                last_received,
+                extensions: offered,
+            };
+            // The credential goes with a new session's hello only: a resume
+            // is proven by its key.
+            let payload = match &config.credential {
+                Some(credential) => Bytes::from(hello.encode_with_credential(credential)),
+                None => Bytes::copy_from_slice(&hello.encode()),
+            };
+            let new = if offered & ext::PROOF != 0 {
+                match Ephemeral::generate() {
+                    Ok(eph) => Some(ClientNew::new(&payload, eph)),
+                    Err(e) => return Attempt::Failed(format!("no randomness: {e}")),
+                }
+            } else {
+                None
+            };
+            (payload, Pending::New(new))
+        }
+        Cred::Bearer(key) => {
+            let hello = ClientHello {
+                resume_key: Some(*key),
+                last_received,
+                extensions: offered,
+            };
+            (Bytes::copy_from_slice(&hello.encode()), Pending::Bearer)
+        }
+        Cred::Proof {
+            id,
+            secret,
+            counter,
+        } => {
+            *counter += 1;
+            let eph = match Ephemeral::generate() {
+                Ok(eph) => eph,
+                Err(e) => return Attempt::Failed(format!("no randomness: {e}")),
+            };
+            let resume = ClientResume::new(id, last_received, offered, *counter, eph, secret);
+            let payload = Bytes::copy_from_slice(resume.request());
+            (payload, Pending::Resume(resume, *id, *counter))
+        }
+    };
     let link = match connector.connect().await {
         Ok(link) => link,
         Err(e) => return Attempt::Failed(format!("connect: {e}")),
     };
     let (mut tx, mut rx) = link.split();
-    let hello = ClientHello {
-        resume_key: key,
-        last_received,
-        extensions: config.extensions,
-    };
-    // The credential goes with a new session's hello only: a resume is
-    // proven by its key.
-    let payload = match (&config.credential, key) {
-        (Some(credential), None) => Bytes::from(hello.encode_with_credential(credential)),
-        _ => Bytes::copy_from_slice(&hello.encode()),
-    };
     // A send error does not end the attempt: the hello may have been
     // delivered and answered (a rejection, say) before the server dropped the
     // link, so the answer is read either way.
@@ -296,19 +376,91 @@ async fn attempt<C: Connector>(
         }
         (Err(e), Ok(())) => return Attempt::Failed(format!("waiting for the server's hello: {e}")),
     };
-    if reply.len() > HELLO_LEN && config.extensions & ext::ADMISSION != 0 {
-        return match WireRefusal::decode(&reply) {
-            Ok(refusal) if refusal.kind == RefusalKind::Restart => Attempt::Restart,
-            Ok(refusal) => Attempt::Refused(Refusal::from_wire(refusal)),
-            Err(e) => Attempt::Failed(format!("bad server refusal: {e}")),
-        };
-    }
-    match ServerHello::decode(&reply) {
+    let head = match reply.get(..HELLO_LEN).map(ServerHello::decode) {
+        Some(Ok(head)) => head,
+        Some(Err(e)) => return Attempt::Failed(format!("bad server hello: {e}")),
+        None => return Attempt::Failed(format!("server hello of {} bytes", reply.len())),
+    };
+    if head.rejected {
+        if reply.len() > HELLO_LEN && offered & ext::ADMISSION != 0 {
+            return match WireRefusal::decode(&reply) {
+                Ok(refusal) if refusal.kind == RefusalKind::Restart => Attempt::Restart,
+                Ok(refusal) => Attempt::Refused(Refusal::from_wire(refusal)),
+                Err(e) => Attempt::Failed(format!("bad server refusal: {e}")),
+            };
+        }
+        if reply.len() != HELLO_LEN {
+            return Attempt::Failed(format!("server hello of {} bytes", reply.len()));
+        }
         // "Closed" completes a close this side began with the close
         // handshake; any other time it is a rejection like any other.
-        Ok(hello) if hello.is_closed() && shared.close_frame_queued() => Attempt::Closed,
-        Ok(hello) if hello.rejected => Attempt::Rejected,
-        Ok(hello) => Attempt::Attached((tx, rx), hello),
-        Err(e) => Attempt::Failed(format!("bad server hello: {e}")),
+        return if head.is_closed() && shared.close_frame_queued() {
+            Attempt::Closed
+        } else {
+            Attempt::Rejected
+        };
+    }
+    let proof = ext::negotiate(offered, head.extensions) & ext::PROOF != 0;
+    match pending {
+        Pending::New(Some(new)) if proof => {
+            let session = match new.finish(&reply) {
+                Ok(session) => session,
+                Err(e) => return Attempt::Failed(format!("bad server key share: {e}")),
+            };
+            record_secret(shared, &session.secret);
+            *shared
+                .session_id
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(session.session_id);
+            // From here on the session may exist on the server with this
+            // secret (the key share may arrive even if sending it reports
+            // an error): the next attempt resumes it. If the key share
+            // never arrived, the server says "restart" and nothing is lost.
+            *cred = Cred::Proof {
+                id: session.session_id,
+                secret: session.secret.clone(),
+                counter: 0,
+            };
+            // The key share goes first, before any frame: it is what
+            // proves to the server that this client has its hello.
+            if let Err(e) = tx.send(Bytes::copy_from_slice(&session.key_share)).await {
+                return Attempt::Failed(format!("sending the key share: {e}"));
+            }
+            let next = Cred::Proof {
+                id: session.session_id,
+                secret: session.secret,
+                counter: 0,
+            };
+            Attempt::Attached((tx, rx), session.hello, next)
+        }
+        Pending::New(_) | Pending::Bearer => {
+            if reply.len() != HELLO_LEN {
+                return Attempt::Failed(format!("server hello of {} bytes", reply.len()));
+            }
+            Attempt::Attached((tx, rx), head, Cred::Bearer(head.resume_key))
+        }
+        Pending::Resume(resume, id, counter) => {
+            if !proof {
+                return Attempt::Failed("the server answered a proof resume without one".into());
+            }
+            // A reply that does not prove the server holds the secret is a
+            // failed attempt, not a lost session: it may be forged.
+            match resume.finish(&reply) {
+                Ok((hello, secret)) => {
+                    record_secret(shared, &secret);
+                    shared
+                        .counters
+                        .proof_resumes
+                        .fetch_add(1, Ordering::Relaxed);
+                    let next = Cred::Proof {
+                        id,
+                        secret,
+                        counter,
+                    };
+                    Attempt::Attached((tx, rx), hello, next)
+                }
+                Err(e) => Attempt::Failed(format!("the server's proof: {e}")),
+            }
+        }
     }
 }

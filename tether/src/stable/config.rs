@@ -79,6 +79,8 @@ pub struct Config {
     pub(crate) require_extensions: u8,
     pub(crate) credential: Option<bytes::Bytes>,
     pub(crate) max_credential_len: usize,
+    pub(crate) node_id: u32,
+    pub(crate) record_secrets: bool,
 }
 
 /// The extensions this implementation speaks.
@@ -112,6 +114,8 @@ impl Default for Config {
             require_extensions: 0,
             credential: None,
             max_credential_len: 1024,
+            node_id: 0,
+            record_secrets: false,
         }
     }
 }
@@ -196,9 +200,11 @@ impl Config {
     /// Which protocol extensions to offer (client) or accept (server), as
     /// the bits of [`tether_proto::ext`]; only supported ones are used.
     /// Default: all supported (standalone acks, keepalive, the close
-    /// handshake, fragments). `0` speaks the base protocol of
-    /// `shared/PROTOCOL.md` only. Keepalive, close and fragments are only
-    /// ever on together with standalone acks.
+    /// handshake, fragments, admission, proof-of-possession resume). `0`
+    /// speaks the base protocol of `shared/PROTOCOL.md` only. Keepalive,
+    /// close and fragments are only ever on together with standalone acks;
+    /// proof-of-possession resume (`PROOF`) only together with admission
+    /// (`ADMISSION`), whose restart answer it needs.
     ///
     /// Without standalone acks a side that only receives never
     /// acknowledges: the replay bound ([`max_replay`](Self::max_replay))
@@ -377,6 +383,25 @@ impl Config {
     /// limit is the 25 bytes of the hello.
     pub fn max_credential_len(&mut self, value: usize) -> &mut Self {
         self.max_credential_len = value;
+        self
+    }
+
+    /// Server: the node id that opens every session id this server issues
+    /// (bytes 0..4, big-endian; see [`SessionId`](tether_proto::SessionId)),
+    /// with proof-of-possession resume (`PROOF`). Lets a load balancer send a
+    /// resume to the node that holds the session. Default 0. Public: it is
+    /// in every hello of the session.
+    pub fn node_id(&mut self, value: u32) -> &mut Self {
+        self.node_id = value;
+        self
+    }
+
+    /// Client, tests only: remember every resume secret this client holds,
+    /// for [`StableConduit::secrets_held`](crate::StableConduit::secrets_held).
+    /// Defeats the zeroization of old secrets; never use it outside tests.
+    #[doc(hidden)]
+    pub fn record_secrets_for_tests(&mut self, value: bool) -> &mut Self {
+        self.record_secrets = value;
         self
     }
 

@@ -110,6 +110,9 @@ pub struct Stats {
     /// sent; every message before them reached the peer's application.
     /// 0 while the session lives and after a graceful close.
     pub undelivered: u64,
+    /// Resumes with proof of possession (`PROOF`) that verified: the
+    /// server checked this client's proof, and the client the server's.
+    pub proof_resumes: u64,
 }
 
 /// A stable conduit: sends `S`, receives `R`.
@@ -158,6 +161,35 @@ impl<S, R> StableConduit<S, R> {
     /// Read it before [`split`](Self::split), which drops it.
     pub fn session_info(&self) -> Option<&Arc<SessionInfo>> {
         self.info.as_ref()
+    }
+
+    /// The public session id of a session with proof-of-possession resume
+    /// (`PROOF`), on either side; `None` for a session with bearer resume
+    /// keys. Not a secret: it is in every hello of the session, and links
+    /// its resumes.
+    pub fn session_id(&self) -> Option<tether_proto::SessionId> {
+        if let Some(info) = &self.info {
+            return info.session_id();
+        }
+        *self
+            .tx
+            .shared
+            .session_id
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Tests only: every resume secret this client held, if
+    /// [`Config::record_secrets_for_tests`] was set (empty otherwise).
+    #[doc(hidden)]
+    pub fn secrets_held(&self) -> Vec<[u8; 32]> {
+        match &self.tx.shared.secret_log {
+            Some(log) => log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            None => Vec::new(),
+        }
     }
 
     /// Splits into a sender (clonable) and a receiver.

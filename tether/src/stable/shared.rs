@@ -89,6 +89,8 @@ pub(crate) struct Counters {
     pub(crate) ack_stalls: AtomicU64,
     pub(super) max_replay_bytes: AtomicUsize,
     pub(super) undelivered: AtomicU64,
+    /// Resumes with proof of possession that verified.
+    pub(crate) proof_resumes: AtomicU64,
 }
 
 /// What the handles and the driver of one session share.
@@ -136,6 +138,12 @@ pub(crate) struct Shared {
     /// dropped.
     pub(super) idle_timeout: Duration,
     close_timeout: Duration,
+    /// With `PROOF`: the session's public id (the client's, which a
+    /// restart replaces).
+    pub(crate) session_id: Mutex<Option<tether_proto::SessionId>>,
+    /// Tests only ([`Config::record_secrets_for_tests`]): every resume
+    /// secret the client held.
+    pub(crate) secret_log: Option<Mutex<Vec<[u8; 32]>>>,
     pub(super) max_message_size: usize,
     pub(super) fragment_size: usize,
     /// Time base for the atomics below.
@@ -233,6 +241,8 @@ impl Shared {
             None => SmallRng::from_os_rng(),
         };
         Arc::new(Shared {
+            session_id: Mutex::new(None),
+            secret_log: config.record_secrets.then(|| Mutex::new(Vec::new())),
             role,
             send: Mutex::new(SendSide {
                 replay: ReplayBuffer::with_limits(
@@ -640,6 +650,7 @@ impl Shared {
             ack_stalls: c.ack_stalls.load(Ordering::Relaxed),
             rtt: self.rtt(),
             undelivered: c.undelivered.load(Ordering::Relaxed),
+            proof_resumes: c.proof_resumes.load(Ordering::Relaxed),
         }
     }
 }

@@ -5,13 +5,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use bytes::Bytes;
-use tether_proto::{ext, ServerHello};
-use tokio::time::{timeout, Instant};
+use tether_proto::proof::{ServerNew, KEY_SHARE_LEN};
+use tether_proto::{ext, ResumeKey, ServerHello};
+use tokio::time::{timeout, timeout_at, Instant};
 
 use super::registry::{AttachRx, Tomb};
-use super::{Attach, Inner, SessionInfo};
+use super::{Attach, Cred, Inner, SessionInfo};
 use crate::error::SessionLost;
-use crate::link::{Link, LinkTx};
+use crate::link::{Link, LinkRx, LinkTx};
 use crate::stable::attach::{run_attachment, AttachEnd, Endpoint, Handles};
 use crate::stable::shared::{Shared, Terminal};
 use crate::stable::ConduitState;
@@ -108,7 +109,7 @@ impl<L: Link> SessionDriver<L> {
             let Attach {
                 mut tx,
                 mut rx,
-                key,
+                cred,
                 client_last_received,
                 client_extensions,
             } = attach;
@@ -120,20 +121,74 @@ impl<L: Link> SessionDriver<L> {
             let extensions = ext::negotiate(client_extensions, offered);
             let hello = ServerHello {
                 rejected: false,
-                resume_key: key,
+                resume_key: cred.hello_key(),
                 last_received: self.endpoint.last_received(),
                 extensions,
             };
-            let sent = timeout(
-                handshake_timeout,
-                tx.send(Bytes::copy_from_slice(&hello.encode())),
-            )
-            .await;
+            // What this link's first frame proves, and the payload that
+            // answers the client.
+            let (payload, proves) = match cred {
+                Cred::Bearer(key) => (hello.encode().to_vec(), Proves::Key(key)),
+                Cred::ProofNew {
+                    eph, client_hello, ..
+                } => {
+                    let new = ServerNew::new(&client_hello, &hello, eph);
+                    (new.offer().to_vec(), Proves::KeyShare(new))
+                }
+                Cred::ProofResume {
+                    answer, accepted, ..
+                } => {
+                    let (reply, next) = answer.reply(&hello, &accepted.secret);
+                    let tag = self
+                        .weak
+                        .upgrade()
+                        .and_then(|inner| inner.registry().add_pending_secret(self.id, next));
+                    (reply, tag.map_or(Proves::Nothing, Proves::Secret))
+                }
+            };
+            let sent = timeout(handshake_timeout, tx.send(Bytes::from(payload))).await;
             if !matches!(sent, Ok(Ok(()))) {
                 tracing::debug!("link failed while sending the server hello");
                 self.shared.set_state(ConduitState::Reconnecting);
                 continue;
             }
+            if matches!(proves, Proves::Secret(_)) {
+                self.shared
+                    .counters
+                    .proof_resumes
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            let proves = match proves {
+                Proves::KeyShare(new) => {
+                    // The client's key share comes before any frame: its
+                    // arrival proves the client has the ServerHello.
+                    rx.set_max_payload(KEY_SHARE_LEN);
+                    let until = self.proof_deadline.min(Instant::now() + handshake_timeout);
+                    let share = timeout_at(until, rx.recv()).await;
+                    rx.set_max_payload(usize::MAX);
+                    let secret = match share {
+                        Ok(Ok(Some(share))) => new.finish(&share).map_err(|e| e.to_string()),
+                        Ok(Ok(None)) => Err("link closed before the key share".into()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("no key share within the handshake timeout".into()),
+                    };
+                    match secret {
+                        Ok(secret) => {
+                            if let Some(inner) = self.weak.upgrade() {
+                                inner.registry().set_first_secret(self.id, secret);
+                            }
+                            hand_off(&self.weak, self.id, &self.info, &self.unaccepted);
+                            Proves::Nothing
+                        }
+                        Err(why) => {
+                            tracing::debug!(%why, "no key share: the session stays unproven");
+                            self.shared.set_state(ConduitState::Reconnecting);
+                            continue;
+                        }
+                    }
+                }
+                other => other,
+            };
             if attached_before {
                 // A resume proves the client holds a key of this session.
                 hand_off(&self.weak, self.id, &self.info, &self.unaccepted);
@@ -173,7 +228,11 @@ impl<L: Link> SessionDriver<L> {
                     newer,
                     move || {
                         if let Some(inner) = weak.upgrade() {
-                            inner.registry().confirm(id, &key);
+                            match proves {
+                                Proves::Key(key) => inner.registry().confirm(id, &key),
+                                Proves::Secret(tag) => inner.registry().confirm_secret(id, tag),
+                                Proves::KeyShare(_) | Proves::Nothing => {}
+                            }
                         }
                         hand_off(&weak, id, &info, &unaccepted);
                     },
@@ -280,6 +339,18 @@ impl<L: Link> SessionDriver<L> {
     }
 }
 
+/// What a link's first frame proves.
+enum Proves {
+    /// The bearer key its ServerHello carried.
+    Key(ResumeKey),
+    /// The pending secret (by tag) its resume reply derived.
+    Secret(u64),
+    /// A new `PROOF` session, until its key share arrives.
+    KeyShare(ServerNew),
+    /// Nothing more (the key share already did).
+    Nothing,
+}
+
 /// The next link that resumes the session and still holds a valid key. A
 /// link routed here before the live link proved its key, whose key that
 /// proof then revoked, was a stale hello: it is rejected, and the live
@@ -297,7 +368,14 @@ async fn newer_link<L: Link>(
         let Some(inner) = weak.upgrade() else {
             return std::future::pending().await;
         };
-        if inner.registry().is_valid(id, &newer.key) {
+        let valid = match &newer.cred {
+            Cred::Bearer(key) => inner.registry().is_valid(id, key),
+            Cred::ProofResume { accepted, .. } => {
+                inner.registry().proof_epoch_is(id, accepted.epoch)
+            }
+            Cred::ProofNew { .. } => false,
+        };
+        if valid {
             return *newer;
         }
         tracing::debug!("rejecting a stale resume: the live link proved a newer key");

@@ -35,8 +35,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tether_proto::proof::{
+    Accepted as ProofAccepted, Ephemeral, ResumeRequest, ServerResume, RESUME_REQUEST_LEN,
+};
 use tether_proto::{
-    ext, ClientHello, Refusal as WireRefusal, RefusalKind, ResumeKey, Seq, ServerHello, HELLO_LEN,
+    ext, ClientHello, Refusal as WireRefusal, RefusalKind, ResumeKey, Seq, ServerHello, SessionId,
+    HELLO_LEN,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -45,7 +49,7 @@ use tokio::time::{timeout_at, Instant};
 pub use self::admission::{Admission, Authorize, Denied, Grant};
 use self::admission::{DynAuthorize, Pending, PendingSlot, Source};
 use self::driver::SessionDriver;
-use self::registry::{Full, Registry, Route, Tomb};
+use self::registry::{First, Full, ProofRoute, Registry, Route, Tomb};
 use super::attach::{endpoint, Handles};
 use super::budget::MemoryBudget;
 use super::config::Config;
@@ -90,6 +94,13 @@ pub struct ServerStats {
     /// Links dropped during the handshake: setup failed, malformed or
     /// oversized hello, timeout, or closed before the hello.
     pub bad_handshakes: u64,
+    /// Resumes with proof of possession (`PROOF`) that verified.
+    pub proof_resumes: u64,
+    /// `PROOF` resumes refused for their proof: a bad MAC, a replayed
+    /// counter, a low-order key, or a proof for a bearer session. Only that
+    /// link was answered; the session was not touched. (A bearer resume
+    /// that names a `PROOF` session's id counts in `rejected`.)
+    pub bad_proofs: u64,
     /// Bytes all sessions' replay buffers and receive queues hold now,
     /// against [`Config::memory_budget`].
     pub memory_used: u64,
@@ -107,6 +118,8 @@ struct Counters {
     refused_policy: AtomicU64,
     unproven_dropped: AtomicU64,
     bad_handshakes: AtomicU64,
+    proof_resumes: AtomicU64,
+    bad_proofs: AtomicU64,
 }
 
 /// What a server knows of one of its sessions: who the client is and what
@@ -117,6 +130,7 @@ pub struct SessionInfo {
     id: u64,
     peer: PeerInfo,
     grant: Grant,
+    session_id: Option<SessionId>,
 }
 
 impl SessionInfo {
@@ -135,6 +149,13 @@ impl SessionInfo {
     /// What the authorization hook decided ([`Grant::none`] without one).
     pub fn grant(&self) -> &Grant {
         &self.grant
+    }
+
+    /// The public session id that the client's hellos carry, for a session
+    /// with proof-of-possession resume (`PROOF`); `None` for a session with
+    /// bearer resume keys. Not a secret: it links the session's resumes.
+    pub fn session_id(&self) -> Option<SessionId> {
+        self.session_id
     }
 }
 
@@ -166,9 +187,39 @@ pub struct ShutdownReport {
 struct Attach<L: Link> {
     tx: L::Tx,
     rx: L::Rx,
-    key: ResumeKey,
+    cred: Cred,
     client_last_received: Option<Seq>,
     client_extensions: u8,
+}
+
+/// How a link proves it belongs to its session, and what the ServerHello
+/// carries.
+enum Cred {
+    /// Bearer keys: the fresh key this link's ServerHello carries.
+    Bearer(ResumeKey),
+    /// A new session with `PROOF`: the ServerHello carries the session id
+    /// and the server's key share; the client's key share follows.
+    ProofNew {
+        id: SessionId,
+        eph: Ephemeral,
+        client_hello: Bytes,
+    },
+    /// A `PROOF` resume that verified with `accepted.secret`.
+    ProofResume {
+        id: SessionId,
+        answer: ServerResume,
+        accepted: ProofAccepted,
+    },
+}
+
+impl Cred {
+    /// What the ServerHello's key field carries.
+    fn hello_key(&self) -> ResumeKey {
+        match self {
+            Cred::Bearer(key) => *key,
+            Cred::ProofNew { id, .. } | Cred::ProofResume { id, .. } => id.as_key(),
+        }
+    }
 }
 
 /// A session on its way to [`Server::accept`].
@@ -177,6 +228,10 @@ type Accepted = (Handles, Arc<SessionInfo>);
 /// Room in the queue of sessions waiting for [`Server::accept`]; a new
 /// session is refused as busy while it is full.
 const ACCEPT_QUEUE: usize = 1024;
+
+/// The retry hint to a `PROOF` resume of a session whose key share has not
+/// arrived yet.
+const NOT_YET_RETRY: Duration = Duration::from_millis(50);
 
 /// The retry hint of a busy refusal.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
@@ -260,6 +315,8 @@ impl<L: Link> ServerShared for Inner<L> {
             refused_policy: n(&c.refused_policy),
             unproven_dropped: n(&c.unproven_dropped),
             bad_handshakes: n(&c.bad_handshakes),
+            proof_resumes: n(&c.proof_resumes),
+            bad_proofs: n(&c.bad_proofs),
             memory_used: self.budget.used() as u64,
         }
     }
@@ -460,7 +517,13 @@ async fn handle_link<L: Link, P: PendingLink<Link = L>>(
         Some(_) => inner.config.max_credential_len,
         None => 0,
     };
-    rx.set_max_payload(HELLO_LEN + credential_room);
+    // A `PROOF` resume request is longer than a hello: the limit covers it.
+    let proof_room = if inner.config.extensions & ext::PROOF != 0 {
+        RESUME_REQUEST_LEN
+    } else {
+        HELLO_LEN
+    };
+    rx.set_max_payload((HELLO_LEN + credential_room).max(proof_room));
     let payload = match timeout_at(deadline, rx.recv()).await {
         Ok(Ok(Some(p))) => p,
         Ok(Ok(None)) => return bad("link closed before the hello".into()),
@@ -468,26 +531,57 @@ async fn handle_link<L: Link, P: PendingLink<Link = L>>(
         Err(_) => return bad("handshake timed out".into()),
     };
     rx.set_max_payload(usize::MAX);
+    let head = match payload.get(..HELLO_LEN).map(ClientHello::decode) {
+        Some(Ok(head)) => head,
+        Some(Err(e)) => return bad(format!("malformed client hello: {e}")),
+        None => return bad(format!("client hello of {} bytes", payload.len())),
+    };
+    let proof = ext::negotiate(head.extensions, inner.config.extensions) & ext::PROOF != 0;
+    tracing::trace!(
+        resume = head.resume_key.is_some(),
+        extensions = head.extensions,
+        proof,
+        "client hello"
+    );
+    if proof && head.resume_key.is_some() {
+        drop(slot);
+        return resume_with_proof(inner, tx, rx, payload, head).await;
+    }
     let (hello, credential) = match ClientHello::decode_with_credential(&payload) {
         Ok((hello, credential)) => (hello, payload.slice_ref(credential)),
         Err(e) => return bad(format!("malformed client hello: {e}")),
     };
-    let fresh = match ResumeKey::generate() {
-        Ok(key) => key,
-        Err(e) => {
-            tracing::error!(error = %e, "no secure randomness for a resume key");
-            return;
+    if !credential.is_empty() && credential_room == 0 {
+        return bad("a credential, and no authorizer to take it".into());
+    }
+    let cred = if proof {
+        match (
+            SessionId::generate(inner.config.node_id),
+            Ephemeral::generate(),
+        ) {
+            (Ok(id), Ok(eph)) => Cred::ProofNew {
+                id,
+                eph,
+                client_hello: payload.clone(),
+            },
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "no secure randomness for a session id");
+                return;
+            }
+        }
+    } else {
+        match ResumeKey::generate() {
+            Ok(key) => Cred::Bearer(key),
+            Err(e) => {
+                tracing::error!(error = %e, "no secure randomness for a resume key");
+                return;
+            }
         }
     };
-    tracing::trace!(
-        resume = hello.resume_key.is_some(),
-        extensions = hello.extensions,
-        "client hello"
-    );
     let attach = Attach::<L> {
         tx,
         rx,
-        key: fresh,
+        cred,
         client_last_received: hello.last_received,
         client_extensions: hello.extensions,
     };
@@ -500,23 +594,13 @@ async fn handle_link<L: Link, P: PendingLink<Link = L>>(
         return admit(inner, attach, request, deadline, slot).await;
     };
     drop(slot);
+    let Cred::Bearer(fresh) = attach.cred else {
+        unreachable!("a bearer resume gets a bearer key");
+    };
     let route = inner.registry().route(&key, fresh);
     let attach = match route {
-        Some(Route::Ended(Tomb::Closed)) => {
-            tracing::debug!(?key, "resume of a closed session");
-            return answer(&inner, attach.tx, &ServerHello::closed().encode()).await;
-        }
-        Some(Route::Ended(Tomb::Unproven)) => {
-            tracing::debug!(?key, "resume of a session that never started");
-            if !inner.speaks_admission(hello.extensions) {
-                return reject(&inner, attach.tx).await;
-            }
-            let restart = WireRefusal {
-                kind: RefusalKind::Restart,
-                retry_after_ms: 0,
-                reason: "the session never started: open a new one".into(),
-            };
-            return answer(&inner, attach.tx, &restart.encode()).await;
+        Some(Route::Ended(tomb)) => {
+            return answer_tomb(&inner, attach.tx, tomb, hello.extensions).await
         }
         Some(Route::Session(session)) => match session.send(Box::new(attach)).await {
             Ok(()) => {
@@ -529,6 +613,126 @@ async fn handle_link<L: Link, P: PendingLink<Link = L>>(
     };
     tracing::debug!(?key, "rejecting resume");
     reject(&inner, attach.tx).await;
+}
+
+/// Answers a resume of a session that ended: "closed", or "restart" to a
+/// client that can be told so (a rejection to others).
+async fn answer_tomb<L: Link>(inner: &Inner<L>, tx: L::Tx, tomb: Tomb, offered: u8) {
+    match tomb {
+        Tomb::Closed => {
+            tracing::debug!("resume of a closed session");
+            answer(inner, tx, &ServerHello::closed().encode()).await;
+        }
+        Tomb::Unproven => {
+            tracing::debug!("resume of a session that never started");
+            restart(inner, tx, offered).await;
+        }
+    }
+}
+
+/// Tells the client its session never started (nothing was delivered); a
+/// plain rejection to a client that does not speak the admission extension.
+async fn restart<L: Link>(inner: &Inner<L>, tx: L::Tx, offered: u8) {
+    if !inner.speaks_admission(offered) {
+        return reject(inner, tx).await;
+    }
+    let restart = WireRefusal {
+        kind: RefusalKind::Restart,
+        retry_after_ms: 0,
+        reason: "the session never started: open a new one".into(),
+    };
+    answer(inner, tx, &restart.encode()).await;
+}
+
+/// A resume with proof of possession: checks the request's MAC and counter
+/// against the session's secrets, and routes it only if they verify. A
+/// request that does not verify is answered on its own link only, and the
+/// session (and its live link) is not touched.
+async fn resume_with_proof<L: Link>(
+    inner: Arc<Inner<L>>,
+    tx: L::Tx,
+    rx: L::Rx,
+    payload: Bytes,
+    head: ClientHello,
+) {
+    let request = match ResumeRequest::decode(&payload) {
+        Ok(request) => request,
+        Err(e) => {
+            inner
+                .counters
+                .bad_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "malformed proof resume");
+            return;
+        }
+    };
+    // The X25519 exchange needs no secret: done before the registry's lock.
+    let eph = match Ephemeral::generate() {
+        Ok(eph) => eph,
+        Err(e) => {
+            tracing::error!(error = %e, "no secure randomness for a key share");
+            return;
+        }
+    };
+    let answer_prep = match ServerResume::new(&payload, eph) {
+        Ok(prep) => prep,
+        Err(e) => {
+            inner.counters.bad_proofs.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "refusing a proof resume");
+            return reject(&inner, tx).await;
+        }
+    };
+    let route = inner.registry().route_proof(&payload, &request);
+    let id = request.session_id;
+    match route {
+        ProofRoute::Session(session, accepted) => {
+            let attach = Attach::<L> {
+                tx,
+                rx,
+                cred: Cred::ProofResume {
+                    id,
+                    answer: answer_prep,
+                    accepted,
+                },
+                client_last_received: head.last_received,
+                client_extensions: head.extensions,
+            };
+            match session.send(Box::new(attach)).await {
+                Ok(()) => {
+                    let c = &inner.counters;
+                    c.resumes.fetch_add(1, Ordering::Relaxed);
+                    c.proof_resumes.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::SendError(attach)) => reject(&inner, attach.tx).await,
+            }
+        }
+        ProofRoute::Ended(tomb) => answer_tomb(&inner, tx, tomb, head.extensions).await,
+        ProofRoute::NoSecret => {
+            // The key share may still be on its way (the driver reads it
+            // from the first link): answering "restart" now could let the
+            // client start over while this session then gets its key share
+            // and delivers what followed it, twice. So the client is told to
+            // come back; the session either gets its secret (the resume
+            // then verifies) or is dropped at its proof deadline, and its
+            // tombstone answers "restart".
+            tracing::debug!(%id, "resume of a session whose key share has not arrived");
+            let not_yet = WireRefusal {
+                kind: RefusalKind::Busy,
+                retry_after_ms: NOT_YET_RETRY.as_millis() as u32,
+                reason: "the session is not ready yet: try again".into(),
+            };
+            answer(&inner, tx, &not_yet.encode()).await;
+        }
+        ProofRoute::Unknown => {
+            tracing::debug!(%id, "rejecting resume of an unknown session");
+            reject(&inner, tx).await;
+        }
+        ProofRoute::BadProof => {
+            inner.counters.bad_proofs.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%id, "rejecting a resume whose proof did not verify");
+            reject(&inner, tx).await;
+        }
+    }
 }
 
 /// Decides on a new session: policy, capacity, then the application.
@@ -668,7 +872,7 @@ fn new_session<L: Link>(
     peer: PeerInfo,
     source: Option<Source>,
     grant: Grant,
-) -> Result<(), Attach<L>> {
+) -> Result<(), Box<Attach<L>>> {
     let config = &inner.config;
     let client_extensions = attach.client_extensions;
     let shared = Shared::new(
@@ -684,12 +888,25 @@ fn new_session<L: Link>(
             .check(source, config.max_sessions, config.max_sessions_per_source)
             .is_err()
         {
-            return Err(attach);
+            return Err(Box::new(attach));
         }
         let id = registry.reserve_id();
-        let info = Arc::new(SessionInfo { id, peer, grant });
+        let session_id = match &attach.cred {
+            Cred::ProofNew { id, .. } => Some(*id),
+            _ => None,
+        };
+        let info = Arc::new(SessionInfo {
+            id,
+            peer,
+            grant,
+            session_id,
+        });
         let weak = Arc::downgrade(&shared);
-        registry.insert(id, attach.key, attach_tx, source, info.clone(), weak);
+        let first = match session_id {
+            Some(session_id) => First::Proof(session_id),
+            None => First::Bearer(attach.cred.hello_key()),
+        };
+        registry.insert(id, first, attach_tx, source, info.clone(), weak);
         (id, info)
     };
     inner

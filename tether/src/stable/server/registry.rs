@@ -16,7 +16,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
-use tether_proto::ResumeKey;
+use tether_proto::proof::{Accepted, Refused, ResumeRequest, ServerSecrets};
+use tether_proto::{ResumeKey, ResumeSecret};
 use tokio::sync::mpsc;
 
 use super::admission::{PerSource, Source};
@@ -38,6 +39,10 @@ pub(super) type AttachRx<L> = mpsc::Receiver<Box<super::Attach<L>>>;
 pub(super) struct Entry<L: Link> {
     confirmed: Option<ResumeKey>,
     pending: Vec<ResumeKey>,
+    /// With `PROOF`: the session id (its only entry in `by_key`, for the
+    /// session's whole life) and the secrets. Bearer keys never resume such
+    /// a session.
+    proof: Option<(ResumeKey, ServerSecrets)>,
     /// `None` once the session is a tombstone: a tombstone keeps only its
     /// keys and what it answers.
     attach: Option<AttachTx<L>>,
@@ -64,6 +69,29 @@ pub(super) enum Tomb {
 pub(super) enum Route<L: Link> {
     Session(AttachTx<L>),
     Ended(Tomb),
+}
+
+/// What a new session is registered under.
+pub(super) enum First {
+    /// Its first bearer key (pending).
+    Bearer(ResumeKey),
+    /// Its public session id (`PROOF`), for its whole life.
+    Proof(tether_proto::SessionId),
+}
+
+/// Where a `PROOF` resume goes.
+pub(super) enum ProofRoute<L: Link> {
+    /// It verified: the driver answers it, MAC'd with `accepted.secret`.
+    Session(AttachTx<L>, Accepted),
+    Ended(Tomb),
+    /// The session has not got its client's key share (yet): the client
+    /// is told to come back, since the key share may still arrive.
+    NoSecret,
+    /// No such session.
+    Unknown,
+    /// A bad MAC, a replayed counter, or a bearer session: only this link
+    /// is answered, the session is not touched.
+    BadProof,
 }
 
 /// Why a new session was not registered.
@@ -119,19 +147,24 @@ impl<L: Link> Registry<L> {
     pub(super) fn insert(
         &mut self,
         id: u64,
-        key: ResumeKey,
+        first: First,
         attach: AttachTx<L>,
         source: Option<Source>,
         info: Arc<SessionInfo>,
         shared: Weak<Shared>,
     ) {
+        let (key, proof) = match first {
+            First::Bearer(key) => (key, false),
+            First::Proof(session_id) => (session_id.as_key(), true),
+        };
         self.by_key.insert(key, id);
         self.per_source.add(source);
         self.sessions.insert(
             id,
             Entry {
                 confirmed: None,
-                pending: vec![key],
+                pending: if proof { Vec::new() } else { vec![key] },
+                proof: proof.then(|| (key, ServerSecrets::new())),
                 attach: Some(attach),
                 source,
                 info,
@@ -153,6 +186,10 @@ impl<L: Link> Registry<L> {
         if let Some(tomb) = entry.tomb {
             return Some(Route::Ended(tomb));
         }
+        if entry.proof.is_some() {
+            // The session id is public: it is no bearer key.
+            return None;
+        }
         if entry.pending.contains(key) {
             // The client holds this key: it is proven, the rest is revoked.
             prove(&mut self.by_key, entry, key);
@@ -163,6 +200,62 @@ impl<L: Link> Registry<L> {
         entry.pending.push(fresh);
         self.by_key.insert(fresh, id);
         entry.attach.clone().map(Route::Session)
+    }
+
+    /// Looks a `PROOF` resume up by its session id and checks its proof
+    /// (`payload` is the request's wire bytes). Nothing of the session
+    /// changes unless it verifies.
+    pub(super) fn route_proof(&mut self, payload: &[u8], request: &ResumeRequest) -> ProofRoute<L> {
+        let Some(id) = self.by_key.get(&request.session_id.as_key()).copied() else {
+            return ProofRoute::Unknown;
+        };
+        let Some(entry) = self.sessions.get_mut(&id) else {
+            return ProofRoute::Unknown;
+        };
+        if let Some(tomb) = entry.tomb {
+            return ProofRoute::Ended(tomb);
+        }
+        let Some((_, secrets)) = entry.proof.as_mut() else {
+            return ProofRoute::BadProof;
+        };
+        match secrets.accept(payload, request) {
+            Ok(accepted) => match entry.attach.clone() {
+                Some(tx) => ProofRoute::Session(tx, accepted),
+                None => ProofRoute::Unknown,
+            },
+            Err(Refused::NoSecret) => ProofRoute::NoSecret,
+            Err(Refused::BadMac | Refused::Replay) => ProofRoute::BadProof,
+        }
+    }
+
+    /// secret₁ of a `PROOF` session arrived with its key share.
+    pub(super) fn set_first_secret(&mut self, id: u64, secret: ResumeSecret) {
+        if let Some((_, secrets)) = self.sessions.get_mut(&id).and_then(|e| e.proof.as_mut()) {
+            secrets.set_confirmed(secret);
+        }
+    }
+
+    /// A resume reply is about to carry `secret`'s derivation: it is
+    /// pending. Its tag, or `None` if the session is gone.
+    pub(super) fn add_pending_secret(&mut self, id: u64, secret: ResumeSecret) -> Option<u64> {
+        let (_, secrets) = self.sessions.get_mut(&id)?.proof.as_mut()?;
+        Some(secrets.add_pending(secret))
+    }
+
+    /// The client proved the pending secret `tag` by a frame on the link
+    /// whose reply carried it.
+    pub(super) fn confirm_secret(&mut self, id: u64, tag: u64) {
+        if let Some((_, secrets)) = self.sessions.get_mut(&id).and_then(|e| e.proof.as_mut()) {
+            secrets.confirm(tag);
+        }
+    }
+
+    /// Whether no secret of `PROOF` session `id` was proven since `epoch`.
+    pub(super) fn proof_epoch_is(&self, id: u64, epoch: u64) -> bool {
+        self.sessions
+            .get(&id)
+            .and_then(|e| e.proof.as_ref())
+            .is_some_and(|(_, secrets)| secrets.epoch() == epoch)
     }
 
     /// The client proved it holds `key` by sending a frame on the link that
@@ -212,6 +305,9 @@ impl<L: Link> Registry<L> {
                 self.per_source.remove(entry.source);
             }
             for key in entry.confirmed.iter().chain(entry.pending.iter()) {
+                self.by_key.remove(key);
+            }
+            if let Some((key, _)) = &entry.proof {
                 self.by_key.remove(key);
             }
         }
