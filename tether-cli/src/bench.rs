@@ -29,7 +29,7 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
 pub use self::alloc::{AllocCounter, AllocCounts, SLOTS, SLOT_OTHER, SLOT_RECEIVER, SLOT_SENDER};
-use self::resume::ResumeRun;
+use self::resume::{Over, ResumeRun};
 use self::sessions::{IdleReport, StormReport};
 use self::systems::{AllocRun, System};
 
@@ -65,20 +65,28 @@ pub enum Role {
         addr: SocketAddr,
         /// How many sessions.
         sessions: usize,
+        /// Over TLS, trusting the CA in this PEM file.
+        tls_ca: Option<std::path::PathBuf>,
     },
     /// Serve this many sessions from a child client process and report the
     /// memory they take.
     IdleServer {
         /// How many sessions.
         sessions: usize,
+        /// Over TLS.
+        tls: bool,
     },
 }
 
 /// Runs a child role; see [`Role`].
 pub fn run_role(role: Role, counter: Option<&'static dyn AllocCounter>) -> anyhow::Result<()> {
     match role {
-        Role::Clients { addr, sessions } => sessions::run_clients(addr, sessions),
-        Role::IdleServer { sessions } => sessions::run_idle_server(sessions, counter),
+        Role::Clients {
+            addr,
+            sessions,
+            tls_ca,
+        } => sessions::run_clients(addr, sessions, tls_ca),
+        Role::IdleServer { sessions, tls } => sessions::run_idle_server(sessions, tls, counter),
     }
 }
 
@@ -312,6 +320,11 @@ pub struct BenchReport {
     pub(crate) large_64k_stable_over_framed: Option<f64>,
     pub(crate) rtt_p50_stable_over_bare: Option<f64>,
     pub(crate) rtt_p50_bare_over_framed: Option<f64>,
+    pub(crate) small_stable_tls_over_framed_tls: Option<f64>,
+    pub(crate) large_stable_tls_over_framed_tls: Option<f64>,
+    pub(crate) resume_tls_p50_ms: Option<f64>,
+    pub(crate) resume_tls_no_resumption_p50_ms: Option<f64>,
+    pub(crate) idle_tls_session_bytes: Option<f64>,
     pub(crate) resume_p50_ms: Option<f64>,
     pub(crate) resume_p99_ms: Option<f64>,
     pub(crate) allocs_per_send: Option<f64>,
@@ -333,7 +346,7 @@ pub struct BenchReport {
     pub(crate) rtt: Option<Rtt>,
     pub(crate) resume: Option<BTreeMap<&'static str, ResumeFigure>>,
     pub(crate) allocs: Option<BTreeMap<&'static str, AllocFigure>>,
-    pub(crate) idle: Option<IdleReport>,
+    pub(crate) idle: Option<BTreeMap<&'static str, IdleReport>>,
     pub(crate) storm: Option<BTreeMap<&'static str, StormReport>>,
     pub(crate) elapsed_s: f64,
 }
@@ -447,11 +460,21 @@ async fn resume(
     cuts: usize,
 ) -> anyhow::Result<BTreeMap<&'static str, ResumeFigure>> {
     let mut out = BTreeMap::new();
-    for (key, over_mem) in [("stable", false), ("stable_mem", true)] {
-        if !list.iter().any(|s| s.key() == key) {
+    let runs = [
+        ("stable", "stable", Over::Tcp),
+        ("stable_mem", "stable_mem", Over::Mem),
+        ("stable_tls", "stable_tls", Over::Tls { resumption: true }),
+        (
+            "stable_tls",
+            "stable_tls_no_resumption",
+            Over::Tls { resumption: false },
+        ),
+    ];
+    for (system, key, over) in runs {
+        if !list.iter().any(|s| s.key() == system) {
             continue;
         }
-        let run = resume::resume_latency(over_mem, cuts)
+        let run = resume::resume_latency(over, cuts)
             .await
             .with_context(|| format!("resume: {key}"))?;
         let mut s = run.samples.clone();
@@ -575,6 +598,11 @@ pub fn run(
         large_64k_stable_over_framed: None,
         rtt_p50_stable_over_bare: None,
         rtt_p50_bare_over_framed: None,
+        small_stable_tls_over_framed_tls: None,
+        large_stable_tls_over_framed_tls: None,
+        resume_tls_p50_ms: None,
+        resume_tls_no_resumption_p50_ms: None,
+        idle_tls_session_bytes: None,
         resume_p50_ms: None,
         resume_p99_ms: None,
         allocs_per_send: None,
@@ -666,24 +694,31 @@ pub fn run(
             None => record("allocs", anyhow::anyhow!("no counting allocator installed")),
         }
     }
-    if want("idle") && has("stable") {
-        p.say(format_args!("idle: {} sessions over TCP", plan.sessions));
-        match rt.block_on(sessions::idle_memory(plan.sessions)) {
-            Ok(i) => {
-                p.say(format_args!(
-                    "idle: {:.0} bytes resident per server session ({:.0} before any message)",
-                    i.rss_per_session, i.rss_per_fresh_session
-                ));
-                if !i.delivery.ok() {
-                    record(
-                        "idle",
-                        anyhow::anyhow!("delivery check failed: {:?}", i.delivery),
-                    );
-                }
-                r.idle = Some(i);
+    if want("idle") {
+        let mut idle = BTreeMap::new();
+        for (key, tls) in [("stable", false), ("stable_tls", true)] {
+            if !has(key) {
+                continue;
             }
-            Err(e) => record("idle", e),
+            p.say(format_args!("idle {key}: {} sessions", plan.sessions));
+            match rt.block_on(sessions::idle_memory(plan.sessions, tls)) {
+                Ok(i) => {
+                    p.say(format_args!(
+                        "idle {key}: {:.0} bytes resident per server session ({:.0} before any message)",
+                        i.rss_per_session, i.rss_per_fresh_session
+                    ));
+                    if !i.delivery.ok() {
+                        record(
+                            &format!("idle {key}"),
+                            anyhow::anyhow!("delivery check failed: {:?}", i.delivery),
+                        );
+                    }
+                    idle.insert(key, i);
+                }
+                Err(e) => record(&format!("idle {key}"), e),
+            }
         }
+        r.idle = Some(idle);
     }
     if want("storm") {
         let mut storms = BTreeMap::new();
@@ -759,13 +794,33 @@ fn headline(r: &mut BenchReport) {
     };
     r.rtt_p50_stable_over_bare = ratio(p50(Stable), p50(Bare));
     r.rtt_p50_bare_over_framed = ratio(p50(Bare), p50(Framed));
+    r.small_stable_tls_over_framed_tls = ratio(
+        median_of(&r.small, StableTls),
+        median_of(&r.small, FramedTls),
+    );
+    r.large_stable_tls_over_framed_tls = ratio(
+        median_of(&r.large_1m, StableTls),
+        median_of(&r.large_1m, FramedTls),
+    );
+    let resume_p50 = |key: &str| r.resume.as_ref()?.get(key).map(|f| f.p50_ms);
+    r.resume_tls_p50_ms = resume_p50("stable_tls");
+    r.resume_tls_no_resumption_p50_ms = resume_p50("stable_tls_no_resumption");
+    r.idle_tls_session_bytes = r
+        .idle
+        .as_ref()
+        .and_then(|m| m.get("stable_tls"))
+        .map(|i| i.rss_per_session.round());
     let tcp_resume = r.resume.as_ref().and_then(|m| m.get("stable"));
     r.resume_p50_ms = tcp_resume.map(|f| f.p50_ms);
     r.resume_p99_ms = tcp_resume.map(|f| f.p99_ms);
     let stable_allocs = r.allocs.as_ref().and_then(|m| m.get("stable"));
     r.allocs_per_send = stable_allocs.map(|f| f.per_send);
     r.allocs_per_recv = stable_allocs.map(|f| f.per_recv);
-    r.idle_session_bytes = r.idle.as_ref().map(|i| i.rss_per_session.round());
+    r.idle_session_bytes = r
+        .idle
+        .as_ref()
+        .and_then(|m| m.get("stable"))
+        .map(|i| i.rss_per_session.round());
     let tcp_storm = r.storm.as_ref().and_then(|m| m.get("stable"));
     r.storm_sessions = tcp_storm.map(|s| s.sessions);
     r.storm_resumed = tcp_storm.map(|s| s.resumed);
@@ -800,6 +855,18 @@ fn headline(r: &mut BenchReport) {
         r.large_stable_over_framed,
         0.8,
     );
+    at_least(
+        "small_stable_tls_over_framed_tls",
+        "TLS small msgs/s: stable / Framed",
+        r.small_stable_tls_over_framed_tls,
+        0.9,
+    );
+    at_least(
+        "large_stable_tls_over_framed_tls",
+        "TLS 1 MiB MB/s: stable / Framed",
+        r.large_stable_tls_over_framed_tls,
+        0.9,
+    );
     let mut at_most = |key, label, value: Option<f64>, max: f64, strict: bool| {
         t.push(Target {
             key,
@@ -821,6 +888,13 @@ fn headline(r: &mut BenchReport) {
         "resume p50 (TCP), ms",
         r.resume_p50_ms,
         2.0,
+        true,
+    );
+    at_most(
+        "resume_tls_p50_ms",
+        "resume p50 (TLS), ms",
+        r.resume_tls_p50_ms,
+        5.0,
         true,
     );
     at_most(
@@ -909,7 +983,7 @@ pub fn render(r: &BenchReport) -> String {
         let _ = write!(out, "{:>14}", s.label());
     }
     let _ = writeln!(out);
-    let row = |out: &mut String, name: String, cells: [Option<f64>; 4]| {
+    let row = |out: &mut String, name: String, cells: [Option<f64>; System::ALL.len()]| {
         let _ = write!(out, "{name:<34}");
         for c in cells {
             let _ = write!(out, "{:>14}", c.map_or("-".to_string(), fmt_num));
@@ -955,21 +1029,25 @@ pub fn render(r: &BenchReport) -> String {
         );
     }
     if let Some(res) = &r.resume {
-        let get = |f: fn(&ResumeFigure) -> f64| {
-            [
-                None,
-                None,
-                res.get("stable").map(f),
-                res.get("stable_mem").map(f),
-            ]
+        let get = |key_of: fn(System) -> String, f: fn(&ResumeFigure) -> f64| {
+            System::ALL.map(|s| res.get(key_of(s).as_str()).map(f))
         };
-        let n = res.get("stable").map_or(0, |f| f.cuts);
+        let own = |s: System| s.key().to_string();
+        let no_resumption = |s: System| format!("{}_no_resumption", s.key());
+        let n = res.values().map(|f| f.cuts).max().unwrap_or(0);
         row(
             &mut out,
             format!("resume p50, ms ({n} cuts)"),
-            get(|f| f.p50_ms),
+            get(own, |f| f.p50_ms),
         );
-        row(&mut out, "resume p99, ms".into(), get(|f| f.p99_ms));
+        row(&mut out, "resume p99, ms".into(), get(own, |f| f.p99_ms));
+        if res.keys().any(|k| k.ends_with("_no_resumption")) {
+            row(
+                &mut out,
+                "  without TLS resumption, p50 ms".into(),
+                get(no_resumption, |f| f.p50_ms),
+            );
+        }
     }
     if let Some(a) = &r.allocs {
         let get = |f: fn(&AllocFigure) -> f64| System::ALL.map(|s| a.get(s.key()).map(f));
@@ -980,30 +1058,22 @@ pub fn render(r: &BenchReport) -> String {
             get(|f| f.per_recv),
         );
     }
-    if let Some(i) = &r.idle {
+    if let Some(idle) = &r.idle {
+        let get = |f: fn(&IdleReport) -> f64| System::ALL.map(|s| idle.get(s.key()).map(f));
+        let n = idle.values().map(|i| i.sessions).max().unwrap_or(0);
         row(
             &mut out,
-            format!(
-                "idle server session, bytes ({})",
-                fmt_count(i.sessions as u64)
-            ),
-            [None, None, Some(i.rss_per_session), None],
+            format!("idle server session, bytes ({})", fmt_count(n as u64)),
+            get(|i| i.rss_per_session),
         );
         row(
             &mut out,
             "  before any message, bytes".into(),
-            [None, None, Some(i.rss_per_fresh_session), None],
+            get(|i| i.rss_per_fresh_session),
         );
     }
     if let Some(st) = &r.storm {
-        let get = |f: fn(&StormReport) -> f64| {
-            [
-                None,
-                None,
-                st.get("stable").map(f),
-                st.get("stable_mem").map(f),
-            ]
-        };
+        let get = |f: fn(&StormReport) -> f64| System::ALL.map(|s| st.get(s.key()).map(f));
         let n = st.values().map(|s| s.sessions).max().unwrap_or(0);
         row(
             &mut out,
@@ -1044,6 +1114,14 @@ pub fn render(r: &BenchReport) -> String {
             r.large_64k_stable_over_framed,
         ),
         ("round trip p50: bare / Framed", r.rtt_p50_bare_over_framed),
+        (
+            "resume p50 (TLS, no resumption), ms",
+            r.resume_tls_no_resumption_p50_ms,
+        ),
+        (
+            "resident bytes per idle TLS session",
+            r.idle_tls_session_bytes,
+        ),
     ];
     for (label, v) in extra {
         if let Some(v) = v {

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod demo;
 pub mod echo;
+pub mod pki;
 
 /// The message type of `tether echo` and `tether demo`: a byte string,
 /// encoded by postcard as a varint length and the bytes (the same bytes as a

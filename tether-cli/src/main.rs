@@ -4,6 +4,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -213,6 +214,10 @@ enum Command {
         /// Internal: the server a `--role clients` child connects to.
         #[arg(long, hide = true)]
         addr: Option<SocketAddr>,
+        /// Internal: over TLS (`--role clients`: the CA file to trust;
+        /// `--role idle-server`: any value).
+        #[arg(long, hide = true)]
+        tls_ca: Option<PathBuf>,
     },
 }
 
@@ -385,12 +390,20 @@ fn bench_main(
     fail_on_miss: bool,
     role: Option<String>,
     addr: Option<SocketAddr>,
+    tls_ca: Option<PathBuf>,
 ) -> anyhow::Result<bool> {
     if let Some(role) = role {
         let sessions = opts.sessions.unwrap_or(1);
         let role = match (role.as_str(), addr) {
-            ("clients", Some(addr)) => Role::Clients { addr, sessions },
-            ("idle-server", _) => Role::IdleServer { sessions },
+            ("clients", Some(addr)) => Role::Clients {
+                addr,
+                sessions,
+                tls_ca,
+            },
+            ("idle-server", _) => Role::IdleServer {
+                sessions,
+                tls: tls_ca.is_some(),
+            },
             _ => anyhow::bail!("unknown bench role {role:?}"),
         };
         bench::run_role(role, Some(&ALLOC))?;
@@ -434,6 +447,7 @@ fn main() -> ExitCode {
         fail_on_miss,
         role,
         addr,
+        tls_ca,
     } = cli.command
     {
         let opts = BenchOptions {
@@ -443,7 +457,7 @@ fn main() -> ExitCode {
             sessions,
             progress: role.is_none(),
         };
-        return match bench_main(json, opts, fail_on_miss, role, addr) {
+        return match bench_main(json, opts, fail_on_miss, role, addr, tls_ca) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {

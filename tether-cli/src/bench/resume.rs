@@ -1,17 +1,19 @@
 //! Resume latency: from a link cut to the first message delivered over the
 //! new link, one session, reconnect backoff zero.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 use tether::fault::{FaultConfig, FaultProxy};
+use tether::link::tls::{ClientTls, TlsConnector, TlsListener};
 use tether::link::{mem, Connector, Listener, TcpConnector, TcpListener};
 use tether::{Config, Server, StableConduit};
 use tokio::sync::mpsc;
 
 use super::sessions::{resume_config, session_msg};
-use super::systems::{Msg, MEM_CAPACITY};
+use super::systems::{bench_tls, Msg, MEM_CAPACITY};
 
 /// The samples of one resume-latency run.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -32,18 +34,23 @@ pub(crate) struct ResumeRun {
 /// server's session had been resumed by then.
 type Arrival = (u64, Instant, u64);
 
-/// Runs `cuts` cuts over TCP through a [`FaultProxy`] (no random cuts;
-/// `cut_all` is the cut) or, with `over_mem`, over the in-memory link
-/// (`MemConnector::kill_all`).
-pub(crate) async fn resume_latency(over_mem: bool, cuts: usize) -> anyhow::Result<ResumeRun> {
-    if over_mem {
-        let (listener, connector) = mem::listener(MEM_CAPACITY);
-        let killer = connector.clone();
-        run(listener, connector, move || killer.kill_all(), cuts).await
-    } else {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let proxy = FaultProxy::start(
-            listener.local_addr()?,
+/// The link a resume-latency run cuts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Over {
+    /// TCP through a [`FaultProxy`] (no random cuts; `cut_all` is the cut).
+    Tcp,
+    /// The in-memory link (`MemConnector::kill_all`).
+    Mem,
+    /// TLS through a [`FaultProxy`]; each resume pays a TLS handshake,
+    /// resumed from the client's session cache when `resumption` is on.
+    Tls { resumption: bool },
+}
+
+/// Runs `cuts` cuts over `over`.
+pub(crate) async fn resume_latency(over: Over, cuts: usize) -> anyhow::Result<ResumeRun> {
+    let proxied = |listener_addr| {
+        FaultProxy::start(
+            listener_addr,
             FaultConfig {
                 seed: 1,
                 mean_bytes_between_cuts: 0,
@@ -51,11 +58,40 @@ pub(crate) async fn resume_latency(over_mem: bool, cuts: usize) -> anyhow::Resul
                 max_connection_age: None,
             },
         )
-        .await?;
-        let connector = TcpConnector::new(proxy.local_addr());
-        let run = run(listener, connector, || proxy.cut_all(), cuts).await;
-        proxy.shutdown();
-        run
+    };
+    match over {
+        Over::Mem => {
+            let (listener, connector) = mem::listener(MEM_CAPACITY);
+            let killer = connector.clone();
+            run(listener, connector, move || killer.kill_all(), cuts).await
+        }
+        Over::Tcp => {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let proxy = proxied(listener.local_addr()?).await?;
+            let connector = TcpConnector::new(proxy.local_addr());
+            let run = run(listener, connector, || proxy.cut_all(), cuts).await;
+            proxy.shutdown();
+            run
+        }
+        Over::Tls { resumption } => {
+            let tls = bench_tls()?;
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let proxy = proxied(listener.local_addr()?).await?;
+            let listener = TlsListener::new(listener, tls.server.clone());
+            let client = if resumption {
+                tls.client.clone()
+            } else {
+                let mut config = (*tls.client.config()).clone();
+                config.resumption = rustls::client::Resumption::disabled();
+                ClientTls::from(Arc::new(config))
+            };
+            let addr = proxy.local_addr();
+            let connector = TlsConnector::new(addr.ip().to_string(), addr.port(), client)
+                .server_name("localhost");
+            let run = run(listener, connector, || proxy.cut_all(), cuts).await;
+            proxy.shutdown();
+            run
+        }
     }
 }
 

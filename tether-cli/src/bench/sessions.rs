@@ -9,6 +9,7 @@
 
 use std::io::{self, BufRead, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -20,6 +21,7 @@ use anyhow::{bail, Context as _};
 use futures_util::task::AtomicWaker;
 use serde::{Deserialize, Serialize};
 use tether::link::mem;
+use tether::link::tls::{ClientTls, ServerTls, TlsConnector, TlsListener};
 use tether::link::{Connector, LinkError, StreamConfig, StreamLink, TcpListener};
 use tether::{Config, Server, ServerStats, StableConduit, StableSender};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -641,11 +643,26 @@ fn reply(line: &str) -> anyhow::Result<()> {
 /// - `stats` → `stats {json}`
 ///
 /// It answers `ready` once connected and exits when stdin closes.
-pub(crate) fn run_clients(addr: SocketAddr, sessions: usize) -> anyhow::Result<()> {
+///
+/// With `tls_ca` (a PEM file) the sessions run over TLS to `localhost` at
+/// `addr`, trusting that CA; `cut-send` is then refused.
+pub(crate) fn run_clients(
+    addr: SocketAddr,
+    sessions: usize,
+    tls_ca: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
-        let connector = CuttableTcp::new(addr);
-        let fleet = Fleet::connect(connector.clone(), resume_config(), sessions).await?;
+        let cutter = CuttableTcp::new(addr);
+        let fleet = match &tls_ca {
+            None => Fleet::connect(cutter.clone(), resume_config(), sessions).await?,
+            Some(ca) => {
+                let tls = ClientTls::from_ca_file(ca)?;
+                let connector = TlsConnector::new(addr.ip().to_string(), addr.port(), tls)
+                    .server_name("localhost");
+                Fleet::connect(connector, resume_config(), sessions).await?
+            }
+        };
         reply("ready")?;
         let mut commands = stdin_lines();
         while let Some(line) = commands.recv().await {
@@ -655,8 +672,9 @@ pub(crate) fn run_clients(addr: SocketAddr, sessions: usize) -> anyhow::Result<(
                     fleet.send_all(k.parse()?).await?;
                     reply("sent")?;
                 }
+                ["cut-send", _] if tls_ca.is_some() => bail!("cut-send needs plain TCP"),
                 ["cut-send", k] => {
-                    connector.kill_all();
+                    cutter.kill_all();
                     fleet.send_all(k.parse()?).await?;
                     reply("sent")?;
                 }
@@ -758,9 +776,12 @@ async fn mem_point(counter: Option<&'static dyn AllocCounter>) -> anyhow::Result
 }
 
 /// `--role idle-server`: serves `sessions` sessions from a child client
-/// process, echoing, and prints one JSON [`IdleReport`].
+/// process, echoing, and prints one JSON [`IdleReport`]. With `tls`, over
+/// TLS with a throwaway certificate whose CA the clients are given in a
+/// temporary file.
 pub(crate) fn run_idle_server(
     sessions: usize,
+    tls: bool,
     counter: Option<&'static dyn AllocCounter>,
 ) -> anyhow::Result<()> {
     if let Some(c) = counter {
@@ -770,18 +791,31 @@ pub(crate) fn run_idle_server(
     let report = rt.block_on(async {
         let listener = listener_with_backlog()?;
         let addr = listener.local_addr()?;
-        let server = Server::<Msg>::new(listener, Config::default());
-        let tracker = Tracker::new(sessions);
-        let (stop, acceptor) = spawn_acceptor(server, tracker.clone(), true);
-        let base = mem_point(counter).await?;
-        let mut clients = ChildProc::spawn(&[
+        let mut args = vec![
             "--role".into(),
             "clients".into(),
             "--addr".into(),
             addr.to_string(),
             "--sessions".into(),
             sessions.to_string(),
-        ])?;
+        ];
+        let mut ca_file = None;
+        let server = if tls {
+            let pki = crate::pki::Pki::localhost()?;
+            let path =
+                std::env::temp_dir().join(format!("tether-bench-ca-{}.pem", std::process::id()));
+            std::fs::write(&path, &pki.ca_pem)?;
+            args.extend(["--tls-ca".into(), path.display().to_string()]);
+            ca_file = Some(RemoveOnDrop(path));
+            let tls = ServerTls::from_pem(pki.cert_pem.as_bytes(), pki.key_pem.as_bytes())?;
+            Server::<Msg>::new(TlsListener::new(listener, tls), Config::default())
+        } else {
+            Server::<Msg>::new(listener, Config::default())
+        };
+        let tracker = Tracker::new(sessions);
+        let (stop, acceptor) = spawn_acceptor(server, tracker.clone(), true);
+        let base = mem_point(counter).await?;
+        let mut clients = ChildProc::spawn(&args)?;
         clients.expect("ready", FLEET_TIMEOUT).await?;
         if !tracker.wait_accepted(sessions, FLEET_TIMEOUT).await {
             bail!("the server did not accept {sessions} sessions");
@@ -797,6 +831,7 @@ pub(crate) fn run_idle_server(
         let used = mem_point(counter).await?;
         let delivery = tracker.counts(0);
         clients.finish();
+        drop(ca_file);
         let _ = stop.send(());
         let server = acceptor.await?;
         let n = sessions.max(1) as f64;
@@ -818,14 +853,29 @@ pub(crate) fn run_idle_server(
     std::process::exit(0);
 }
 
-/// Runs the idle-memory workload in a child server process.
-pub(crate) async fn idle_memory(sessions: usize) -> anyhow::Result<IdleReport> {
-    let mut server = ChildProc::spawn(&[
+/// A file removed when this is dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs the idle-memory workload in a child server process, over TCP or,
+/// with `tls`, over TLS.
+pub(crate) async fn idle_memory(sessions: usize, tls: bool) -> anyhow::Result<IdleReport> {
+    let mut args = vec![
         "--role".into(),
         "idle-server".into(),
         "--sessions".into(),
         sessions.to_string(),
-    ])?;
+    ];
+    if tls {
+        args.push("--tls-ca".into());
+        args.push("server".into());
+    }
+    let mut server = ChildProc::spawn(&args)?;
     let line = server.expect("{", FLEET_TIMEOUT).await?;
     server.finish();
     Ok(serde_json::from_str(&format!("{{{line}"))?)

@@ -1,4 +1,4 @@
-//! The four systems under test, set up the same way for every workload, and
+//! The systems under test, set up the same way for every workload, and
 //! the workloads that compare them: one-way throughput, ping-pong and
 //! allocations per message.
 //!
@@ -13,12 +13,15 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tether::link::mem::{self, MemConnector, MemListener};
 use tether::link::stream::{StreamRx, StreamTx};
+use tether::link::tls::{ClientTls, ServerTls, TlsConnector, TlsListener};
 use tether::link::{Connector, Listener, PendingLink, TcpConnector, TcpListener};
 use tether::{BareConduit, BareReceiver, BareSender, Config, Server, StableConduit};
 use tether::{StableReceiver, StableSender};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio_rustls::TlsStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use super::alloc::{AllocCounter, AllocCounts, SLOT_RECEIVER, SLOT_SENDER};
@@ -49,14 +52,21 @@ pub(crate) enum System {
     Stable,
     /// tether's stable conduit over the in-memory link.
     StableMem,
+    /// `Framed` and postcard inside a TLS session (rustls, the same
+    /// configurations as tether's TLS links).
+    FramedTls,
+    /// tether's stable conduit over TLS.
+    StableTls,
 }
 
 impl System {
-    pub(crate) const ALL: [System; 4] = [
+    pub(crate) const ALL: [System; 6] = [
         System::Framed,
         System::Bare,
         System::Stable,
         System::StableMem,
+        System::FramedTls,
+        System::StableTls,
     ];
 
     /// The key of this system in the JSON report.
@@ -66,6 +76,8 @@ impl System {
             System::Bare => "bare",
             System::Stable => "stable",
             System::StableMem => "stable_mem",
+            System::FramedTls => "framed_tls",
+            System::StableTls => "stable_tls",
         }
     }
 
@@ -76,8 +88,30 @@ impl System {
             System::Bare => "bare (TCP)",
             System::Stable => "stable (TCP)",
             System::StableMem => "stable (mem)",
+            System::FramedTls => "Framed (TLS)",
+            System::StableTls => "stable (TLS)",
         }
     }
+}
+
+/// Throwaway TLS credentials of the TLS systems: a CA and a `localhost`
+/// certificate it signed, generated once per process.
+pub(crate) struct BenchTls {
+    pub(crate) server: ServerTls,
+    pub(crate) client: ClientTls,
+}
+
+pub(crate) fn bench_tls() -> anyhow::Result<&'static BenchTls> {
+    static TLS: std::sync::OnceLock<BenchTls> = std::sync::OnceLock::new();
+    if let Some(t) = TLS.get() {
+        return Ok(t);
+    }
+    let pki = crate::pki::Pki::localhost()?;
+    let made = BenchTls {
+        server: ServerTls::from_pem(pki.cert_pem.as_bytes(), pki.key_pem.as_bytes())?,
+        client: ClientTls::from_ca_pem(pki.ca_pem.as_bytes())?,
+    };
+    Ok(TLS.get_or_init(|| made))
 }
 
 /// A payload of `size` bytes.
@@ -91,6 +125,7 @@ type TcpRx = StreamRx<OwnedReadHalf>;
 /// One end of a connection of any system.
 pub(crate) enum Endpoint {
     Framed(Box<Framed<TcpStream, LengthDelimitedCodec>>),
+    FramedTls(Box<Framed<TlsStream<TcpStream>, LengthDelimitedCodec>>),
     Bare(BareSender<TcpTx, Msg>, BareReceiver<TcpRx, Msg>),
     /// On the server side, the server (and for the in-memory link a
     /// connector, without which the server's listener reports an error
@@ -108,16 +143,8 @@ impl Endpoint {
     /// and bare feed and flush every [`FLUSH_EVERY`]; stable just sends.
     pub(crate) async fn send_many(&mut self, msg: &Msg, n: u64) -> anyhow::Result<()> {
         match self {
-            Endpoint::Framed(f) => {
-                for i in 1..=n {
-                    let buf = postcard::to_allocvec(msg)?;
-                    f.feed(bytes::Bytes::from(buf)).await?;
-                    if i % FLUSH_EVERY == 0 {
-                        SinkExt::<bytes::Bytes>::flush(f).await?;
-                    }
-                }
-                SinkExt::<bytes::Bytes>::flush(f).await?;
-            }
+            Endpoint::Framed(f) => framed_send_many(f, msg, n).await?,
+            Endpoint::FramedTls(f) => framed_send_many(f, msg, n).await?,
             Endpoint::Bare(tx, _) => {
                 for i in 1..=n {
                     tx.feed(msg).await?;
@@ -139,10 +166,8 @@ impl Endpoint {
     /// Sends one message and pushes it out at once.
     pub(crate) async fn send_one(&mut self, msg: &Msg) -> anyhow::Result<()> {
         match self {
-            Endpoint::Framed(f) => {
-                let buf = postcard::to_allocvec(msg)?;
-                f.send(bytes::Bytes::from(buf)).await?;
-            }
+            Endpoint::Framed(f) => framed_send_one(f, msg).await?,
+            Endpoint::FramedTls(f) => framed_send_one(f, msg).await?,
             Endpoint::Bare(tx, _) => tx.send(msg).await?,
             Endpoint::Stable { tx, .. } => tx.send(msg).await?,
         }
@@ -152,10 +177,8 @@ impl Endpoint {
     /// Receives and decodes one message; the end of the stream is an error.
     pub(crate) async fn recv(&mut self) -> anyhow::Result<Msg> {
         let got = match self {
-            Endpoint::Framed(f) => match f.next().await {
-                Some(frame) => Some(postcard::from_bytes::<Msg>(&frame?)?),
-                None => None,
-            },
+            Endpoint::Framed(f) => framed_recv(f).await?,
+            Endpoint::FramedTls(f) => framed_recv(f).await?,
             Endpoint::Bare(_, rx) => rx.recv().await?,
             Endpoint::Stable { rx, .. } => rx.recv().await?,
         };
@@ -163,9 +186,44 @@ impl Endpoint {
     }
 }
 
+async fn framed_send_many<T: AsyncRead + AsyncWrite + Unpin>(
+    f: &mut Framed<T, LengthDelimitedCodec>,
+    msg: &Msg,
+    n: u64,
+) -> anyhow::Result<()> {
+    for i in 1..=n {
+        let buf = postcard::to_allocvec(msg)?;
+        f.feed(bytes::Bytes::from(buf)).await?;
+        if i % FLUSH_EVERY == 0 {
+            SinkExt::<bytes::Bytes>::flush(f).await?;
+        }
+    }
+    SinkExt::<bytes::Bytes>::flush(f).await?;
+    Ok(())
+}
+
+async fn framed_send_one<T: AsyncRead + AsyncWrite + Unpin>(
+    f: &mut Framed<T, LengthDelimitedCodec>,
+    msg: &Msg,
+) -> anyhow::Result<()> {
+    let buf = postcard::to_allocvec(msg)?;
+    f.send(bytes::Bytes::from(buf)).await?;
+    Ok(())
+}
+
+async fn framed_recv<T: AsyncRead + AsyncWrite + Unpin>(
+    f: &mut Framed<T, LengthDelimitedCodec>,
+) -> anyhow::Result<Option<Msg>> {
+    Ok(match f.next().await {
+        Some(frame) => Some(postcard::from_bytes::<Msg>(&frame?)?),
+        None => None,
+    })
+}
+
 /// A server side waiting for its client.
 pub(crate) enum Listening {
     Framed(tokio::net::TcpListener),
+    FramedTls(tokio::net::TcpListener, tokio_rustls::TlsAcceptor),
     Bare(TcpListener),
     Stable(Box<Server<Msg>>, Option<MemConnector>),
 }
@@ -173,6 +231,8 @@ pub(crate) enum Listening {
 /// How the client reaches the server.
 pub(crate) enum Dial {
     Tcp(SocketAddr),
+    /// TLS to `localhost` at this address.
+    Tls(SocketAddr),
     Mem(MemConnector),
 }
 
@@ -196,6 +256,19 @@ pub(crate) async fn listen(system: System) -> anyhow::Result<(Listening, Dial)> 
             let server = Server::new(l, Config::default());
             (Listening::Stable(Box::new(server), None), Dial::Tcp(addr))
         }
+        System::FramedTls => {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(bench_tls()?.server.config());
+            (Listening::FramedTls(l, acceptor), Dial::Tls(addr))
+        }
+        System::StableTls => {
+            let l = TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            let l = TlsListener::new(l, bench_tls()?.server.clone());
+            let server = Server::new(l, Config::default());
+            (Listening::Stable(Box::new(server), None), Dial::Tls(addr))
+        }
         System::StableMem => {
             let (l, c): (MemListener, MemConnector) = mem::listener(MEM_CAPACITY);
             let server = Server::new(l, Config::default());
@@ -215,6 +288,12 @@ pub(crate) async fn accept(listening: Listening) -> anyhow::Result<Endpoint> {
             let (stream, _) = l.accept().await?;
             stream.set_nodelay(true)?;
             Endpoint::Framed(Box::new(Framed::new(stream, LengthDelimitedCodec::new())))
+        }
+        Listening::FramedTls(l, acceptor) => {
+            let (stream, _) = l.accept().await?;
+            stream.set_nodelay(true)?;
+            let stream = TlsStream::Server(acceptor.accept(stream).await?);
+            Endpoint::FramedTls(Box::new(Framed::new(stream, LengthDelimitedCodec::new())))
         }
         Listening::Bare(mut l) => {
             let link = l.accept().await?.establish().await?;
@@ -251,6 +330,19 @@ pub(crate) async fn dial(system: System, dial: Dial) -> anyhow::Result<Endpoint>
             stable_client(TcpConnector::new(addr), Config::default()).await?
         }
         (System::StableMem, Dial::Mem(c)) => stable_client(c, Config::default()).await?,
+        (System::FramedTls, Dial::Tls(addr)) => {
+            let stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let connector = tokio_rustls::TlsConnector::from(bench_tls()?.client.config());
+            let name = rustls::pki_types::ServerName::try_from("localhost")?;
+            let stream = TlsStream::Client(connector.connect(name, stream).await?);
+            Endpoint::FramedTls(Box::new(Framed::new(stream, LengthDelimitedCodec::new())))
+        }
+        (System::StableTls, Dial::Tls(addr)) => {
+            let c = TlsConnector::new("127.0.0.1", addr.port(), bench_tls()?.client.clone())
+                .server_name("localhost");
+            stable_client(c, Config::default()).await?
+        }
         _ => bail!("{system:?} cannot dial that address"),
     })
 }
