@@ -349,6 +349,12 @@ impl WsRx {
                 Some(Ok(message)) => message,
                 Some(Err(e)) => {
                     self.state = RxState::Dead;
+                    if !matches!(e, tokio_websockets::Error::Io(_)) {
+                        // The stream queued a Close saying why (1002 for a
+                        // protocol violation, 1009 for a message too big):
+                        // send it, best effort.
+                        let _ = Pin::new(&mut *ws).poll_flush(cx);
+                    }
                     return Poll::Ready(Err(link_error(e)));
                 }
                 None => {
