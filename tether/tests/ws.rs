@@ -489,7 +489,6 @@ async fn hostile_frames_and_requests_end_their_connection_only() {
         assert_eq!(got[1].0, 0x82, "one binary frame");
         assert_eq!(&got[1].1[..4], b"ROSH", "a ServerHello");
         assert_eq!(got[1].1.len(), 25);
-        let _ = server.accept().await.unwrap();
         drop(tcp);
 
         // HTTP requests that are not upgrades.
@@ -703,8 +702,12 @@ fn nginx_binary() -> Option<PathBuf> {
         .into_iter()
         .chain(
             std::env::var_os("PATH")
-                .map(|p| std::env::split_paths(&p).map(|d| d.join("nginx")).collect())
-                .unwrap_or_else(Vec::new),
+                .map(|p| {
+                    std::env::split_paths(&p)
+                        .map(|d| d.join("nginx"))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
         )
         .find(|p| p.is_file());
     if found.is_none() {
