@@ -811,12 +811,10 @@ async fn stable_conduit_through_nginx() {
         // Restart nginx (same port) while the traffic runs.
         let restart = {
             let (nginx, dir) = (nginx.clone(), dir.clone());
-            let upstream = proxy.local_addr().port();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 drop(first);
                 let conf = std::fs::read_to_string(dir.join("nginx.conf")).unwrap();
-                let _ = upstream;
                 let child = Command::new(&nginx)
                     .arg("-e")
                     .arg(dir.join("error.log"))
@@ -840,6 +838,9 @@ async fn stable_conduit_through_nginx() {
         assert!(c.reconnects >= 3);
         assert_eq!(c.frames_received, back.total());
         assert_eq!(session_tx.stats().frames_received, t.total());
+        // The restarted nginx serves new clients.
+        let connector = WsConnector::new(&format!("ws://127.0.0.1:{nginx_port}/")).unwrap();
+        one_round_trip(&server, connector, seed + 2).await;
         drop(second);
         let _ = std::fs::remove_dir_all(&dir);
     })
