@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use super::mem::{MemConnector, MemLink};
 use super::stream::{split_host_port, StreamConfig};
 use super::tls::{ClientTls, TlsConnector, TlsLink, TlsPending};
+use super::ws::{WsConnector, WsLink, WsPending};
 use super::{
     Connector, Link, LinkError, LinkRx, LinkTx, Listener, PeerInfo, PendingLink, Ready,
     TcpConnector, TcpLink, TcpPending,
@@ -47,6 +48,7 @@ macro_rules! each {
             #[cfg(unix)]
             $ty::Unix($inner) => $body,
             $ty::Tls($inner) => $body,
+            $ty::Ws($inner) => $body,
         }
     };
 }
@@ -64,6 +66,8 @@ pub enum AnyLink {
     Unix(UnixLink),
     /// TLS over TCP.
     Tls(TlsLink),
+    /// WebSocket (`ws://` or `wss://`).
+    Ws(WsLink),
 }
 
 /// The sending half of an [`AnyLink`].
@@ -79,6 +83,8 @@ pub enum AnyTx {
     Unix(<UnixLink as Link>::Tx),
     /// TLS over TCP.
     Tls(<TlsLink as Link>::Tx),
+    /// WebSocket (`ws://` or `wss://`).
+    Ws(<WsLink as Link>::Tx),
 }
 
 /// The receiving half of an [`AnyLink`].
@@ -94,6 +100,8 @@ pub enum AnyRx {
     Unix(<UnixLink as Link>::Rx),
     /// TLS over TCP.
     Tls(<TlsLink as Link>::Rx),
+    /// WebSocket (`ws://` or `wss://`).
+    Ws(<WsLink as Link>::Rx),
 }
 
 impl Link for AnyLink {
@@ -118,6 +126,10 @@ impl Link for AnyLink {
             AnyLink::Tls(l) => {
                 let (tx, rx) = l.split();
                 (AnyTx::Tls(tx), AnyRx::Tls(rx))
+            }
+            AnyLink::Ws(l) => {
+                let (tx, rx) = l.split();
+                (AnyTx::Ws(tx), AnyRx::Ws(rx))
             }
         }
     }
@@ -168,6 +180,8 @@ pub enum AnyPending {
     Unix(UnixPending),
     /// TLS over TCP: the TLS handshake.
     Tls(TlsPending),
+    /// WebSocket: the TLS handshake for `wss://`, then the HTTP upgrade.
+    Ws(WsPending),
 }
 
 impl PendingLink for AnyPending {
@@ -184,6 +198,7 @@ impl PendingLink for AnyPending {
             #[cfg(unix)]
             AnyPending::Unix(p) => AnyLink::Unix(p.establish().await?),
             AnyPending::Tls(p) => AnyLink::Tls(p.establish().await?),
+            AnyPending::Ws(p) => AnyLink::Ws(p.establish().await?),
         })
     }
 }
@@ -213,6 +228,7 @@ into_any! {
     #[cfg(unix)]
     Unix(UnixPending, UnixLink),
     Tls(TlsPending, TlsLink),
+    Ws(WsPending, WsLink),
 }
 
 /// A connector of any transport.
@@ -228,6 +244,8 @@ pub enum AnyConnector {
     Unix(UnixConnector),
     /// TLS over TCP.
     Tls(TlsConnector),
+    /// WebSocket (`ws://` or `wss://`).
+    Ws(WsConnector),
 }
 
 /// Why [`AnyConnector::parse`] refused a URL.
@@ -244,6 +262,10 @@ impl AnyConnector {
     /// - `host:port` or `tcp://host:port`: TCP;
     /// - `tls://host:port`: TLS over TCP, the certificate checked against
     ///   `host` with `tls` (the Mozilla roots if `None`);
+    /// - `ws://host[:port][/path]`: WebSocket (port 80 by default);
+    /// - `wss://host[:port][/path]`: WebSocket over TLS (port 443 by
+    ///   default), the certificate checked against `host` with `tls` (the
+    ///   Mozilla roots if `None`);
     /// - `unix:PATH` or `unix://PATH`: a Unix-domain socket.
     ///
     /// Host names are resolved again on every connect, trying each
@@ -264,6 +286,11 @@ impl AnyConnector {
             let tls = tls.unwrap_or_else(ClientTls::webpki_roots);
             return Ok(AnyConnector::Tls(TlsConnector::new(host, port, tls)));
         }
+        if url.starts_with("ws://") || url.starts_with("wss://") {
+            return WsConnector::parse(url, tls)
+                .map(AnyConnector::Ws)
+                .map_err(|e| bad(&e));
+        }
         if let Some(rest) = url.strip_prefix("unix:") {
             let path = rest.strip_prefix("//").unwrap_or(rest);
             if path.is_empty() {
@@ -276,7 +303,7 @@ impl AnyConnector {
         }
         if let Some((scheme, _)) = url.split_once("://") {
             return Err(bad(&format_args!(
-                "unknown scheme {scheme:?} (tcp, tls, unix)"
+                "unknown scheme {scheme:?} (tcp, tls, ws, wss, unix)"
             )));
         }
         let (host, port) = host_port(url)?;
@@ -284,7 +311,7 @@ impl AnyConnector {
     }
 
     /// The same connector, its stream links using `config` (no effect on
-    /// in-memory links).
+    /// in-memory and WebSocket links).
     pub fn stream_config(self, config: StreamConfig) -> AnyConnector {
         match self {
             AnyConnector::Tcp(c) => AnyConnector::Tcp(c.config(config)),
@@ -323,6 +350,7 @@ connector_into_any! {
     #[cfg(unix)]
     Unix(UnixConnector),
     Tls(TlsConnector),
+    Ws(WsConnector),
 }
 
 /// Accepts from several listeners, of any transports, at once.

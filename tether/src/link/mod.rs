@@ -46,6 +46,9 @@
 //! - [`tls`]: TLS over TCP (rustls): [`TlsConnector`] and
 //!   [`TlsListener`], the same framing inside TLS, and
 //!   what the handshake verified about the peer in [`PeerInfo::tls`].
+//! - [`ws`]: WebSocket (`ws://`, `wss://`): [`WsConnector`] and
+//!   [`WsListener`], one binary message per payload, the upgrade request
+//!   in [`PeerInfo::http`].
 //!
 //! # Framing on byte streams
 //!
@@ -112,7 +115,7 @@ pub use tls::{
     CertIdentity, ClientTls, ServerTls, TlsConfigError, TlsConnector, TlsLink, TlsListener,
     TlsPeer, TlsPending, TrustRoots,
 };
-pub use ws::HttpPeer;
+pub use ws::{HttpPeer, WsConfig, WsConnector, WsError, WsLink, WsListener, WsPending};
 
 pub use stream::{
     StreamConfig, StreamLink, TcpConnector, TcpLink, TcpListener, TcpPending, DEFAULT_BACKLOG,
@@ -331,6 +334,11 @@ pub enum LinkError {
         /// Bytes of that part that arrived before end-of-file.
         got: usize,
     },
+    /// A WebSocket link or its HTTP upgrade failed: a text message, a
+    /// protocol violation, an upgrade refused with an HTTP status (see
+    /// [`WsError`](ws::WsError)).
+    #[error("websocket: {0}")]
+    WebSocket(ws::WsError),
     /// The peer vanished without a graceful close (an in-memory link was
     /// dropped or killed).
     #[error("link reset: the peer vanished without closing")]
