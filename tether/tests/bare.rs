@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tether::link::mem::{self, MemConfig, MemLink};
 use tether::link::stream::{StreamConfig, StreamLink};
-use tether::link::{Link, LinkRx, LinkTx};
+use tether::link::{Link, LinkError, LinkRx, LinkTx};
 use tether::proto::FrameError;
 use tether::{BareConduit, BareReceiver, BareSender, Borrowed, Error};
 
