@@ -72,7 +72,7 @@ async fn session(
 async fn links_cut_at_random_points_many_seeds(transport: Transport) {
     common::within(async move {
         let mut total_reconnects = 0;
-        for seed in 0..16 {
+        for seed in 0..6 {
             let (_server, connector, client, server_side, _fx) = session(transport, seed).await;
             let stop = Arc::new(AtomicBool::new(false));
             let chaos = spawn_chaos(
@@ -108,8 +108,8 @@ async fn links_cut_at_random_points_many_seeds(transport: Transport) {
             total_reconnects += stats.reconnects;
         }
         assert!(
-            total_reconnects >= 16,
-            "cuts rarely landed: {total_reconnects} reconnects in 16 runs"
+            total_reconnects >= 6,
+            "cuts rarely landed: {total_reconnects} reconnects in 6 runs"
         );
     })
     .await;

@@ -688,8 +688,9 @@ async fn relay_payloads<R: LinkRx, T: LinkTx>(
         };
         let (pass, cut) = budget.take(payload.len(), up);
         if pass < payload.len() {
-            // Payloads are whole on a memory link: this one is lost.
-            return Ended::Budget(false);
+            // Payloads are whole on a memory link: this one is lost in
+            // flight, which counts as a cut inside a frame.
+            return Ended::Budget(true);
         }
         if to.send(payload).await.is_err() {
             return Ended::Failed;
