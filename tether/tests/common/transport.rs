@@ -382,7 +382,7 @@ impl Cutter {
     pub fn stats(&self) -> ProxyStats {
         match &self.inner.via {
             Via::Proxy(proxy, _) => proxy.stats(),
-            Via::Relay(relay) => relay.stats.lock().unwrap().clone(),
+            Via::Relay(relay) => *relay.stats.lock().unwrap(),
         }
     }
 
