@@ -175,11 +175,11 @@ async fn random_cuts_many_seeds(transport: Transport) {
     let mut total = ProxyStats::default();
     let mut reconnects = 0;
     let mut replayed = 0;
-    for seed in 0..6 {
+    for seed in 0..4 {
         let t = Traffic {
             seed,
             streams: 4,
-            per_stream: 500,
+            per_stream: 300,
             max_len: MAX_LEN,
         };
         let run = within(cut_run(transport, seed, fault(seed, 50_000, 0.2), t)).await;
