@@ -1,7 +1,9 @@
 //! Admission and the server API over real TCP: typed refusals (busy,
 //! denied, policy), per-source caps, the authorization hook and the
 //! credential, session info, accepting from several tasks, unproven
-//! sessions dropped early, and a graceful shutdown.
+//! sessions dropped early, and a graceful shutdown. Where the transport
+//! matters (what the hook learns of the peer, busy refusals crossing the
+//! link) the tests run on every transport of `common::transport`.
 
 mod common;
 
@@ -9,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::transport::Transport;
 use common::{config, within};
 use tether::link::{StreamConfig, StreamLink, TcpConnector, TcpLink, TcpListener};
 use tether::proto::ext;
@@ -139,20 +142,22 @@ async fn per_source_cap_refuses_one_address_and_serves_another() {
     .await;
 }
 
-#[tokio::test]
-async fn busy_server_is_retried_until_room_frees() {
+async fn busy_server_is_retried_until_room_frees(transport: Transport) {
     within(async {
         let mut c = config(2);
         c.max_sessions(1);
-        let (server, addr) = echo_server(c).await;
-        let mut first = StableConduit::<Msg>::connect(TcpConnector::new(addr), config(1))
+        let mut fx = transport.fixture().await;
+        let server = Arc::new(Server::<Msg>::new(fx.listener(), c));
+        spawn_echo(server.clone());
+        let connector = fx.connector();
+        let mut first = StableConduit::<Msg>::connect(connector.clone(), config(1))
             .await
             .unwrap();
         echo_once(&mut first, 1).await;
         // The second waits (busy, retried with backoff), and gets in once
         // the first closes.
         let second = tokio::spawn(async move {
-            let mut c = StableConduit::<Msg>::connect(TcpConnector::new(addr), config(2))
+            let mut c = StableConduit::<Msg>::connect(connector, config(2))
                 .await
                 .unwrap();
             echo_once(&mut c, 2).await;
@@ -166,32 +171,85 @@ async fn busy_server_is_retried_until_room_frees() {
     .await;
 }
 
+transport_tests!(busy_server_is_retried_until_room_frees);
+
+/// The hook sees the real source address of a TCP client (127.0.0.4 here,
+/// not the listener's 127.0.0.1).
 #[tokio::test]
-async fn authorizer_sees_peer_and_credential_and_its_grant_reaches_accept() {
+async fn authorizer_sees_the_tcp_source_address() {
     within(async {
         let (l, addr) = listener().await;
-        let authorize = |a: &Admission| {
-            if a.credential.as_ref() == b"let me in" {
-                Ok(Grant::new(format!("user@{}", a.peer.addr.unwrap().ip())))
-            } else {
-                Err(Denied::new("bad credential"))
+        let authorize = |a: &Admission| Ok(Grant::new(a.peer.addr.unwrap().ip().to_string()));
+        let server = Arc::new(Server::<Msg>::with_authorizer(l, config(3), authorize));
+        let accept = {
+            let server = server.clone();
+            tokio::spawn(async move { server.accept().await.unwrap() })
+        };
+        let client = StableConduit::<Msg>::connect(from(4, addr), config(1))
+            .await
+            .unwrap();
+        client.send(&5).await.unwrap();
+        let session = accept.await.unwrap();
+        let info = session.session_info().unwrap().clone();
+        assert_eq!(info.grant().get::<String>().unwrap(), "127.0.0.4");
+        assert_eq!(info.peer().addr.unwrap().ip().to_string(), "127.0.0.4");
+    })
+    .await;
+}
+
+/// What the hook learns of the peer is what the transport knows (an
+/// address over TCP, what TLS verified over TLS, nothing in memory or on a
+/// Unix socket); the credential decides, and the grant reaches `accept`.
+async fn authorizer_sees_peer_and_credential_and_its_grant_reaches_accept(transport: Transport) {
+    within(async {
+        let mut fx = transport.fixture().await;
+        let addr = fx.connector();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let authorize = {
+            let seen = seen.clone();
+            move |a: &Admission| {
+                seen.lock().unwrap().push(a.peer.clone());
+                if a.credential.as_ref() == b"let me in" {
+                    let who = a
+                        .peer
+                        .addr
+                        .map_or("local".to_owned(), |a| a.ip().to_string());
+                    Ok(Grant::new(format!("user@{who}")))
+                } else {
+                    Err(Denied::new("bad credential"))
+                }
             }
         };
-        let server = Arc::new(Server::<Msg>::with_authorizer(l, config(3), authorize));
+        let server = Arc::new(Server::<Msg>::with_authorizer(
+            fx.listener(),
+            config(3),
+            authorize,
+        ));
         let mut c = config(1);
         c.credential(&b"let me in"[..]);
         let accept = {
             let server = server.clone();
             tokio::spawn(async move { server.accept().await.unwrap() })
         };
-        let client = StableConduit::<Msg>::connect(from(4, addr), c)
+        let client = StableConduit::<Msg>::connect(addr.clone(), c)
             .await
             .unwrap();
         client.send(&5).await.unwrap();
         let mut session = accept.await.unwrap();
         let info = session.session_info().unwrap().clone();
-        assert_eq!(info.grant().get::<String>().unwrap(), "user@127.0.0.4");
-        assert_eq!(info.peer().addr.unwrap().ip().to_string(), "127.0.0.4");
+        let who = if transport.over_tcp() {
+            "127.0.0.1"
+        } else {
+            "local"
+        };
+        assert_eq!(
+            info.grant().get::<String>().unwrap(),
+            &format!("user@{who}")
+        );
+        let hooked = seen.lock().unwrap()[0].clone();
+        fx.check_client_peer(&hooked, Some("127.0.0.1"));
+        fx.check_client_peer(info.peer(), Some("127.0.0.1"));
+        assert_eq!(info.peer().addr, hooked.addr);
         assert_eq!(session.recv().await.unwrap(), Some(5));
         let listed = server.sessions();
         assert_eq!(listed.len(), 1);
@@ -203,16 +261,19 @@ async fn authorizer_sees_peer_and_credential_and_its_grant_reaches_accept() {
         let mut bad = config(2);
         bad.credential(&b"guess"[..]);
         let started = Instant::now();
-        match StableConduit::<Msg>::connect(TcpConnector::new(addr), bad).await {
+        match StableConduit::<Msg>::connect(addr, bad).await {
             Err(Error::Refused(Refusal::Denied { reason })) => assert_eq!(reason, "bad credential"),
             other => panic!("expected a denial, got {other:?}"),
         }
         assert!(started.elapsed() < Duration::from_secs(1));
         assert_eq!(server.stats().refused_denied, 1);
         assert_eq!(server.stats().sessions_created, 1);
+        fx.check_client_peer(&seen.lock().unwrap()[1], Some("127.0.0.1"));
     })
     .await;
 }
+
+transport_tests!(authorizer_sees_peer_and_credential_and_its_grant_reaches_accept);
 
 #[tokio::test]
 async fn required_keepalive_refuses_base_format_clients() {

@@ -3,18 +3,21 @@
 //! typed decode and encode failures, and link failures surfacing as
 //! `Error::Link`.
 
+mod common;
+
 use std::borrow::Cow;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tether::link::mem::{self, MemConfig, MemLink};
-use tether::link::stream::{StreamConfig, StreamLink, TcpConnector, TcpListener};
-use tether::link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener, PendingLink};
+use tether::link::stream::{StreamConfig, StreamLink};
+use tether::link::{Link, LinkError, LinkRx, LinkTx};
 use tether::proto::FrameError;
 use tether::{BareConduit, BareReceiver, BareSender, Borrowed, Error};
+
+use common::transport::Transport;
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -43,53 +46,8 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// The link of an accepted connection, set up.
-async fn established<P: PendingLink>(pending: Result<P, LinkError>) -> P::Link {
-    pending.unwrap().establish().await.unwrap()
-}
-
 fn mem_links() -> (MemLink, MemLink) {
     mem::pair(16)
-}
-
-async fn tcp_links() -> (tether::link::TcpLink, tether::link::TcpLink) {
-    let mut listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let connector = TcpConnector::new(listener.local_addr().unwrap());
-    let (client, server) = tokio::join!(connector.connect(), listener.accept());
-    (client.unwrap(), established(server).await)
-}
-
-/// A unique socket path under the temp dir, removed on drop.
-#[cfg(unix)]
-struct SocketPath(std::path::PathBuf);
-
-#[cfg(unix)]
-impl SocketPath {
-    fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("tether-bare-{}-{}.sock", std::process::id(), n));
-        let _ = std::fs::remove_file(&path);
-        SocketPath(path)
-    }
-}
-
-#[cfg(unix)]
-impl Drop for SocketPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-#[cfg(unix)]
-async fn unix_links() -> (tether::link::UnixLink, tether::link::UnixLink, SocketPath) {
-    use tether::link::{UnixConnector, UnixListener};
-    let path = SocketPath::new();
-    let mut listener = UnixListener::bind(&path.0).unwrap();
-    let connector = UnixConnector::new(&path.0);
-    let (client, server) = tokio::join!(connector.connect(), listener.accept());
-    (client.unwrap(), established(server).await, path)
 }
 
 type DuplexLink = StreamLink<
@@ -258,7 +216,7 @@ async fn recv_all<T: LinkRx>(mut rx: BareReceiver<T, Msg>) -> Vec<Msg> {
 }
 
 /// Both directions at once, each half on its own task.
-async fn round_trip<A: Link, B: Link>(a: A, b: B) {
+async fn round_trip_over<A: Link, B: Link>(a: A, b: B) {
     const COUNT: u64 = 120;
     let from_a = messages('a', COUNT);
     let from_b = messages('b', COUNT);
@@ -277,39 +235,23 @@ async fn round_trip<A: Link, B: Link>(a: A, b: B) {
     assert_same(&recv_a.await.unwrap(), &from_b, "b -> a");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_trip_mem() {
+/// Over every transport's connector and listener.
+async fn round_trip(t: Transport) {
     bounded(async {
-        let (a, b) = mem_links();
-        round_trip(a, b).await;
+        let mut fx = t.fixture().await;
+        let (a, b) = fx.pair().await;
+        round_trip_over(a, b).await;
     })
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_trip_tcp() {
-    bounded(async {
-        let (a, b) = tcp_links().await;
-        round_trip(a, b).await;
-    })
-    .await;
-}
-
-#[cfg(unix)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_trip_unix() {
-    bounded(async {
-        let (a, b, _path) = unix_links().await;
-        round_trip(a, b).await;
-    })
-    .await;
-}
+transport_tests!(round_trip);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_duplex() {
     bounded(async {
         let (a, b) = duplex_links();
-        round_trip(a, b).await;
+        round_trip_over(a, b).await;
     })
     .await;
 }
@@ -382,7 +324,7 @@ async fn unsplit_conduit_request_response() {
 /// Feeds many messages (small ones, and some over the stream links' copy
 /// threshold) with one flush at the end. On stream links, fed messages must
 /// not reach the peer before the flush (`held_until_flush`).
-async fn feed_then_flush<A: Link, B: Link>(a: A, b: B, held_until_flush: bool) {
+async fn feed_then_flush_over<A: Link, B: Link>(a: A, b: B, held_until_flush: bool) {
     const COUNT: u32 = 2_000;
     let item = |i: u32| -> (u32, Vec<u8>) {
         let len = if i % 250 == 7 {
@@ -427,40 +369,25 @@ async fn feed_then_flush<A: Link, B: Link>(a: A, b: B, held_until_flush: bool) {
     }
 }
 
-#[tokio::test]
-async fn feed_then_flush_mem() {
+async fn feed_then_flush(t: Transport) {
     bounded(async {
-        let (a, b) = mem_links();
-        // The in-memory link hands payloads over on `feed` already.
-        feed_then_flush(a, b, false).await;
+        let mut fx = t.fixture().await;
+        let (a, b) = fx.pair().await;
+        // The in-memory link hands payloads over on `feed` already; the
+        // byte-stream links (TLS included) write on flush.
+        // ws: the WebSocket links hold fed messages too.
+        feed_then_flush_over(a, b, t != Transport::Mem).await;
     })
     .await;
 }
 
-#[tokio::test]
-async fn feed_then_flush_tcp() {
-    bounded(async {
-        let (a, b) = tcp_links().await;
-        feed_then_flush(a, b, true).await;
-    })
-    .await;
-}
-
-#[cfg(unix)]
-#[tokio::test]
-async fn feed_then_flush_unix() {
-    bounded(async {
-        let (a, b, _path) = unix_links().await;
-        feed_then_flush(a, b, true).await;
-    })
-    .await;
-}
+transport_tests!(feed_then_flush);
 
 #[tokio::test]
 async fn feed_then_flush_duplex() {
     bounded(async {
         let (a, b) = duplex_links();
-        feed_then_flush(a, b, true).await;
+        feed_then_flush_over(a, b, true).await;
     })
     .await;
 }
@@ -570,7 +497,7 @@ fn check_borrowed(
     }
 }
 
-async fn borrowed<A: Link, B: Link>(a: A, b: B) {
+async fn borrowed_over<A: Link, B: Link>(a: A, b: B) {
     let (mut tx, _a_rx) = BareConduit::<A, Wire>::new(a).split();
     let (_b_tx, mut rx) = BareConduit::<B, ()>::new(b).split();
 
@@ -631,39 +558,22 @@ async fn borrowed<A: Link, B: Link>(a: A, b: B) {
     assert!(debug.contains("record name"), "{debug}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn borrowed_mem() {
+async fn borrowed(t: Transport) {
     bounded(async {
-        let (a, b) = mem_links();
-        borrowed(a, b).await;
+        let mut fx = t.fixture().await;
+        let (a, b) = fx.pair().await;
+        borrowed_over(a, b).await;
     })
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn borrowed_tcp() {
-    bounded(async {
-        let (a, b) = tcp_links().await;
-        borrowed(a, b).await;
-    })
-    .await;
-}
-
-#[cfg(unix)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn borrowed_unix() {
-    bounded(async {
-        let (a, b, _path) = unix_links().await;
-        borrowed(a, b).await;
-    })
-    .await;
-}
+transport_tests!(borrowed);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn borrowed_duplex() {
     bounded(async {
         let (a, b) = duplex_links();
-        borrowed(a, b).await;
+        borrowed_over(a, b).await;
     })
     .await;
 }
@@ -751,7 +661,7 @@ fn expect_decode_error(result: Result<Option<u64>, Error>) -> Error {
 
 /// A `String` received as `u64`: its length decodes as the number and its
 /// bytes are left over. The conduit stays usable.
-async fn wrong_type<A: Link, B: Link>(a: A, b: B) {
+async fn wrong_type_over<A: Link, B: Link>(a: A, b: B) {
     let (mut tx, _a_rx) = BareConduit::<A, Wire>::new(a).split();
     let (_b_tx, mut rx) = BareConduit::<B, (), u64>::new(b).split();
 
@@ -793,33 +703,16 @@ async fn wrong_type<A: Link, B: Link>(a: A, b: B) {
     assert_eq!(rx.recv().await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn wrong_type_is_decode_error_mem() {
+async fn wrong_type_is_decode_error(t: Transport) {
     bounded(async {
-        let (a, b) = mem_links();
-        wrong_type(a, b).await;
+        let mut fx = t.fixture().await;
+        let (a, b) = fx.pair().await;
+        wrong_type_over(a, b).await;
     })
     .await;
 }
 
-#[tokio::test]
-async fn wrong_type_is_decode_error_tcp() {
-    bounded(async {
-        let (a, b) = tcp_links().await;
-        wrong_type(a, b).await;
-    })
-    .await;
-}
-
-#[cfg(unix)]
-#[tokio::test]
-async fn wrong_type_is_decode_error_unix() {
-    bounded(async {
-        let (a, b, _path) = unix_links().await;
-        wrong_type(a, b).await;
-    })
-    .await;
-}
+transport_tests!(wrong_type_is_decode_error);
 
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
 enum Color {

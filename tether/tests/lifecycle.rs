@@ -2,8 +2,10 @@
 //! give-up, expiry, graceful close, flow control, and what goes on the wire
 //! for every combination of extensions.
 //!
-//! Time-dependent tests run on tokio's paused clock: deterministic, and the
-//! seconds they simulate cost no real time.
+//! Time-dependent tests run on tokio's paused clock over memory links:
+//! deterministic, and the seconds they simulate cost no real time. Close,
+//! drop, flow control and admission limits run on every transport of
+//! `common::transport`, closes and drops also while the links die.
 
 mod common;
 
@@ -12,8 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use common::transport::{Fixture, Transport};
 use common::{config, within, Msg};
-use tether::link::mem::{self, MemConnector, MemLink};
+use tether::fault::FaultConfig;
+use tether::link::any::{AnyConnector, AnyLink};
+use tether::link::mem;
 use tether::link::{Connector, Link, LinkError, LinkRx, LinkTx};
 use tether::proto::{decode_payload, ext, ClientHello, Control, Incoming, Seq, ServerHello};
 use tether::{ConduitState, Config, Error, Server, SessionLost, StableConduit};
@@ -33,7 +38,7 @@ struct Log {
 
 #[derive(Clone)]
 struct TestConnector {
-    inner: MemConnector,
+    inner: AnyConnector,
     log: Arc<Mutex<Log>>,
     /// Stall flags of the links made so far.
     stalls: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
@@ -44,13 +49,23 @@ struct TestConnector {
 }
 
 impl TestConnector {
-    fn new(inner: MemConnector) -> Self {
+    fn new(inner: impl Into<AnyConnector>) -> Self {
+        let inner = inner.into();
         TestConnector {
             inner,
             log: Arc::default(),
             stalls: Arc::default(),
             refuse: Arc::default(),
             slow_flush: Arc::default(),
+        }
+    }
+
+    /// Kills every in-memory link made so far (the paused-clock tests run
+    /// in memory).
+    fn kill_all(&self) {
+        match &self.inner {
+            AnyConnector::Mem(c) => c.kill_all(),
+            _ => unreachable!("only in-memory links are killed this way"),
         }
     }
 
@@ -64,14 +79,14 @@ impl TestConnector {
 }
 
 struct TestTx {
-    inner: <MemLink as Link>::Tx,
+    inner: <AnyLink as Link>::Tx,
     stalled: Arc<AtomicBool>,
     slow_flush: Arc<AtomicBool>,
     log: Arc<Mutex<Log>>,
     idx: usize,
 }
 struct TestRx {
-    inner: <MemLink as Link>::Rx,
+    inner: <AnyLink as Link>::Rx,
     stalled: Arc<AtomicBool>,
     log: Arc<Mutex<Log>>,
     idx: usize,
@@ -186,6 +201,28 @@ async fn setup(
     (server, connector, client, session)
 }
 
+/// [`setup`] over `transport`; the fixture keeps the listener's address.
+async fn setup_on(
+    transport: Transport,
+    client_cfg: Config,
+    server_cfg: Config,
+) -> (
+    Server<Msg>,
+    TestConnector,
+    StableConduit<Msg>,
+    StableConduit<Msg>,
+    Fixture,
+) {
+    let mut fx = transport.fixture().await;
+    let server = Server::<Msg>::new(fx.listener(), server_cfg);
+    let connector = TestConnector::new(fx.connector());
+    let client = StableConduit::<Msg>::connect(connector.clone(), client_cfg)
+        .await
+        .unwrap();
+    let session = server.accept().await.unwrap();
+    (server, connector, client, session, fx)
+}
+
 fn keepalive_config(seed: u64) -> Config {
     let mut c = config(seed);
     c.keepalive(Duration::from_secs(1), Duration::from_secs(3));
@@ -243,7 +280,7 @@ async fn backoff_grows_with_full_jitter_within_bounds_then_gives_up() {
     let (_server, connector, mut client, _session) = setup(cfg, config(2)).await;
     connector.refuse.store(true, Ordering::SeqCst);
     let lost_at = Instant::now();
-    connector.inner.kill_all();
+    connector.kill_all();
     let err = client.recv().await.unwrap_err();
     let gave_up_after = lost_at.elapsed();
     assert!(
@@ -288,7 +325,7 @@ async fn server_expires_a_session_whose_client_never_returns() {
     client_cfg.reconnect_mut().give_up_after(None);
     let (server, connector, _client, mut session) = setup(client_cfg, server_cfg).await;
     connector.refuse.store(true, Ordering::SeqCst);
-    connector.inner.kill_all();
+    connector.kill_all();
     // The server goes on accepting sends for the absent client.
     for i in 0..100 {
         session.send(&(0, i, vec![0; 100])).await.unwrap();
@@ -319,10 +356,10 @@ async fn server_expires_a_session_whose_client_never_returns() {
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_close_delivers_everything_then_ends_both_sides() {
+async fn graceful_close_delivers_everything_then_ends_both_sides(transport: Transport) {
     within(async {
-        let (server, _connector, client, mut session) = setup(config(4), config(4)).await;
+        let (server, _connector, client, mut session, _fx) =
+            setup_on(transport, config(4), config(4)).await;
         for i in 0..1000 {
             client.send(&(0, i, vec![1; 10])).await.unwrap();
         }
@@ -354,14 +391,16 @@ async fn graceful_close_delivers_everything_then_ends_both_sides() {
     .await;
 }
 
+transport_tests!(graceful_close_delivers_everything_then_ends_both_sides);
+
 /// The peer ends its side as soon as the close frame arrives, so the link
 /// can fail under the closing side before its own send of the close frame
 /// has returned: that is still a clean close, never a reconnect (which the
 /// server, having freed the session, would reject: a spurious loss).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_is_clean_even_when_the_peer_drops_the_link_at_once() {
+async fn close_is_clean_even_when_the_peer_drops_the_link_at_once(transport: Transport) {
     within(async {
-        let (server, connector, client, mut session) = setup(config(7), config(7)).await;
+        let (server, connector, client, mut session, _fx) =
+            setup_on(transport, config(7), config(7)).await;
         client.send(&(0, 1, vec![1; 10])).await.unwrap();
         assert_eq!(session.recv().await.unwrap().unwrap().1, 1);
         // Let the ack come back first, so the close frame is the only
@@ -378,12 +417,140 @@ async fn close_is_clean_even_when_the_peer_drops_the_link_at_once() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_replay_buffer_blocks_send_until_acks_arrive() {
+transport_tests!(close_is_clean_even_when_the_peer_drops_the_link_at_once);
+
+/// Links cut after 20 kB on average (one in five inside the handshake)
+/// while both sides send and the client closes: everything accepted before
+/// the close arrives exactly once and in order, both ways, then both
+/// receivers end, and the server forgets the session.
+async fn close_while_links_die_delivers_everything_then_ends(transport: Transport) {
+    within(async {
+        let mut fx = transport.fixture().await;
+        let server = Server::<Msg>::new(fx.listener(), config(20));
+        let cutter = fx.cutting(dying(20)).await;
+        let client = StableConduit::<Msg>::connect(cutter.clone(), config(20))
+            .await
+            .unwrap();
+        client.send(&(0, 0, vec![])).await.unwrap();
+        let session = server.accept().await.unwrap();
+        let (client_tx, mut client_rx) = client.split();
+        let (session_tx, mut session_rx) = session.split();
+        let up = traffic(21);
+        let down = traffic(22);
+        let senders: Vec<_> = common::spawn_senders(&client_tx, up)
+            .into_iter()
+            .chain(common::spawn_senders(&session_tx, down))
+            .collect();
+        assert_eq!(session_rx.recv().await.unwrap().unwrap(), (0, 0, vec![]));
+        let to_server = tokio::spawn(async move {
+            common::check_receiver(&mut session_rx, up).await?;
+            match session_rx.recv().await {
+                Ok(None) => Ok(()),
+                other => Err(format!("after the close, the server got {other:?}")),
+            }
+        });
+        let to_client = tokio::spawn(async move {
+            common::check_receiver(&mut client_rx, down).await?;
+            match client_rx.recv().await {
+                Ok(None) => Ok(()),
+                other => Err(format!("after the close, the client got {other:?}")),
+            }
+        });
+        for s in senders {
+            s.await.unwrap().unwrap();
+        }
+        client_tx.close().await.unwrap();
+        to_server.await.unwrap().unwrap();
+        to_client.await.unwrap().unwrap();
+        assert!(matches!(
+            session_tx.send(&(0, 0, vec![])).await,
+            Err(Error::Closed)
+        ));
+        wait_for_no_sessions(&server).await;
+        let cuts = cutter.stats();
+        assert!(cuts.cuts > 0, "{transport}: nothing was cut: {cuts:?}");
+        assert!(client_tx.stats().reconnects > 0, "{:?}", client_tx.stats());
+    })
+    .await;
+}
+
+transport_tests!(close_while_links_die_delivers_everything_then_ends);
+
+/// The same with the client dropping every handle once its senders are
+/// done, instead of closing: the close runs in the background, through the
+/// cuts, and the server still gets everything, then the end.
+async fn drop_while_links_die_delivers_everything_then_ends(transport: Transport) {
+    within(async {
+        let mut fx = transport.fixture().await;
+        let server = Server::<Msg>::new(fx.listener(), config(23));
+        let cutter = fx.cutting(dying(23)).await;
+        let client = StableConduit::<Msg>::connect(cutter.clone(), config(23))
+            .await
+            .unwrap();
+        client.send(&(0, 0, vec![])).await.unwrap();
+        let mut session = server.accept().await.unwrap();
+        assert_eq!(session.recv().await.unwrap().unwrap(), (0, 0, vec![]));
+        let up = traffic(24);
+        let (client_tx, client_rx) = client.split();
+        for s in common::spawn_senders(&client_tx, up) {
+            s.await.unwrap().unwrap();
+        }
+        drop((client_tx, client_rx));
+        let (_session_tx, mut session_rx) = session.split();
+        common::check_receiver(&mut session_rx, up).await.unwrap();
+        match session_rx.recv().await {
+            Ok(None) => {}
+            other => panic!("after the drop, the server got {other:?}"),
+        }
+        wait_for_no_sessions(&server).await;
+        let cuts = cutter.stats();
+        assert!(cuts.cuts > 0, "{transport}: nothing was cut: {cuts:?}");
+    })
+    .await;
+}
+
+transport_tests!(drop_while_links_die_delivers_everything_then_ends);
+
+/// Links that die after 20 kB on average, one in five in the handshake.
+fn dying(seed: u64) -> FaultConfig {
+    FaultConfig {
+        seed,
+        mean_bytes_between_cuts: 20_000,
+        handshake_cut_probability: 0.2,
+        max_connection_age: None,
+    }
+}
+
+/// Two sender tasks of 400 messages, up to 2 kB each.
+fn traffic(seed: u64) -> common::Traffic {
+    common::Traffic {
+        seed,
+        streams: 2,
+        per_stream: 400,
+        max_len: 2_000,
+    }
+}
+
+/// The server's driver unregisters a session right after its close
+/// completes; gives a loaded machine a moment.
+async fn wait_for_no_sessions(server: &Server<Msg>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while server.stats().sessions_open != 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        server.stats().sessions_open,
+        0,
+        "a closed session is still registered: {:?}",
+        server.stats()
+    );
+}
+
+async fn a_full_replay_buffer_blocks_send_until_acks_arrive(transport: Transport) {
     within(async {
         let mut cfg = config(5);
         cfg.max_replay(1 << 20, 8);
-        let (_server, _c, client, mut session) = setup(cfg.clone(), cfg).await;
+        let (_server, _c, client, mut session, _fx) = setup_on(transport, cfg.clone(), cfg).await;
         let (tx, _rx) = client.split();
         let sender = tokio::spawn(async move {
             for i in 0..100u64 {
@@ -405,6 +572,8 @@ async fn a_full_replay_buffer_blocks_send_until_acks_arrive() {
     })
     .await;
 }
+
+transport_tests!(a_full_replay_buffer_blocks_send_until_acks_arrive);
 
 /// An ack frame is always fresh: one for data never sent breaks the
 /// protocol. (A piggybacked ack may be a stale one from a replay, and is
@@ -557,13 +726,13 @@ async fn every_extension_combination_speaks_the_right_format() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_beyond_the_limit_are_rejected() {
+async fn sessions_beyond_the_limit_are_rejected(transport: Transport) {
     within(async {
         let mut cfg = config(8);
         cfg.max_sessions(2);
-        let (listener, c) = mem::listener(8);
-        let server = Server::<Msg>::new(listener, cfg);
+        let mut fx = transport.fixture().await;
+        let c = fx.connector();
+        let server = Server::<Msg>::new(fx.listener(), cfg);
         let a = StableConduit::<Msg>::connect(c.clone(), config(9))
             .await
             .unwrap();
@@ -604,3 +773,5 @@ async fn sessions_beyond_the_limit_are_rejected() {
     })
     .await;
 }
+
+transport_tests!(sessions_beyond_the_limit_are_rejected);

@@ -1,5 +1,6 @@
 //! End-to-end tests of stable conduits: exactly-once, in-order delivery
-//! across link failures, session loss, isolation between sessions.
+//! across link failures (on every transport of `common::transport`),
+//! session loss, isolation between sessions.
 
 mod common;
 
@@ -8,17 +9,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use common::transport::{Cutter, Transport};
 use common::{config, exchange, Msg, Traffic};
 use rand::{Rng, SeedableRng};
+use tether::fault::FaultConfig;
 use tether::link::mem::{self, MemConnector, MemLink};
 use tether::link::{Connector, Link, LinkError, LinkRx, LinkTx};
 use tether::proto::frame::{encode_frame, FrameHeader};
 use tether::proto::{ClientHello, ResumeKey, Seq, ServerHello};
 use tether::{Error, Server, SessionLost, StableConduit};
 
-/// Kills every link of `connector` at random moments until `stop` is set.
+/// Calls `cut_all` (which kills every link) at random moments until `stop`
+/// is set.
 fn spawn_chaos(
-    connector: MemConnector,
+    cut_all: impl Fn() + Send + 'static,
     seed: u64,
     max_gap_us: u64,
     stop: Arc<AtomicBool>,
@@ -28,38 +32,58 @@ fn spawn_chaos(
         let mut kills = 0;
         while !stop.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_micros(rng.random_range(0..=max_gap_us))).await;
-            connector.kill_all();
+            cut_all();
             kills += 1;
         }
         kills
     })
 }
 
-async fn mem_session(
+/// A session over `transport` whose links the test cuts (only) with
+/// [`Cutter::cut_all`], and the fixture that holds its listener's address.
+async fn session(
+    transport: Transport,
     seed: u64,
 ) -> (
     Server<Msg>,
-    MemConnector,
+    Cutter,
     StableConduit<Msg>,
     StableConduit<Msg>,
+    common::transport::Fixture,
 ) {
-    let (listener, connector) = mem::listener(64);
-    let server = Server::<Msg>::new(listener, config(seed));
+    let mut fx = transport.fixture().await;
+    let server = Server::<Msg>::new(fx.listener(), config(seed));
+    let connector = fx
+        .cutting(FaultConfig {
+            seed,
+            mean_bytes_between_cuts: 0,
+            handshake_cut_probability: 0.0,
+            max_connection_age: None,
+        })
+        .await;
     let client = StableConduit::<Msg>::connect(connector.clone(), config(seed))
         .await
         .unwrap();
     let server_side = server.accept().await.unwrap();
-    (server, connector, client, server_side)
+    (server, connector, client, server_side, fx)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mem_links_cut_at_random_points_many_seeds() {
+/// Every link cut at random moments (every 0-3 ms), traffic both ways.
+async fn links_cut_at_random_points_many_seeds(transport: Transport) {
     common::within(async move {
         let mut total_reconnects = 0;
-        for seed in 0..16 {
-            let (_server, connector, client, server_side) = mem_session(seed).await;
+        for seed in 0..6 {
+            let (_server, connector, client, server_side, _fx) = session(transport, seed).await;
             let stop = Arc::new(AtomicBool::new(false));
-            let chaos = spawn_chaos(connector.clone(), seed, 3_000, stop.clone());
+            let chaos = spawn_chaos(
+                {
+                    let c = connector.clone();
+                    move || c.cut_all()
+                },
+                seed,
+                3_000,
+                stop.clone(),
+            );
             let t = Traffic {
                 seed,
                 streams: 4,
@@ -84,20 +108,21 @@ async fn mem_links_cut_at_random_points_many_seeds() {
             total_reconnects += stats.reconnects;
         }
         assert!(
-            total_reconnects >= 16,
-            "cuts rarely landed: {total_reconnects} reconnects in 16 runs"
+            total_reconnects >= 6,
+            "cuts rarely landed: {total_reconnects} reconnects in 6 runs"
         );
     })
     .await;
 }
 
+transport_tests!(links_cut_at_random_points_many_seeds);
+
 /// The original implementation loses a send that races a link replacement.
 /// Here sends go on while the link is down and while it is being replaced;
 /// every one of them succeeds and arrives once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sends_racing_a_reconnect_are_delivered() {
+async fn sends_racing_a_reconnect_are_delivered(transport: Transport) {
     common::within(async move {
-        let (_server, connector, client, server_side) = mem_session(7).await;
+        let (_server, connector, client, server_side, _fx) = session(transport, 7).await;
         let (tx, _client_rx) = client.split();
         let (_stx, mut srx) = server_side.split();
         let t = Traffic {
@@ -111,7 +136,7 @@ async fn sends_racing_a_reconnect_are_delivered() {
         for round in 0..20 {
             // Link down and unreachable for a moment, then back.
             connector.set_refuse(true);
-            connector.kill_all();
+            connector.cut_all();
             tokio::time::sleep(Duration::from_millis(2 + round % 3)).await;
             connector.set_refuse(false);
             tokio::time::sleep(Duration::from_millis(3)).await;
@@ -127,13 +152,22 @@ async fn sends_racing_a_reconnect_are_delivered() {
     .await;
 }
 
+transport_tests!(sends_racing_a_reconnect_are_delivered);
+
 /// A send blocked on a full replay buffer stays valid across a reconnect: it
 /// completes when acks arrive on the new link, and nothing is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn send_blocked_on_full_buffer_survives_reconnect() {
+async fn send_blocked_on_full_buffer_survives_reconnect(transport: Transport) {
     common::within(async move {
-        let (listener, connector) = mem::listener(64);
-        let server = Server::<Msg>::new(listener, config(3));
+        let mut fx = transport.fixture().await;
+        let server = Server::<Msg>::new(fx.listener(), config(3));
+        let connector = fx
+            .cutting(FaultConfig {
+                seed: 3,
+                mean_bytes_between_cuts: 0,
+                handshake_cut_probability: 0.0,
+                max_connection_age: None,
+            })
+            .await;
         let mut cfg = config(3);
         cfg.max_replay(1 << 20, 4);
         let client = StableConduit::<Msg>::connect(connector.clone(), cfg)
@@ -151,7 +185,7 @@ async fn send_blocked_on_full_buffer_survives_reconnect() {
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!blocked.is_finished(), "send did not apply backpressure");
-        connector.kill_all();
+        connector.cut_all();
         tokio::time::sleep(Duration::from_millis(20)).await;
         // The server consumes and answers: its frame carries the ack.
         for i in 0..4 {
@@ -170,6 +204,8 @@ async fn send_blocked_on_full_buffer_survives_reconnect() {
     })
     .await;
 }
+
+transport_tests!(send_blocked_on_full_buffer_survives_reconnect);
 
 /// A connector whose target can be swapped, to make a client resume against
 /// a server that never heard of its key.
@@ -480,7 +516,15 @@ async fn two_clients_get_distinct_sessions() {
             .unwrap();
         let sb = server.accept().await.unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let chaos = spawn_chaos(c.clone(), 9, 5_000, stop.clone());
+        let chaos = spawn_chaos(
+            {
+                let c = c.clone();
+                move || c.kill_all()
+            },
+            9,
+            5_000,
+            stop.clone(),
+        );
         // Different seeds make different payloads: a message crossing sessions
         // fails the payload check.
         let ta = Traffic {
@@ -596,7 +640,15 @@ async fn sequence_numbers_wrap_without_loss_or_duplication() {
         let client = StableConduit::<Msg>::connect(c.clone(), cfg).await.unwrap();
         let server_side = server.accept().await.unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let chaos = spawn_chaos(c.clone(), 14, 2_000, stop.clone());
+        let chaos = spawn_chaos(
+            {
+                let c = c.clone();
+                move || c.kill_all()
+            },
+            14,
+            2_000,
+            stop.clone(),
+        );
         let t = Traffic {
             seed: 14,
             streams: 2,

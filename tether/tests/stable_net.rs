@@ -1,30 +1,33 @@
-//! Stable conduits over real sockets: TCP through the cutting
-//! [`FaultProxy`] (random cuts mid-frame and inside the handshake, cuts while
-//! a burst is being replayed, two clients on one server) and Unix sockets
+//! Stable conduits over every transport of the matrix
+//! (`common::transport`): links cut at random points (mid-frame and inside
+//! the handshake: the [`FaultProxy`] for the transports over TCP, the
+//! budget relays for memory and Unix sockets), cuts while a burst is being
+//! replayed, two clients on one server, one-way traffic; and Unix sockets
 //! whose links the test shuts down under the conduit's feet.
 //!
 //! Every run checks with the shared harness that each message arrives
 //! exactly once, in order and intact, in both directions at once, and that
-//! the faults really happened (proxy and conduit counters).
+//! the faults really happened (cutter and conduit counters).
 //!
 //! Run with `-- --nocapture` to see the counters of each run.
 
 mod common;
 
 use std::io;
-use std::net::{Ipv4Addr, Shutdown, SocketAddr};
+use std::net::{Ipv4Addr, Shutdown};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::transport::{Cutter, Transport};
 use common::{check_receiver, config, exchange, spawn_senders, within, Msg, Traffic};
 use rand::{Rng, SeedableRng};
-use tether::fault::{FaultConfig, FaultProxy, ProxyStats};
+use tether::fault::{FaultConfig, ProxyStats};
+use tether::link::any::AnyLink;
 use tether::link::{
-    StreamConfig, StreamLink, TcpConnector, TcpLink, TcpListener, UnixConnector, UnixLink,
-    UnixListener,
+    StreamConfig, StreamLink, TcpConnector, TcpLink, TcpListener, UnixLink, UnixListener,
 };
 use tether::{
     ConduitState, Config, Connector, Link, LinkError, LinkRx, Server, ServerStats, StableConduit,
@@ -32,13 +35,6 @@ use tether::{
 };
 
 // ---- helpers ----
-
-/// A stable-conduit server on a TCP listener bound to 127.0.0.1, port 0.
-async fn tcp_server(seed: u64) -> (Server<Msg>, SocketAddr) {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    (Server::new(listener, config(seed)), addr)
-}
 
 fn fault(seed: u64, mean_bytes_between_cuts: u64, handshake_cut_probability: f64) -> FaultConfig {
     FaultConfig {
@@ -139,23 +135,20 @@ fn reply(t: Traffic) -> Traffic {
     }
 }
 
-/// One client and one server through a cutting proxy, traffic both ways.
-async fn proxied_run(seed: u64, fault: FaultConfig, t: Traffic) -> Run {
-    let (server, addr) = tcp_server(seed).await;
-    let proxy = FaultProxy::start(addr, fault).await.unwrap();
+/// One client and one server of `transport`, the client's links cut as
+/// `fault` plans, traffic both ways.
+async fn cut_run(transport: Transport, seed: u64, fault: FaultConfig, t: Traffic) -> Run {
+    let mut fx = transport.fixture().await;
+    let server = Server::<Msg>::new(fx.listener(), config(seed));
+    let cutter = fx.cutting(fault).await;
     let mut taken = 0;
-    let (client, server_side, orphans) = connect_session(
-        &server,
-        &mut taken,
-        TcpConnector::new(proxy.local_addr()),
-        config(seed),
-    )
-    .await;
+    let (client, server_side, orphans) =
+        connect_session(&server, &mut taken, cutter.clone(), config(seed)).await;
     let (client_tx, server_tx) = exchange(client, server_side, t, reply(t))
         .await
-        .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        .unwrap_or_else(|e| panic!("{transport}, seed {seed}: {e}"));
     let run = Run {
-        proxy: proxy.stats(),
+        proxy: cutter.stats(),
         client: client_tx.stats(),
         server_side: server_tx.stats(),
         server: server.stats(),
@@ -173,25 +166,25 @@ const MAX_LEN: usize = 20_000;
 
 // ---- 1. random cuts, many seeds ----
 
-/// Both directions at once, four sender tasks per side, through a proxy that
-/// cuts every connection after an exponentially distributed number of bytes
-/// (mean 50 kB, so dozens of cuts per run, nearly all inside a frame) and
-/// cuts one connection in five inside the handshake (0..=32 client bytes).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_through_cutting_proxy_many_seeds() {
+/// Both directions at once, four sender tasks per side, through a cutter
+/// that cuts every connection after an exponentially distributed number of
+/// bytes (mean 50 kB, so dozens of cuts per run, nearly all inside a frame)
+/// and cuts one connection in five inside the handshake (0..=32 client
+/// bytes).
+async fn random_cuts_many_seeds(transport: Transport) {
     let mut total = ProxyStats::default();
     let mut reconnects = 0;
     let mut replayed = 0;
-    for seed in 0..6 {
+    for seed in 0..4 {
         let t = Traffic {
             seed,
             streams: 4,
-            per_stream: 500,
+            per_stream: 300,
             max_len: MAX_LEN,
         };
-        let run = within(proxied_run(seed, fault(seed, 50_000, 0.2), t)).await;
-        run.report(&format!("random cuts, seed {seed}"));
-        assert!(run.proxy.cuts > 0, "seed {seed}: the proxy never cut");
+        let run = within(cut_run(transport, seed, fault(seed, 50_000, 0.2), t)).await;
+        run.report(&format!("{transport}: random cuts, seed {seed}"));
+        assert!(run.proxy.cuts > 0, "seed {seed}: the cutter never cut");
         assert!(
             run.client.reconnects > 0,
             "seed {seed}: the client never reconnected"
@@ -204,19 +197,24 @@ async fn tcp_through_cutting_proxy_many_seeds() {
         reconnects += run.client.reconnects;
         replayed += run.client.frames_replayed + run.server_side.frames_replayed;
     }
-    eprintln!("random cuts, all seeds: {total:?}, reconnects {reconnects}, replayed {replayed}");
+    eprintln!(
+        "{transport}: random cuts, all seeds: {total:?}, reconnects {reconnects}, \
+         replayed {replayed}"
+    );
     assert!(total.mid_frame_cuts > 0, "no cut landed inside a frame");
     assert!(total.handshake_cuts > 0, "no cut landed in a handshake");
     assert!(replayed > 0, "nothing was ever replayed");
 }
 
+transport_tests!(random_cuts_many_seeds);
+
 // ---- 2. cuts while a burst is replayed ----
 
-/// A TCP connector with a gate: while it is closed, connecting fails as if
-/// the server were unreachable.
+/// A cutting connector with a gate: while it is closed, connecting fails as
+/// if the server were unreachable.
 #[derive(Clone)]
 struct Gate {
-    inner: TcpConnector,
+    inner: Cutter,
     open: Arc<AtomicBool>,
     /// `connect` calls under way (they may have passed the gate).
     in_flight: Arc<AtomicU64>,
@@ -231,7 +229,7 @@ impl Drop for InFlight<'_> {
 }
 
 impl Gate {
-    fn new(inner: TcpConnector) -> Gate {
+    fn new(inner: Cutter) -> Gate {
         Gate {
             inner,
             open: Arc::new(AtomicBool::new(true)),
@@ -241,18 +239,19 @@ impl Gate {
 
     /// Closes the gate and cuts every link it handed out, including one
     /// that was connecting while the gate closed.
-    async fn close_and_cut(&self, proxy: &FaultProxy) {
+    async fn close_and_cut(&self) {
+        let cutter = &self.inner;
         self.open.store(false, Ordering::SeqCst);
         while self.in_flight.load(Ordering::SeqCst) > 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        // Every link is connected now, but the proxy may not have accepted
+        // Every link is connected now, but a proxy may not have accepted
         // the newest yet: cut until no connection arrived for 10 ms.
         loop {
-            let seen = proxy.stats().connections;
-            proxy.cut_all();
+            let seen = cutter.stats().connections;
+            cutter.cut_all();
             tokio::time::sleep(Duration::from_millis(10)).await;
-            if proxy.stats().connections == seen {
+            if cutter.stats().connections == seen {
                 return;
             }
         }
@@ -264,8 +263,8 @@ impl Gate {
 }
 
 impl Connector for Gate {
-    type Link = TcpLink;
-    async fn connect(&self) -> Result<TcpLink, LinkError> {
+    type Link = AnyLink;
+    async fn connect(&self) -> Result<AnyLink, LinkError> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let _in_flight = InFlight(&self.in_flight);
         if !self.open.load(Ordering::SeqCst) {
@@ -300,9 +299,9 @@ async fn wait_for_drained(a: &StableSender<Msg>, b: &StableSender<Msg>) {
     }
 }
 
-/// Cuts every connection of `proxy` at random intervals until stopped.
+/// Cuts every connection of `cutter` at random intervals until stopped.
 fn spawn_cut_all(
-    proxy: Arc<FaultProxy>,
+    cutter: Cutter,
     seed: u64,
     max_gap_ms: u64,
     stop: Arc<AtomicBool>,
@@ -312,7 +311,7 @@ fn spawn_cut_all(
         let mut cuts = 0;
         while !stop.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(rng.random_range(1..=max_gap_ms))).await;
-            proxy.cut_all();
+            cutter.cut_all();
             cuts += 1;
         }
         cuts
@@ -352,25 +351,22 @@ fn spawn_replay_monitor(
 
 /// Per round: the link is cut and the server made unreachable, both sides
 /// queue a burst of thousands of messages, then the gate opens. The resume
-/// replays the whole burst, and the proxy's budget cuts plus `cut_all` every
-/// few milliseconds cut the link again and again while it is replaying.
+/// replays the whole burst, and the cutter's budget cuts plus `cut_all`
+/// every few milliseconds cut the link again and again while it is
+/// replaying.
 ///
 /// A monitor proves that cuts landed during the replay: it samples both
 /// ends and records the client's resume count whenever a side still lacks
 /// part of the burst it is owed. The first resume after the gate opens
 /// starts the replay; every later resume seen while frames are still missing
 /// began after a link carrying the replay was cut.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cuts_during_replay_of_a_queued_burst() {
+async fn cuts_during_replay_of_a_queued_burst(transport: Transport) {
     within(async move {
         let seed = 40;
-        let (server, addr) = tcp_server(seed).await;
-        let proxy = Arc::new(
-            FaultProxy::start(addr, fault(seed, 60_000, 0.1))
-                .await
-                .unwrap(),
-        );
-        let gate = Gate::new(TcpConnector::new(proxy.local_addr()));
+        let mut fx = transport.fixture().await;
+        let server = Server::<Msg>::new(fx.listener(), config(seed));
+        let proxy = fx.cutting(fault(seed, 60_000, 0.1)).await;
+        let gate = Gate::new(proxy.clone());
         let mut taken = 0;
         let (client, server_side, orphans) =
             connect_session(&server, &mut taken, gate.clone(), config(seed)).await;
@@ -409,7 +405,7 @@ async fn cuts_during_replay_of_a_queued_burst() {
             // the senders would wait, through the closed gate, until give-up).
             wait_for_drained(&client_tx, &server_tx).await;
             // Link down, server unreachable.
-            gate.close_and_cut(&proxy).await;
+            gate.close_and_cut().await;
             wait_for_state(&client_tx, ConduitState::Reconnecting).await;
 
             let senders: Vec<_> = spawn_senders(&client_tx, up)
@@ -512,10 +508,12 @@ async fn cuts_during_replay_of_a_queued_burst() {
             server: server.stats(),
             orphans,
         }
-        .report("replay, total");
+        .report(&format!("{transport}: replay, total"));
     })
     .await;
 }
+
+transport_tests!(cuts_during_replay_of_a_queued_burst);
 
 // ---- 3. Unix sockets ----
 
@@ -589,14 +587,13 @@ impl Connector for KillableUnix {
     }
 }
 
-/// The plain Unix connector and listener, no faults: a round trip both ways,
-/// on one link.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unix_socket_round_trip() {
+/// The plain connector and listener, no faults: a round trip both ways, on
+/// one link.
+async fn round_trip_without_faults(transport: Transport) {
     within(async move {
-        let sock = SocketPath::new("round-trip");
-        let server = Server::<Msg>::new(UnixListener::bind(sock.path()).unwrap(), config(50));
-        let client = StableConduit::<Msg>::connect(UnixConnector::new(sock.path()), config(50))
+        let mut fx = transport.fixture().await;
+        let server = Server::<Msg>::new(fx.listener(), config(50));
+        let client = StableConduit::<Msg>::connect(fx.connector(), config(50))
             .await
             .unwrap();
         let server_side = server.accept().await.unwrap();
@@ -618,6 +615,8 @@ async fn unix_socket_round_trip() {
     })
     .await;
 }
+
+transport_tests!(round_trip_without_faults);
 
 /// Unix-socket links shut down at random moments (every 0–2 ms), for
 /// several seeds; the client reconnects over fresh sockets each time.
@@ -683,31 +682,19 @@ async fn unix_socket_links_shut_down_repeatedly() {
 // ---- 4. two clients, one server ----
 
 /// Two clients with different traffic seeds on one server, through one
-/// cutting proxy: each session gets exactly its own messages (a message
-/// crossing sessions fails the payload check).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_clients_through_cutting_proxy_do_not_cross_talk() {
+/// cutter: each session gets exactly its own messages (a message crossing
+/// sessions fails the payload check).
+async fn two_clients_through_cuts_do_not_cross_talk(transport: Transport) {
     within(async move {
         let seed = 70;
-        let (server, addr) = tcp_server(seed).await;
-        let proxy = FaultProxy::start(addr, fault(seed, 50_000, 0.2))
-            .await
-            .unwrap();
+        let mut fx = transport.fixture().await;
+        let server = Server::<Msg>::new(fx.listener(), config(seed));
+        let proxy = fx.cutting(fault(seed, 50_000, 0.2)).await;
         let mut taken = 0;
-        let (a, sa, orphans_a) = connect_session(
-            &server,
-            &mut taken,
-            TcpConnector::new(proxy.local_addr()),
-            config(71),
-        )
-        .await;
-        let (b, sb, orphans_b) = connect_session(
-            &server,
-            &mut taken,
-            TcpConnector::new(proxy.local_addr()),
-            config(72),
-        )
-        .await;
+        let (a, sa, orphans_a) =
+            connect_session(&server, &mut taken, proxy.clone(), config(71)).await;
+        let (b, sb, orphans_b) =
+            connect_session(&server, &mut taken, proxy.clone(), config(72)).await;
         let ta = Traffic {
             seed: 700,
             streams: 3,
@@ -735,7 +722,7 @@ async fn two_clients_through_cutting_proxy_do_not_cross_talk() {
                 server: server_stats.clone(),
                 orphans: orphans_a + orphans_b,
             };
-            run.report(&format!("two clients, client {name}"));
+            run.report(&format!("{transport}: two clients, client {name}"));
             assert!(run.client.reconnects > 0, "client {name} never reconnected");
             assert_eq!(run.client.frames_received, t.total(), "client {name}");
             assert_eq!(run.server_side.frames_received, t.total(), "client {name}");
@@ -750,32 +737,40 @@ async fn two_clients_through_cutting_proxy_do_not_cross_talk() {
     .await;
 }
 
+transport_tests!(two_clients_through_cuts_do_not_cross_talk);
+
 // ---- soak ----
 
-/// The random-cut run at scale: 16 seeds, 100,000 messages per seed (50,000
-/// each way), 1.6 million messages in all. It took 32.6 s in release on
-/// two cores (longer in debug); run it with
+/// The random-cut run at scale, on every transport: 16 seeds, 100,000
+/// messages per seed (50,000 each way), 1.6 million messages per transport.
+/// Over TCP alone it took 32.6 s in release on two cores (longer in debug);
+/// run it with
 /// `cargo test -p tether --release --test stable_net -- --ignored --nocapture soak`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "soak: half a minute in release, run on demand (see the doc comment)"]
-async fn soak_tcp_through_cutting_proxy() {
-    let mut total = ProxyStats::default();
-    let mut reconnects = 0;
-    for seed in 1000..1016 {
-        let t = Traffic {
-            seed,
-            streams: 4,
-            per_stream: 12_500,
-            max_len: MAX_LEN,
-        };
-        let run = within(proxied_run(seed, fault(seed, 80_000, 0.2), t)).await;
-        run.report(&format!("soak, seed {seed}"));
-        assert!(run.client.reconnects > 0, "seed {seed}");
-        add(&mut total, &run.proxy);
-        reconnects += run.client.reconnects;
+#[ignore = "soak: minutes in release, run on demand (see the doc comment)"]
+async fn soak_through_cuts() {
+    for transport in Transport::ALL {
+        let mut total = ProxyStats::default();
+        let mut reconnects = 0;
+        for seed in 1000..1016 {
+            let t = Traffic {
+                seed,
+                streams: 4,
+                per_stream: 12_500,
+                max_len: MAX_LEN,
+            };
+            let run = within(cut_run(transport, seed, fault(seed, 80_000, 0.2), t)).await;
+            run.report(&format!("{transport}: soak, seed {seed}"));
+            assert!(run.client.reconnects > 0, "{transport}, seed {seed}");
+            add(&mut total, &run.proxy);
+            reconnects += run.client.reconnects;
+        }
+        eprintln!("{transport}: soak, all seeds: {total:?}, reconnects {reconnects}");
+        assert!(
+            total.mid_frame_cuts > 0 && total.handshake_cuts > 0,
+            "{transport}"
+        );
     }
-    eprintln!("soak, all seeds: {total:?}, reconnects {reconnects}");
-    assert!(total.mid_frame_cuts > 0 && total.handshake_cuts > 0);
 }
 
 // ---- known bugs (ignored so the suite stays green) ----
@@ -864,13 +859,13 @@ async fn lost_answer_to_a_new_session_leaves_no_orphan() {
 /// A receiver that consumes everything but never sends still acknowledges
 /// (standalone acks), so one-way traffic far beyond the replay bound (64
 /// frames here) completes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_way_traffic_beyond_the_replay_bound_completes() {
+async fn one_way_traffic_beyond_the_replay_bound_completes(transport: Transport) {
     within(async move {
-        let (server, addr) = tcp_server(81).await;
+        let mut fx = transport.fixture().await;
+        let server = Server::<Msg>::new(fx.listener(), config(81));
         let mut cfg = config(81);
         cfg.max_replay(1 << 20, 64);
-        let client = StableConduit::<Msg>::connect(TcpConnector::new(addr), cfg)
+        let client = StableConduit::<Msg>::connect(fx.connector(), cfg)
             .await
             .unwrap();
         let (_server_tx, mut server_rx) = server.accept().await.unwrap().split();
@@ -898,3 +893,5 @@ async fn one_way_traffic_beyond_the_replay_bound_completes() {
     })
     .await;
 }
+
+transport_tests!(one_way_traffic_beyond_the_replay_bound_completes);

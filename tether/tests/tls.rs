@@ -2,7 +2,8 @@
 //! the cutting proxy, certificate and name verification, mutual TLS with
 //! the client's identity reaching the authorization hook, session
 //! resumption, host-name connectors, and hostile peers on a TLS port
-//! (plaintext, silence) under the server's handshake timeout and caps.
+//! (plaintext, garbage before a ClientHello, silence, a ClientHello cut
+//! short) under the server's handshake timeout and caps.
 //!
 //! Every certificate is generated at run time (`common::pki`).
 
@@ -547,6 +548,151 @@ async fn silent_clients_time_out_in_the_tls_handshake_while_others_connect() {
         assert_eq!(stats.pending_handshakes, 0);
         assert_eq!(stats.bad_handshakes, 1);
         assert_eq!(stats.sessions_created, 1);
+    })
+    .await;
+}
+
+/// The bytes a rustls client sends first: one TLS record holding a
+/// ClientHello for `localhost`.
+fn client_hello(pki: &Pki) -> Vec<u8> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(pki.client_tls().config(), name).unwrap();
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).unwrap();
+    }
+    assert_eq!(hello[0], 0x16, "a handshake record");
+    assert_eq!(hello[5], 0x01, "a ClientHello");
+    hello
+}
+
+/// Reads until the server ends the connection (at most 5 s) and returns
+/// what it sent.
+async fn read_to_end(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the server kept the connection open");
+    got
+}
+
+/// Garbage before a valid ClientHello on the same connection (bytes that
+/// are no TLS record, a handshake record with a nonsense body, a lone
+/// zero byte): the handshake fails with a typed TLS error, the server never
+/// answers with a ServerHello, drops that connection and serves the next
+/// client.
+#[tokio::test]
+async fn garbage_before_the_client_hello_fails_that_handshake_only() {
+    within(async {
+        let pki = pki();
+        let hello = client_hello(&pki);
+        let garbage: [&[u8]; 3] = [
+            b"\x00\xffGARBAGE\r\n",
+            &[0x16, 0x03, 0x01, 0x00, 0x05, 0xde, 0xad, 0xbe, 0xef, 0x00],
+            &[0x00],
+        ];
+
+        // The listener alone: establish reports what went wrong.
+        for junk in garbage {
+            let (mut listener, port) = tls_listener(pki.server_tls()).await;
+            let mut peer = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+                .await
+                .unwrap();
+            peer.write_all(&[junk, &hello[..]].concat()).await.unwrap();
+            let err = accept_one(&mut listener).await.unwrap_err();
+            assert!(is_tls(&err, |_| true), "{junk:?}: {err:?}");
+        }
+
+        // Under a server: each such connection ends, with an alert at most.
+        let (listener, port) = tls_listener(pki.server_tls()).await;
+        let server = Server::<Msg>::new(listener, config(32));
+        for (i, junk) in garbage.into_iter().enumerate() {
+            let mut peer = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+                .await
+                .unwrap();
+            peer.write_all(&[junk, &hello[..]].concat()).await.unwrap();
+            let answer = read_to_end(&mut peer).await;
+            assert!(
+                answer.first().is_none_or(|&b| b == 0x15),
+                "{junk:?}: the server answered {answer:?}, not an alert"
+            );
+            while server.stats().bad_handshakes < i as u64 + 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let connector = TlsConnector::new("localhost", port, pki.client_tls());
+        let client = StableConduit::<Msg>::connect(connector, config(33))
+            .await
+            .unwrap();
+        client.send(&(0, 0, vec![5])).await.unwrap();
+        let mut session = server.accept().await.unwrap();
+        assert_eq!(session.recv().await.unwrap().unwrap().2, [5]);
+        let stats = server.stats();
+        assert_eq!(stats.bad_handshakes, 3, "{stats:?}");
+        assert_eq!(stats.sessions_created, 1, "{stats:?}");
+    })
+    .await;
+}
+
+/// Clients that send part of a ClientHello and stop (half of it; the
+/// record header and a few bytes) hold a pending handshake each until the
+/// handshake timeout ends them; meanwhile another client's handshake and
+/// session go through.
+#[tokio::test]
+async fn stalled_client_hellos_time_out_while_others_connect() {
+    within(async {
+        let pki = pki();
+        let hello = client_hello(&pki);
+        let (listener, port) = tls_listener(pki.server_tls()).await;
+        let timeout = Duration::from_millis(1000);
+        let mut cfg = config(42);
+        cfg.handshake_timeout(timeout);
+        let server = Server::<Msg>::new(listener, cfg);
+
+        let started = Instant::now();
+        let mut stalled = Vec::new();
+        for part in [&hello[..hello.len() / 2], &hello[..9]] {
+            let mut peer = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+                .await
+                .unwrap();
+            peer.write_all(part).await.unwrap();
+            stalled.push(peer);
+        }
+        while server.stats().pending_handshakes < 2 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+
+        // Another client connects, handshakes and works meanwhile.
+        let connector = TlsConnector::new("localhost", port, pki.client_tls());
+        let client = StableConduit::<Msg>::connect(connector, config(43))
+            .await
+            .unwrap();
+        client.send(&(0, 0, vec![6])).await.unwrap();
+        let mut session = server.accept().await.unwrap();
+        assert_eq!(session.recv().await.unwrap().unwrap().2, [6]);
+        assert!(
+            started.elapsed() < timeout,
+            "it waited for the stalled ones"
+        );
+        assert_eq!(server.stats().pending_handshakes, 2, "the stalled ones");
+
+        // The stalled clients are dropped at the handshake timeout, with
+        // no ServerHello (the server never got a whole ClientHello).
+        for mut peer in stalled {
+            let answer = read_to_end(&mut peer).await;
+            assert!(
+                answer.first().is_none_or(|&b| b == 0x15),
+                "the server answered {answer:?}"
+            );
+        }
+        let waited = started.elapsed();
+        assert!(waited >= timeout - Duration::from_millis(50), "{waited:?}");
+        while server.stats().bad_handshakes < 2 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let stats = server.stats();
+        assert_eq!(stats.pending_handshakes, 0, "{stats:?}");
+        assert_eq!(stats.bad_handshakes, 2, "{stats:?}");
+        assert_eq!(stats.sessions_created, 1, "{stats:?}");
     })
     .await;
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tether::{Config, Error, StableConduit, StableReceiver, StableSender};
 
 pub mod pki;
+pub mod transport;
 
 /// (stream id, index within the stream, payload derived from both).
 pub type Msg = (u32, u64, Vec<u8>);

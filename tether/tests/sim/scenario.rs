@@ -8,20 +8,35 @@
 //! either at a random moment or once its senders are done. The many-sessions
 //! kind is a server with a few hundred echoing sessions whose links are cut
 //! at random.
+//!
+//! The real-transport kinds (`real_tcp`, `real_unix`, `real_tls`) run the
+//! same two-party drain and the same checks over real sockets of
+//! `common::transport`, on the real clock: the client's links go through
+//! its cutter (the `FaultProxy` for TCP and TLS, the budget relay for Unix
+//! sockets), which cuts each connection after a budget drawn from the seed
+//! and cuts every link at a few seeded moments, until the storm ends. The
+//! seed fixes the plan (traffic, configurations, budgets, cut moments), not
+//! the interleaving: the kernel and the clock decide where in the traffic a
+//! cut lands, so a replay reruns the plan and usually, not always, the
+//! failure.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use tether::fault::FaultConfig;
 use tether::link::mem::{self, MemConfig};
 use tether::proto::ext;
-use tether::{Config, Error, Server, StableConduit, StableSender, Stats};
+use tether::{Config, Connector, Error, Server, StableConduit, StableSender, Stats};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
 
-use crate::fault::{random_duration, FaultConnector, FaultKind, FaultListener, FaultMix, Faults};
+use crate::common::transport::Transport;
+use crate::fault::{
+    random_duration, FaultConnector, FaultKind, FaultListener, FaultLog, FaultMix, Faults,
+};
 use crate::traffic::{
     check, spawn_reader, spawn_sender, stream, summary, Board, Expect, Msg, Pace, ReadPlan, Reader,
     Record, SendPlan, Side, SideRecord, Sizes,
@@ -83,10 +98,17 @@ pub(crate) enum Kind {
     Lossy,
     /// One server, a few hundred echoing sessions, links cut at random.
     ManySessions,
+    /// The drain over real TCP, links cut by the `FaultProxy`.
+    RealTcp,
+    /// The drain over real Unix sockets, links cut by the budget relay.
+    RealUnix,
+    /// The drain over real TLS, its TCP connections cut by the `FaultProxy`.
+    RealTls,
+    // ws: RealWs, RealWss
 }
 
 impl Kind {
-    pub(crate) const ALL: [Kind; 12] = [
+    pub(crate) const ALL: [Kind; 15] = [
         Kind::Cuts,
         Kind::Stalls,
         Kind::Pressure,
@@ -99,6 +121,10 @@ impl Kind {
         Kind::ServerDrop,
         Kind::Lossy,
         Kind::ManySessions,
+        Kind::RealTcp,
+        Kind::RealUnix,
+        Kind::RealTls,
+        // ws: Kind::RealWs, Kind::RealWss,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -115,7 +141,28 @@ impl Kind {
             Kind::ServerDrop => "server_drop",
             Kind::Lossy => "lossy",
             Kind::ManySessions => "many_sessions",
+            Kind::RealTcp => "real_tcp",
+            Kind::RealUnix => "real_unix",
+            Kind::RealTls => "real_tls",
+            // ws: Kind::RealWs => "real_ws", Kind::RealWss => "real_wss",
         }
+    }
+
+    /// The real transport of a real-transport kind.
+    pub(crate) fn transport(self) -> Option<Transport> {
+        match self {
+            Kind::RealTcp => Some(Transport::Tcp),
+            Kind::RealUnix => Some(Transport::Unix),
+            Kind::RealTls => Some(Transport::Tls),
+            // ws: Kind::RealWs => Some(Transport::Ws), Kind::RealWss => Some(Transport::Wss),
+            _ => None,
+        }
+    }
+
+    /// Whether the kind runs over real sockets on the real clock (so a
+    /// seed replays its plan, not its interleaving).
+    pub(crate) fn is_real(self) -> bool {
+        self.transport().is_some()
     }
 
     pub(crate) fn from_name(name: &str) -> Option<Kind> {
@@ -123,10 +170,12 @@ impl Kind {
     }
 
     /// Seeds of this kind in the default run; a many-sessions seed costs
-    /// about ten times more than the others.
+    /// about ten times more than the others, a real-transport seed takes
+    /// real time.
     pub(crate) fn default_seeds(self) -> u64 {
         match self {
             Kind::ManySessions => 40,
+            _ if self.is_real() => 6,
             _ => 400,
         }
     }
@@ -137,7 +186,10 @@ impl Kind {
 pub(crate) async fn run(kind: Kind, seed: u64) -> Result<String, String> {
     match kind {
         Kind::ManySessions => run_many(seed).await,
-        _ => run_pair(PairPlan::draw(kind, seed), seed).await,
+        _ => match kind.transport() {
+            Some(transport) => run_real(PairPlan::draw(kind, seed), transport, seed).await,
+            None => run_pair(PairPlan::draw(kind, seed), seed).await,
+        },
     }
 }
 
@@ -268,6 +320,21 @@ const SENDER_PACE: Pace = Pace {
     max_long: Duration::from_secs(1),
 };
 
+/// Shorter pauses on the real clock, so that a seed takes about a second.
+const REAL_SENDER_PACE: Pace = Pace {
+    chance: 0.3,
+    max: Duration::from_millis(5),
+    long_chance: 0.005,
+    max_long: Duration::from_millis(200),
+};
+
+const REAL_READER_PACE: Pace = Pace {
+    chance: 0.1,
+    max: Duration::from_millis(2),
+    long_chance: 0.0,
+    max_long: Duration::ZERO,
+};
+
 const READER_PACE: Pace = Pace {
     chance: 0.2,
     max: Duration::from_millis(10),
@@ -324,6 +391,7 @@ impl PairPlan {
         let mut link_capacity = rng.random_range(4..=64);
         let mut sizes = SMALL;
         let mut read_pace = READER_PACE;
+        let mut send_pace = SENDER_PACE;
         let mut cancel = 0.02;
         let mut outages = Vec::new();
         let fault_mix = match kind {
@@ -388,11 +456,19 @@ impl PairPlan {
                 mix(EVERYTHING, 0.1, 0.1)
             }
             Kind::ManySessions => unreachable!("not a two-party kind"),
+            // The cutter plays the faults (`run_real`).
+            _ => {
+                read_pace = REAL_READER_PACE;
+                send_pace = REAL_SENDER_PACE;
+                mix(&[(FaultKind::Healthy, 1)], 0.0, 0.0)
+            }
         };
         // Short links last the whole run: only messages cut in pieces can
         // cross them.
         let storm = if kind == Kind::ShortLinks {
             TIME_LIMIT
+        } else if kind.is_real() {
+            storm / 8
         } else {
             storm
         };
@@ -452,7 +528,7 @@ impl PairPlan {
                 .map(|_| SendPlan {
                     count: rng.random_range(10..=150),
                     sizes,
-                    pace: SENDER_PACE,
+                    pace: send_pace,
                     cancel,
                 })
                 .collect()
@@ -640,6 +716,96 @@ async fn run_pair(plan: PairPlan, seed: u64) -> Result<String, String> {
     ))
 }
 
+/// A run over real sockets lasts at most this long (real time).
+const REAL_TIME_LIMIT: Duration = Duration::from_secs(45);
+/// A real run with no progress for this long (real time) is stuck.
+const REAL_STUCK_AFTER: Duration = Duration::from_secs(20);
+
+/// The two-party drain over `transport`, on the real clock: the client's
+/// links cut by budgets drawn from the seed, and all at once at a few
+/// seeded moments, until the storm ends; then new links are left alone.
+async fn run_real(plan: PairPlan, transport: Transport, seed: u64) -> Result<String, String> {
+    let started = Instant::now();
+    let rng = &mut SmallRng::seed_from_u64(stream(seed, FAULTS));
+    let cuts = FaultConfig {
+        seed: rng.random(),
+        mean_bytes_between_cuts: rng.random_range(8 * 1024..=128 * 1024),
+        handshake_cut_probability: rng.random_range(0.0..0.3),
+        max_connection_age: None,
+    };
+    let cut_alls: Vec<Duration> = (0..rng.random_range(0..=3))
+        .map(|_| random_duration(rng, plan.storm))
+        .collect();
+    let board = Board::new(plan.sends[0].len(), plan.sends[1].len());
+    let mut fx = transport.fixture().await;
+    let server = Server::<Msg>::new(fx.listener(), plan.configs[1].clone());
+    let cutter = fx.cutting(cuts.clone()).await;
+    for at in cut_alls.clone() {
+        let cutter = cutter.clone();
+        tokio::spawn(async move {
+            sleep(at).await;
+            cutter.cut_all();
+        });
+    }
+    {
+        let (cutter, storm) = (cutter.clone(), plan.storm);
+        tokio::spawn(async move {
+            sleep(storm).await;
+            cutter.calm();
+        });
+    }
+    let driven = timeout(REAL_TIME_LIMIT, async {
+        tokio::select! {
+            biased;
+            driven = drive(&plan, seed, &board, &server, cutter.clone()) => driven,
+            () = stuck(&board, REAL_STUCK_AFTER) => {
+                Err(format!("no progress for {REAL_STUCK_AFTER:?}"))
+            }
+        }
+    })
+    .await;
+    let record = board.snapshot();
+    let cut = cutter.stats();
+    let context = || {
+        format!(
+            "{} | {} | {transport}: cuts {cuts:?} at {cut_alls:?}, cutter {cut:?}",
+            summary(&record),
+            plan.describe(),
+        )
+    };
+    let stats = match driven {
+        Ok(Ok(stats)) => stats,
+        Ok(Err(e)) => return Err(format!("{e} | {}", context())),
+        Err(_) => {
+            return Err(format!(
+                "did not finish within {REAL_TIME_LIMIT:?} | {}",
+                context()
+            ))
+        }
+    };
+    // The cutter only cuts: nothing silences a live link.
+    let log = FaultLog {
+        links: u32::try_from(cut.connections).unwrap_or(u32::MAX),
+        cuts: u32::try_from(cut.cuts).unwrap_or(u32::MAX),
+        ..FaultLog::default()
+    };
+    let problems = check(
+        &record,
+        stats.each_ref().map(Option::as_ref),
+        &log,
+        plan.expect,
+    );
+    if !problems.is_empty() {
+        return Err(format!("{} | {}", problems.join("; "), context()));
+    }
+    Ok(format!(
+        "{} after {:?}: {record:?}; stats {stats:?}; server {:?}; cutter {cut:?}",
+        plan.kind.name(),
+        started.elapsed(),
+        server.stats(),
+    ))
+}
+
 /// Connects, runs the traffic and the ending; the final counters of each
 /// side that kept a handle.
 async fn drive(
@@ -647,7 +813,7 @@ async fn drive(
     seed: u64,
     board: &Arc<Board>,
     server: &Server<Msg>,
-    connector: FaultConnector,
+    connector: impl Connector,
 ) -> Result<[Option<Stats>; 2], String> {
     let client = match StableConduit::<Msg>::connect(connector, plan.configs[0].clone()).await {
         Ok(client) => client,
