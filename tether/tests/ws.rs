@@ -138,6 +138,16 @@ async fn payloads_both_ways(tls: bool) {
     let big: Bytes = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
     let mut sent = vec![Bytes::new(), Bytes::from_static(b"hello"), big, huge];
     sent.extend((0..500u32).map(|i| Bytes::from(i.to_le_bytes().repeat(i as usize % 9))));
+    // Small frames are gathered into one write and large ones written
+    // straight through: sizes around the 16 KiB boundary, interleaved with
+    // small ones, must keep their order.
+    for (i, size) in [16_370usize, 16_384, 16_390, 40_000, 3, 9_000, 9_000, 70_000]
+        .into_iter()
+        .enumerate()
+    {
+        sent.push(Bytes::from(vec![i as u8; size]));
+        sent.push(Bytes::from(vec![0xa0 + i as u8; i + 1]));
+    }
     let sender = {
         let sent = sent.clone();
         tokio::spawn(async move {
