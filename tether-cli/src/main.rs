@@ -197,7 +197,7 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Compare only these systems (comma-separated): framed, bare,
-        /// stable, stable_mem.
+        /// stable, stable_mem, framed_tls, stable_tls, ws_plain, stable_ws.
         #[arg(long, value_delimiter = ',')]
         systems: Vec<String>,
         /// Sessions of the idle-memory and storm workloads (default 10,000;
@@ -395,14 +395,23 @@ fn bench_main(
     if let Some(role) = role {
         let sessions = opts.sessions.unwrap_or(1);
         let role = match (role.as_str(), addr) {
-            ("clients", Some(addr)) => Role::Clients {
+            ("clients" | "clients-ws", Some(addr)) => Role::Clients {
                 addr,
                 sessions,
                 tls_ca,
+                ws: role == "clients-ws",
             },
             ("idle-server", _) => Role::IdleServer {
                 sessions,
-                tls: tls_ca.is_some(),
+                over: if tls_ca.is_some() {
+                    bench::IdleOver::Tls
+                } else {
+                    bench::IdleOver::Tcp
+                },
+            },
+            ("idle-server-ws", _) => Role::IdleServer {
+                sessions,
+                over: bench::IdleOver::Ws,
             },
             _ => anyhow::bail!("unknown bench role {role:?}"),
         };

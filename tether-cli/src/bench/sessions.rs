@@ -22,6 +22,7 @@ use futures_util::task::AtomicWaker;
 use serde::{Deserialize, Serialize};
 use tether::link::mem;
 use tether::link::tls::{ClientTls, ServerTls, TlsConnector, TlsListener};
+use tether::link::ws::{WsConnector, WsListener};
 use tether::link::{Connector, LinkError, StreamConfig, StreamLink, TcpListener};
 use tether::{Config, Server, ServerStats, StableConduit, StableSender};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -645,16 +646,23 @@ fn reply(line: &str) -> anyhow::Result<()> {
 /// It answers `ready` once connected and exits when stdin closes.
 ///
 /// With `tls_ca` (a PEM file) the sessions run over TLS to `localhost` at
-/// `addr`, trusting that CA; `cut-send` is then refused.
+/// `addr`, trusting that CA; with `ws`, over WebSocket to
+/// `ws://ADDR/`; `cut-send` is then refused.
 pub(crate) fn run_clients(
     addr: SocketAddr,
     sessions: usize,
     tls_ca: Option<PathBuf>,
+    ws: bool,
 ) -> anyhow::Result<()> {
     let rt = runtime()?;
+    let plain_tcp = tls_ca.is_none() && !ws;
     rt.block_on(async {
         let cutter = CuttableTcp::new(addr);
         let fleet = match &tls_ca {
+            None if ws => {
+                let connector = WsConnector::new(&format!("ws://{addr}/"))?;
+                Fleet::connect(connector, resume_config(), sessions).await?
+            }
             None => Fleet::connect(cutter.clone(), resume_config(), sessions).await?,
             Some(ca) => {
                 let tls = ClientTls::from_ca_file(ca)?;
@@ -672,7 +680,7 @@ pub(crate) fn run_clients(
                     fleet.send_all(k.parse()?).await?;
                     reply("sent")?;
                 }
-                ["cut-send", _] if tls_ca.is_some() => bail!("cut-send needs plain TCP"),
+                ["cut-send", _] if !plain_tcp => bail!("cut-send needs plain TCP"),
                 ["cut-send", k] => {
                     cutter.kill_all();
                     fleet.send_all(k.parse()?).await?;
@@ -775,13 +783,24 @@ async fn mem_point(counter: Option<&'static dyn AllocCounter>) -> anyhow::Result
     })
 }
 
-/// `--role idle-server`: serves `sessions` sessions from a child client
-/// process, echoing, and prints one JSON [`IdleReport`]. With `tls`, over
-/// TLS with a throwaway certificate whose CA the clients are given in a
-/// temporary file.
+/// The link under the idle sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Over {
+    /// Plain TCP.
+    Tcp,
+    /// TLS with a throwaway certificate whose CA the clients are given in
+    /// a temporary file.
+    Tls,
+    /// WebSocket (`ws://`) over TCP.
+    Ws,
+}
+
+/// `--role idle-server` (`idle-server-ws` over WebSocket, `--tls-ca` for
+/// TLS): serves `sessions` sessions from a child client process, echoing,
+/// and prints one JSON [`IdleReport`].
 pub(crate) fn run_idle_server(
     sessions: usize,
-    tls: bool,
+    over: Over,
     counter: Option<&'static dyn AllocCounter>,
 ) -> anyhow::Result<()> {
     if let Some(c) = counter {
@@ -800,7 +819,10 @@ pub(crate) fn run_idle_server(
             sessions.to_string(),
         ];
         let mut ca_file = None;
-        let server = if tls {
+        let server = if over == Over::Ws {
+            args[1] = "clients-ws".into();
+            Server::<Msg>::new(WsListener::new(listener), Config::default())
+        } else if over == Over::Tls {
             let pki = crate::pki::Pki::localhost()?;
             let path =
                 std::env::temp_dir().join(format!("tether-bench-ca-{}.pem", std::process::id()));
@@ -862,16 +884,20 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Runs the idle-memory workload in a child server process, over TCP or,
-/// with `tls`, over TLS.
-pub(crate) async fn idle_memory(sessions: usize, tls: bool) -> anyhow::Result<IdleReport> {
+/// Runs the idle-memory workload in a child server process, over `over`.
+pub(crate) async fn idle_memory(sessions: usize, over: Over) -> anyhow::Result<IdleReport> {
+    let role = if over == Over::Ws {
+        "idle-server-ws"
+    } else {
+        "idle-server"
+    };
     let mut args = vec![
         "--role".into(),
-        "idle-server".into(),
+        role.into(),
         "--sessions".into(),
         sessions.to_string(),
     ];
-    if tls {
+    if over == Over::Tls {
         args.push("--tls-ca".into());
         args.push("server".into());
     }
