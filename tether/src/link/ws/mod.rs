@@ -86,9 +86,14 @@
 //! # Cost
 //!
 //! Per message, a 2 to 10-byte frame header (plus a 4-byte mask from the
-//! client); the server sends payloads without copying them (the frame
-//! header and the [`Bytes`](bytes::Bytes) go out in one vectored write),
-//! the client copies each payload once to mask it. Received payloads are
+//! client); the client copies each payload once to mask it. Frames under
+//! 16 KiB (header and payload together) are gathered into one write
+//! buffer that goes out at the flush, so a batch of small messages costs
+//! one system call rather than one per 32 frames; the buffer is taken at
+//! the first small write and given back at the flush, so an idle link
+//! holds none. A larger frame goes out uncopied from the server (the frame
+//! header and the [`Bytes`](bytes::Bytes) in one vectored write) after
+//! what is buffered. Received payloads are
 //! [`Bytes`](bytes::Bytes) views of the read buffer (reassembled messages
 //! are copied once). The two halves share the WebSocket behind a lock held
 //! only while one read or write poll runs. Setting up a link costs one
