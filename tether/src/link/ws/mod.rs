@@ -4,7 +4,7 @@
 //! A [`WsLink`] carries each payload as one *binary* WebSocket message over
 //! one TCP connection, or over TLS for `wss://`. [`WsConnector`] dials the
 //! URL's host (resolved again on every connect, each address tried in
-//! turn), runs TLS for `wss://` with a [`ClientTls`](super::ClientTls), and
+//! turn; or a fixed address, [`WsConnector::connect_to`]), runs TLS for `wss://` with a [`ClientTls`](super::ClientTls), and
 //! sends the HTTP/1.1 upgrade request with any extra headers (an
 //! `Authorization`, say). [`WsListener`] accepts TCP connections at once
 //! and does everything else in
