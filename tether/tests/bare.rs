@@ -374,8 +374,8 @@ async fn feed_then_flush(t: Transport) {
         let mut fx = t.fixture().await;
         let (a, b) = fx.pair().await;
         // The in-memory link hands payloads over on `feed` already; the
-        // byte-stream links (TLS included) write on flush.
-        // ws: the WebSocket links hold fed messages too.
+        // byte-stream links (TLS included) and the WebSocket links write on
+        // flush.
         feed_then_flush_over(a, b, t != Transport::Mem).await;
     })
     .await;
