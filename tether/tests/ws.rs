@@ -240,6 +240,42 @@ async fn a_peer_gone_without_close_is_not_a_clean_end_and_limits_hold() {
     .await;
 }
 
+/// WebSocket has no half-close: a link that has read the peer's Close
+/// (`Ok(None)`) has answered it, and a send on it then fails with a typed
+/// error (`BrokenPipe`) instead of reaching the peer, which sees only the
+/// clean end.
+#[tokio::test]
+async fn a_send_after_the_peers_close_is_a_typed_error() {
+    within(async {
+        let pki = pki();
+        for tls in [false, true] {
+            let (mut listener, port) = ws_listener(tls.then(|| pki.server_tls())).await;
+            let scheme = if tls { "wss" } else { "ws" };
+            let connector = WsConnector::parse(
+                &format!("{scheme}://localhost:{port}/"),
+                Some(pki.client_tls()),
+            )
+            .unwrap();
+            let (client, server) = tokio::join!(connector.connect(), async {
+                listener.accept().await.unwrap().establish().await
+            });
+            let (mut client_tx, mut client_rx) = client.unwrap().split();
+            let (mut server_tx, mut server_rx) = server.unwrap().split();
+            client_tx.send(Bytes::from_static(b"last")).await.unwrap();
+            client_tx.close().await.unwrap();
+            assert_eq!(&server_rx.recv().await.unwrap().unwrap()[..], b"last");
+            assert_eq!(server_rx.recv().await.unwrap(), None, "{scheme}");
+            match server_tx.send(Bytes::from_static(b"late")).await {
+                Err(LinkError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => panic!("{scheme}: a send after the peer's Close gave {other:?}"),
+            }
+            assert_eq!(client_rx.recv().await.unwrap(), None, "{scheme}");
+            assert_eq!(client_rx.recv().await.unwrap(), None, "{scheme}");
+        }
+    })
+    .await;
+}
+
 /// `AnyConnector::parse` takes `ws://` and `wss://` URLs, and an
 /// `AnyListener` serves a `WsListener` next to a TCP listener.
 #[tokio::test]

@@ -107,6 +107,14 @@ impl Transport {
         }
     }
 
+    /// Whether a link's halves close independently: after one side's
+    /// [`LinkTx::close`] the other can still send. Not on WebSocket, where
+    /// the peer's Close frame is answered at once and ends both directions
+    /// (RFC 6455, section 5.5.1): a later send there fails.
+    pub fn half_close(self) -> bool {
+        !matches!(self, Transport::Ws | Transport::Wss)
+    }
+
     /// A listener of this transport on a fresh address, and a connector
     /// that reaches it. Must be called within a tokio runtime.
     pub async fn fixture(self) -> Fixture {
