@@ -162,7 +162,9 @@ pub trait LinkTx: Send + 'static {
     /// The peer receives every earlier payload, then `Ok(None)`. Closing an
     /// already closed half succeeds again; [`feed`](LinkTx::feed) and
     /// [`flush`](LinkTx::flush) after a close fail with
-    /// [`LinkError::Closed`].
+    /// [`LinkError::Closed`]. The peer's sending half stays open, except on
+    /// WebSocket links, where the Close ends both directions (see
+    /// [`ws`](crate::link::ws#end-of-stream)).
     fn close(&mut self) -> impl Future<Output = Result<(), LinkError>> + Send;
 }
 
