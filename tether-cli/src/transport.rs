@@ -321,9 +321,10 @@ pub fn server_tls(cert: &Path, key: &Path, client_ca: Option<&Path>) -> anyhow::
             key.display()
         )
     })?;
-    let tls = ServerTls::from_der(chain, private).with_context(|| {
-        format!(
-            "the private key {} does not go with the certificate {}",
+    // The error's own text only: its source repeats it.
+    let tls = ServerTls::from_der(chain, private).map_err(|e| {
+        anyhow::anyhow!(
+            "the private key {} does not go with the certificate {}: {e}",
             key.display(),
             cert.display()
         )
