@@ -478,26 +478,38 @@ fn connector(
     via: Option<SocketAddr>,
     tls: Option<ClientTls>,
 ) -> anyhow::Result<AnyConnector> {
-    let (transport, addr, name, path) = match target {
+    let (transport, target_addr, name, path) = match target {
         Target::Unix(path) => return Ok(UnixConnector::new(path).into()),
         Target::Net {
             transport,
             addr,
             name,
             path,
-        } => (*transport, via.unwrap_or(*addr), name, path),
+        } => (*transport, *addr, name, path),
     };
+    let addr = via.unwrap_or(target_addr);
     let tls = || tls.clone().unwrap_or_else(ClientTls::webpki_roots);
+    // A WebSocket URL names the target (its `Host` header and, for wss,
+    // the name checked), and the connector dials the proxy in front of it.
+    let ws = |scheme: &str, tls: Option<ClientTls>| -> anyhow::Result<WsConnector> {
+        let host = match name.parse::<std::net::IpAddr>() {
+            Ok(_) => target_addr.to_string(),
+            Err(_) => format!("{name}:{}", target_addr.port()),
+        };
+        let connector = WsConnector::parse(&format!("{scheme}://{host}{path}"), tls)?;
+        Ok(match via {
+            Some(via) => connector.connect_to(via),
+            None => connector,
+        })
+    };
     Ok(match transport {
         Transport::Tcp => TcpConnector::new(addr).into(),
         Transport::Unix => anyhow::bail!("a Unix socket has no TCP address"),
         Transport::Tls => TlsConnector::new(addr.ip().to_string(), addr.port(), tls())
             .server_name(name.as_str())
             .into(),
-        Transport::Ws => WsConnector::parse(&format!("ws://{addr}{path}"), None)?.into(),
-        Transport::Wss => WsConnector::parse(&format!("wss://{addr}{path}"), Some(tls()))?
-            .server_name(name)
-            .into(),
+        Transport::Ws => ws("ws", None)?.into(),
+        Transport::Wss => ws("wss", Some(tls()))?.server_name(name).into(),
     })
 }
 

@@ -641,7 +641,7 @@ async fn hostile_frames_and_requests_end_their_connection_only() {
 async fn a_request_that_never_upgrades_is_held_until_the_handshake_timeout_only() {
     within(async {
         let (listener, port) = ws_listener(None).await;
-        let timeout = Duration::from_millis(1000);
+        let timeout = Duration::from_millis(3000);
         let mut cfg = config(90);
         cfg.handshake_timeout(timeout);
         let server = Server::<Msg>::new(listener, cfg);

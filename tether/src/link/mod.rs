@@ -338,7 +338,7 @@ pub enum LinkError {
     },
     /// A WebSocket link or its HTTP upgrade failed: a text message, a
     /// protocol violation, an upgrade refused with an HTTP status (see
-    /// [`WsError`](ws::WsError)).
+    /// [`ws::WsError`]).
     #[error("websocket: {0}")]
     WebSocket(ws::WsError),
     /// The peer vanished without a graceful close (an in-memory link was
