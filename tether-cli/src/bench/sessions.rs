@@ -80,6 +80,20 @@ pub(crate) fn resume_config() -> Config {
     c
 }
 
+/// The server configuration of the many-session workloads: the default,
+/// with the per-source caps (1,024 sessions and 64 pending handshakes per
+/// address by default) and the global pending cap raised to `sessions`,
+/// since every bench client comes from 127.0.0.1. The storm measures how
+/// fast a server takes back every session at once, not its admission
+/// control (tether-cli's hostile tests do that).
+pub(crate) fn server_config(sessions: usize) -> Config {
+    let mut c = Config::default();
+    c.max_sessions_per_source(sessions.max(1024))
+        .max_pending_per_source(sessions.max(64))
+        .max_pending_handshakes(sessions.max(1024));
+    c
+}
+
 /// A 2-worker multi-thread runtime, as every workload uses.
 pub(crate) fn runtime() -> io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -821,7 +835,7 @@ pub(crate) fn run_idle_server(
         let mut ca_file = None;
         let server = if over == Over::Ws {
             args[1] = "clients-ws".into();
-            Server::<Msg>::new(WsListener::new(listener), Config::default())
+            Server::<Msg>::new(WsListener::new(listener), server_config(sessions))
         } else if over == Over::Tls {
             let pki = crate::pki::Pki::localhost()?;
             let path =
@@ -830,9 +844,9 @@ pub(crate) fn run_idle_server(
             args.extend(["--tls-ca".into(), path.display().to_string()]);
             ca_file = Some(RemoveOnDrop(path));
             let tls = ServerTls::from_pem(pki.cert_pem.as_bytes(), pki.key_pem.as_bytes())?;
-            Server::<Msg>::new(TlsListener::new(listener, tls), Config::default())
+            Server::<Msg>::new(TlsListener::new(listener, tls), server_config(sessions))
         } else {
-            Server::<Msg>::new(listener, Config::default())
+            Server::<Msg>::new(listener, server_config(sessions))
         };
         let tracker = Tracker::new(sessions);
         let (stop, acceptor) = spawn_acceptor(server, tracker.clone(), true);
@@ -934,7 +948,7 @@ pub(crate) struct StormReport {
 pub(crate) async fn storm_tcp(sessions: usize) -> anyhow::Result<StormReport> {
     let listener = listener_with_backlog()?;
     let addr = listener.local_addr()?;
-    let server = Server::<Msg>::new(listener, Config::default());
+    let server = Server::<Msg>::new(listener, server_config(sessions));
     let tracker = Tracker::new(sessions);
     let (stop, acceptor) = spawn_acceptor(server, tracker.clone(), false);
     let mut clients = ChildProc::spawn(&[
@@ -979,7 +993,7 @@ pub(crate) async fn storm_tcp(sessions: usize) -> anyhow::Result<StormReport> {
 /// `MemConnector::kill_all` cuts every link.
 pub(crate) async fn storm_mem(sessions: usize) -> anyhow::Result<StormReport> {
     let (listener, connector) = mem::listener(MEM_CAPACITY);
-    let server = Server::<Msg>::new(listener, Config::default());
+    let server = Server::<Msg>::new(listener, server_config(sessions));
     let tracker = Tracker::new(sessions);
     let (stop, acceptor) = spawn_acceptor(server, tracker.clone(), false);
     let fleet = Fleet::connect(connector.clone(), resume_config(), sessions).await?;

@@ -17,27 +17,33 @@ const FLUSH_EVERY: usize = 64;
 #[derive(Clone, Copy, Debug)]
 enum Crate {
     TokioWebsockets,
-    /// tokio-websockets writing through a `tokio::io::BufWriter`, as
+    /// tokio-websockets writing through a 16 KiB `tokio::io::BufWriter`, as
     /// tether's links do: its vectored writes of two slices per frame
     /// become one contiguous write per flush.
     TokioWebsocketsBuffered,
     TokioTungstenite,
+    /// tokio-tungstenite with an 8 KiB read buffer (tokio-websockets'
+    /// size) and a 16 KiB write buffer (tether's), instead of its default
+    /// 128 KiB each, allocated per connection.
+    TokioTungsteniteSmall,
     Fastwebsockets,
 }
 
 impl Crate {
-    const ALL: [Crate; 4] = [
+    const ALL: [Crate; 5] = [
         Crate::TokioWebsockets,
         Crate::TokioWebsocketsBuffered,
         Crate::TokioTungstenite,
+        Crate::TokioTungsteniteSmall,
         Crate::Fastwebsockets,
     ];
 
     fn name(self) -> &'static str {
         match self {
             Crate::TokioWebsockets => "tokio-websockets 0.13",
-            Crate::TokioWebsocketsBuffered => "tokio-websockets, buffered",
+            Crate::TokioWebsocketsBuffered => "tokio-websockets, 16 KiB buf",
             Crate::TokioTungstenite => "tokio-tungstenite 0.28",
+            Crate::TokioTungsteniteSmall => "tokio-tungstenite, 8/16 KiB",
             Crate::Fastwebsockets => "fastwebsockets 0.10",
         }
     }
@@ -66,7 +72,7 @@ async fn run(which: Crate, size: usize, count: usize) -> Duration {
                 if matches!(which, Crate::TokioWebsockets) {
                     0
                 } else {
-                    64 * 1024
+                    16 * 1024
                 },
                 client,
             );
@@ -97,13 +103,18 @@ async fn run(which: Crate, size: usize, count: usize) -> Duration {
             drop(tx);
             (count * size, bytes.unwrap())
         }
-        Crate::TokioTungstenite => {
+        Crate::TokioTungstenite | Crate::TokioTungsteniteSmall => {
             use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
             use tokio_tungstenite::tungstenite::Message;
             use tokio_tungstenite::WebSocketStream;
-            let config = WebSocketConfig::default()
+            let mut config = WebSocketConfig::default()
                 .max_message_size(Some(64 << 20))
                 .max_frame_size(Some(64 << 20));
+            if matches!(which, Crate::TokioTungsteniteSmall) {
+                config = config
+                    .read_buffer_size(8 * 1024)
+                    .write_buffer_size(16 * 1024);
+            }
             let mut tx = WebSocketStream::from_raw_socket(client, Role::Client, Some(config)).await;
             let mut rx = WebSocketStream::from_raw_socket(server, Role::Server, Some(config)).await;
             let send = async move {
