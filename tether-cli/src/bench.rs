@@ -30,6 +30,7 @@ use serde::{Serialize, Serializer};
 
 pub use self::alloc::{AllocCounter, AllocCounts, SLOTS, SLOT_OTHER, SLOT_RECEIVER, SLOT_SENDER};
 use self::resume::{Over, ResumeRun};
+pub use self::sessions::Over as IdleOver;
 use self::sessions::{IdleReport, StormReport};
 use self::systems::{AllocRun, System};
 
@@ -67,14 +68,16 @@ pub enum Role {
         sessions: usize,
         /// Over TLS, trusting the CA in this PEM file.
         tls_ca: Option<std::path::PathBuf>,
+        /// Over WebSocket (`ws://ADDR/`).
+        ws: bool,
     },
     /// Serve this many sessions from a child client process and report the
     /// memory they take.
     IdleServer {
         /// How many sessions.
         sessions: usize,
-        /// Over TLS.
-        tls: bool,
+        /// The link under the sessions.
+        over: sessions::Over,
     },
 }
 
@@ -85,8 +88,9 @@ pub fn run_role(role: Role, counter: Option<&'static dyn AllocCounter>) -> anyho
             addr,
             sessions,
             tls_ca,
-        } => sessions::run_clients(addr, sessions, tls_ca),
-        Role::IdleServer { sessions, tls } => sessions::run_idle_server(sessions, tls, counter),
+            ws,
+        } => sessions::run_clients(addr, sessions, tls_ca, ws),
+        Role::IdleServer { sessions, over } => sessions::run_idle_server(sessions, over, counter),
     }
 }
 
@@ -325,6 +329,10 @@ pub struct BenchReport {
     pub(crate) resume_tls_p50_ms: Option<f64>,
     pub(crate) resume_tls_no_resumption_p50_ms: Option<f64>,
     pub(crate) idle_tls_session_bytes: Option<f64>,
+    pub(crate) small_stable_ws_over_ws_plain: Option<f64>,
+    pub(crate) large_stable_ws_over_ws_plain: Option<f64>,
+    pub(crate) idle_ws_session_bytes: Option<f64>,
+    pub(crate) resume_ws_p50_ms: Option<f64>,
     pub(crate) resume_p50_ms: Option<f64>,
     pub(crate) resume_p99_ms: Option<f64>,
     pub(crate) allocs_per_send: Option<f64>,
@@ -469,6 +477,7 @@ async fn resume(
             "stable_tls_no_resumption",
             Over::Tls { resumption: false },
         ),
+        ("stable_ws", "stable_ws", Over::Ws),
     ];
     for (system, key, over) in runs {
         if !list.iter().any(|s| s.key() == system) {
@@ -603,6 +612,10 @@ pub fn run(
         resume_tls_p50_ms: None,
         resume_tls_no_resumption_p50_ms: None,
         idle_tls_session_bytes: None,
+        small_stable_ws_over_ws_plain: None,
+        large_stable_ws_over_ws_plain: None,
+        idle_ws_session_bytes: None,
+        resume_ws_p50_ms: None,
         resume_p50_ms: None,
         resume_p99_ms: None,
         allocs_per_send: None,
@@ -696,12 +709,16 @@ pub fn run(
     }
     if want("idle") {
         let mut idle = BTreeMap::new();
-        for (key, tls) in [("stable", false), ("stable_tls", true)] {
+        for (key, over) in [
+            ("stable", sessions::Over::Tcp),
+            ("stable_tls", sessions::Over::Tls),
+            ("stable_ws", sessions::Over::Ws),
+        ] {
             if !has(key) {
                 continue;
             }
             p.say(format_args!("idle {key}: {} sessions", plan.sessions));
-            match rt.block_on(sessions::idle_memory(plan.sessions, tls)) {
+            match rt.block_on(sessions::idle_memory(plan.sessions, over)) {
                 Ok(i) => {
                     p.say(format_args!(
                         "idle {key}: {:.0} bytes resident per server session ({:.0} before any message)",
@@ -802,9 +819,21 @@ fn headline(r: &mut BenchReport) {
         median_of(&r.large_1m, StableTls),
         median_of(&r.large_1m, FramedTls),
     );
+    r.small_stable_ws_over_ws_plain =
+        ratio(median_of(&r.small, StableWs), median_of(&r.small, WsPlain));
+    r.large_stable_ws_over_ws_plain = ratio(
+        median_of(&r.large_1m, StableWs),
+        median_of(&r.large_1m, WsPlain),
+    );
+    r.idle_ws_session_bytes = r
+        .idle
+        .as_ref()
+        .and_then(|m| m.get("stable_ws"))
+        .map(|i| i.rss_per_session.round());
     let resume_p50 = |key: &str| r.resume.as_ref()?.get(key).map(|f| f.p50_ms);
     r.resume_tls_p50_ms = resume_p50("stable_tls");
     r.resume_tls_no_resumption_p50_ms = resume_p50("stable_tls_no_resumption");
+    r.resume_ws_p50_ms = resume_p50("stable_ws");
     r.idle_tls_session_bytes = r
         .idle
         .as_ref()
@@ -865,6 +894,18 @@ fn headline(r: &mut BenchReport) {
         "large_stable_tls_over_framed_tls",
         "TLS 1 MiB MB/s: stable / Framed",
         r.large_stable_tls_over_framed_tls,
+        0.9,
+    );
+    at_least(
+        "small_stable_ws_over_ws_plain",
+        "WS small msgs/s: stable / WebSocket",
+        r.small_stable_ws_over_ws_plain,
+        0.9,
+    );
+    at_least(
+        "large_stable_ws_over_ws_plain",
+        "WS 1 MiB MB/s: stable / WebSocket",
+        r.large_stable_ws_over_ws_plain,
         0.9,
     );
     let mut at_most = |key, label, value: Option<f64>, max: f64, strict: bool| {
@@ -1121,6 +1162,11 @@ pub fn render(r: &BenchReport) -> String {
         (
             "resident bytes per idle TLS session",
             r.idle_tls_session_bytes,
+        ),
+        ("resume p50 (WS), ms", r.resume_ws_p50_ms),
+        (
+            "resident bytes per idle WS session",
+            r.idle_ws_session_bytes,
         ),
     ];
     for (label, v) in extra {

@@ -5,19 +5,37 @@
 //! and during the handshake included), and receives the echoes at the same
 //! time. Every echo is checked: each index must come back exactly once, in
 //! order, with its payload intact.
+//!
+//! The link runs over any [`Transport`]: TCP, TLS, WebSocket and secure
+//! WebSocket go through the [`FaultProxy`], which cuts the TCP connection
+//! under TLS and WebSocket at arbitrary bytes (inside TLS records, inside
+//! the TLS and HTTP handshakes); Unix sockets go through a
+//! [`UnixFaultRelay`] that cuts the same way. The in-process server
+//! presents a certificate for `localhost` from a CA generated at run time
+//! ([`Pki`]), which the client trusts and checks the name `localhost`
+//! against.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use serde::Serialize;
 use tether::fault::{FaultConfig, FaultProxy, ProxyStats};
-use tether::link::{TcpConnector, TcpListener};
-use tether::{Config, StableConduit, StableReceiver, Stats};
+use tether::link::any::{AnyConnector, AnyListener};
+use tether::link::{
+    ClientTls, ServerTls, TcpConnector, TcpListener, TlsConnector, TlsListener, UnixConnector,
+    UnixListener, WsConnector, WsListener,
+};
+use tether::{Config, Connector, StableConduit, StableReceiver, Stats};
 use tokio::sync::mpsc;
 
+use crate::pki::Pki;
+use crate::relay::UnixFaultRelay;
+use crate::transport::{join_host_port, Endpoint, Transport};
 use crate::Bytes;
 
 /// What to run.
@@ -33,9 +51,15 @@ pub struct DemoOptions {
     pub handshake_cuts: f64,
     /// Seed of the fault schedule and payloads.
     pub seed: u64,
+    /// The transport (see [`transport_of`] to pick it from `server`).
+    pub transport: Transport,
     /// Run only the client, against this echo server (the proxy sits in
-    /// front of it). `None`: run a server in this process.
-    pub server: Option<SocketAddr>,
+    /// front of it): a URL or `host:port` (see [`Endpoint::parse`]; a bare
+    /// address means `transport`). `None`: run a server in this process.
+    pub server: Option<String>,
+    /// With `server` over TLS: the PEM file of the CA to trust (default:
+    /// Mozilla's roots). The name checked is the server's host.
+    pub ca: Option<PathBuf>,
     /// Give up when no echo arrives for this long.
     pub stall_timeout: Duration,
     /// Print live progress to stderr.
@@ -50,6 +74,8 @@ pub struct DemoOptions {
 pub struct DemoReport {
     /// Whether every message came back exactly once, in order, intact.
     pub ok: bool,
+    /// The transport: `tcp`, `unix`, `tls`, `ws` or `wss`.
+    pub transport: Transport,
     /// Seed used.
     pub seed: u64,
     /// Payload size.
@@ -82,7 +108,8 @@ pub struct DemoReport {
     pub keepalive_timeouts: u64,
     /// Whether the run was one-way.
     pub one_way: bool,
-    /// Connections the proxy cut.
+    /// Connections the proxy cut (for TLS and WebSocket: the TCP
+    /// connections under them; for Unix sockets: cut by the relay).
     pub cuts: u64,
     /// Of those, cut inside the handshake.
     pub handshake_cuts: u64,
@@ -244,6 +271,261 @@ async fn receive_all(
     (checker, None)
 }
 
+/// The path the in-process WebSocket server serves.
+pub const WS_PATH: &str = "/tether";
+
+/// The transport a demo runs over: `--server`'s scheme if it has one (it
+/// must then agree with `transport` if that was given too), else
+/// `transport`, else TCP.
+pub fn transport_of(
+    transport: Option<Transport>,
+    server: Option<&str>,
+) -> anyhow::Result<Transport> {
+    let Some(server) = server else {
+        return Ok(transport.unwrap_or_default());
+    };
+    let from_url = Endpoint::parse(server, transport.unwrap_or_default())?.transport();
+    match transport {
+        Some(t) if t != from_url => anyhow::bail!(
+            "--transport {t} does not match --server {server:?}, which is {from_url}; \
+             give one or the other"
+        ),
+        _ => Ok(from_url),
+    }
+}
+
+/// Where the client's links go (before the proxy or relay is put in
+/// front).
+#[derive(Debug)]
+enum Target {
+    /// A server over TCP: its address, the name its certificate is checked
+    /// against (TLS), the WebSocket path.
+    Net {
+        transport: Transport,
+        addr: SocketAddr,
+        name: String,
+        path: String,
+    },
+    /// A Unix-domain socket.
+    Unix(PathBuf),
+}
+
+/// A socket file under the temporary directory, removed when dropped.
+struct SocketFile(PathBuf);
+
+/// A fresh socket path under the temporary directory, unique in the
+/// machine (process id and a counter), nothing left at it.
+fn socket_path(role: &str) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "tether-demo-{}-{role}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+impl SocketFile {
+    fn new(role: &str) -> SocketFile {
+        SocketFile(socket_path(role))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The in-process server's listener on `transport`, where it is, and its
+/// socket file (Unix).
+async fn local_listener(
+    transport: Transport,
+    pki: Option<&Pki>,
+) -> anyhow::Result<(AnyListener, Target, Option<SocketFile>)> {
+    let server_tls = || -> anyhow::Result<ServerTls> {
+        let pki = pki.context("no certificates")?;
+        Ok(ServerTls::from_pem(
+            pki.cert_pem.as_bytes(),
+            pki.key_pem.as_bytes(),
+        )?)
+    };
+    let any = AnyListener::new();
+    if transport == Transport::Unix {
+        let file = SocketFile::new("server");
+        let listener = UnixListener::bind(file.path())
+            .with_context(|| format!("cannot listen on {}", file.path().display()))?;
+        let target = Target::Unix(file.path().to_owned());
+        return Ok((any.with(listener), target, Some(file)));
+    }
+    let tcp = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot listen on 127.0.0.1:0")?;
+    let addr = tcp.local_addr()?;
+    let (any, path) = match transport {
+        Transport::Tls => (any.with(TlsListener::new(tcp, server_tls()?)), ""),
+        Transport::Ws => (any.with(WsListener::new(tcp).path(WS_PATH)), WS_PATH),
+        Transport::Wss => {
+            let listener = WsListener::new(tcp).path(WS_PATH).tls(server_tls()?);
+            (any.with(listener), WS_PATH)
+        }
+        Transport::Tcp | Transport::Unix => (any.with(tcp), ""),
+    };
+    let target = Target::Net {
+        transport,
+        addr,
+        name: "localhost".into(),
+        path: path.into(),
+    };
+    Ok((any, target, None))
+}
+
+/// The external server `server` names: host names resolved now, to the
+/// first address that accepts a TCP connection if there are several.
+async fn external_target(server: &str, transport: Transport) -> anyhow::Result<Target> {
+    let (transport, host, port, path) = match Endpoint::parse(server, transport)? {
+        Endpoint::Unix(path) => return Ok(Target::Unix(path)),
+        Endpoint::Net {
+            transport,
+            host,
+            port,
+            path,
+        } => (transport, host, port, path),
+    };
+    let authority = join_host_port(&host, port);
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .with_context(|| format!("cannot resolve {authority}"))?
+        .collect();
+    let addr = match addrs.as_slice() {
+        [] => anyhow::bail!("{authority} resolves to no address"),
+        [one] => *one,
+        several => {
+            let mut found = None;
+            for &addr in several {
+                let probe = tokio::net::TcpStream::connect(addr);
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), probe).await {
+                    found = Some(addr);
+                    break;
+                }
+            }
+            found.with_context(|| format!("no address of {authority} accepts: {several:?}"))?
+        }
+    };
+    Ok(Target::Net {
+        transport,
+        addr,
+        name: host,
+        path,
+    })
+}
+
+/// What cuts the client's links: the TCP proxy, or the Unix relay.
+enum Cutter {
+    Proxy(FaultProxy),
+    Relay(UnixFaultRelay),
+}
+
+impl Cutter {
+    async fn start(target: &Target, faults: FaultConfig) -> anyhow::Result<Cutter> {
+        Ok(match target {
+            Target::Net { addr, .. } => Cutter::Proxy(
+                FaultProxy::start(*addr, faults)
+                    .await
+                    .context("cannot start the fault proxy")?,
+            ),
+            // The relay removes its socket file when dropped.
+            Target::Unix(path) => Cutter::Relay(
+                UnixFaultRelay::start(path, socket_path("relay"), faults)
+                    .context("cannot start the Unix relay")?,
+            ),
+        })
+    }
+
+    fn stats(&self) -> ProxyStats {
+        match self {
+            Cutter::Proxy(p) => p.stats(),
+            Cutter::Relay(r) => r.stats(),
+        }
+    }
+
+    fn shutdown(&self) {
+        match self {
+            Cutter::Proxy(p) => p.shutdown(),
+            Cutter::Relay(r) => r.shutdown(),
+        }
+    }
+
+    /// A connector that reaches `target` through this cutter.
+    fn connector(&self, target: &Target, tls: Option<ClientTls>) -> anyhow::Result<AnyConnector> {
+        match self {
+            Cutter::Proxy(p) => connector(target, Some(p.local_addr()), tls),
+            Cutter::Relay(r) => Ok(UnixConnector::new(r.path()).into()),
+        }
+    }
+}
+
+/// A connector that reaches `target`, through the TCP address `via` if
+/// given (a proxy in front of it), else directly; TLS checks the target's
+/// name with `tls` (Mozilla's roots if `None`).
+fn connector(
+    target: &Target,
+    via: Option<SocketAddr>,
+    tls: Option<ClientTls>,
+) -> anyhow::Result<AnyConnector> {
+    let (transport, target_addr, name, path) = match target {
+        Target::Unix(path) => return Ok(UnixConnector::new(path).into()),
+        Target::Net {
+            transport,
+            addr,
+            name,
+            path,
+        } => (*transport, *addr, name, path),
+    };
+    let addr = via.unwrap_or(target_addr);
+    let tls = || tls.clone().unwrap_or_else(ClientTls::webpki_roots);
+    // A WebSocket URL names the target (its `Host` header and, for wss,
+    // the name checked), and the connector dials the proxy in front of it.
+    let ws = |scheme: &str, tls: Option<ClientTls>| -> anyhow::Result<WsConnector> {
+        let host = match name.parse::<std::net::IpAddr>() {
+            Ok(_) => target_addr.to_string(),
+            Err(_) => format!("{name}:{}", target_addr.port()),
+        };
+        let connector = WsConnector::parse(&format!("{scheme}://{host}{path}"), tls)?;
+        Ok(match via {
+            Some(via) => connector.connect_to(via),
+            None => connector,
+        })
+    };
+    Ok(match transport {
+        Transport::Tcp => TcpConnector::new(addr).into(),
+        Transport::Unix => anyhow::bail!("a Unix socket has no TCP address"),
+        Transport::Tls => TlsConnector::new(addr.ip().to_string(), addr.port(), tls())
+            .server_name(name.as_str())
+            .into(),
+        Transport::Ws => ws("ws", None)?.into(),
+        Transport::Wss => ws("wss", Some(tls()))?.server_name(name).into(),
+    })
+}
+
+/// Connects one link straight to an external server (no cuts) and drops
+/// it: a server that is not there, or a certificate that does not verify,
+/// is a clear error at once rather than a reconnect loop that gives up
+/// after the conduit's deadline.
+async fn preflight(server: &str, target: &Target, tls: Option<ClientTls>) -> anyhow::Result<()> {
+    let direct = connector(target, None, tls)?;
+    match tokio::time::timeout(Duration::from_secs(10), direct.connect()).await {
+        Ok(Ok(_link)) => Ok(()),
+        Ok(Err(e)) => anyhow::bail!("cannot reach {server}: {e}"),
+        Err(_) => anyhow::bail!("cannot reach {server}: no link within 10 s"),
+    }
+}
+
 /// Runs the demo and reports. Errors only for setup failures (cannot bind,
 /// cannot connect); everything measured is in the report.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
@@ -252,16 +534,38 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
             "--one-way needs the server in this process (it checks the messages); drop --server"
         );
     }
+    let transport = opts.transport;
+    if opts.ca.is_some() && opts.server.is_none() {
+        anyhow::bail!(
+            "--ca is for --server: the in-process server's CA is generated at run time and trusted"
+        );
+    }
+    if opts.ca.is_some() && !transport.secure() {
+        anyhow::bail!("--ca is for TLS (tls, wss); {transport} has no certificates");
+    }
     let config = demo_config(opts.seed);
+    // Certificates for the in-process server, made now, never stored.
+    let pki = match (&opts.server, transport.secure()) {
+        (None, true) => Some(Pki::localhost()?),
+        _ => None,
+    };
+    let client_tls = match (&pki, &opts.ca) {
+        (Some(pki), _) => Some(ClientTls::from_ca_pem(pki.ca_pem.as_bytes())?),
+        (None, Some(ca)) => Some(crate::transport::client_tls(ca)?),
+        (None, None) => None,
+    };
     // The echo server: in this process unless one was given.
     let server_stats: Arc<std::sync::Mutex<Vec<tether::StableSender<Bytes>>>> = Arc::default();
     let (arrived_tx, arrived_rx) = mpsc::unbounded_channel();
     let one_way = opts.one_way;
-    let (upstream, server_task) = match opts.server {
-        Some(addr) => (addr, None),
+    let (target, server_task, _socket) = match &opts.server {
+        Some(server) => {
+            let target = external_target(server, transport).await?;
+            preflight(server, &target, client_tls.clone()).await?;
+            (target, None, None)
+        }
         None => {
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
-            let addr = listener.local_addr()?;
+            let (listener, target, socket) = local_listener(transport, pki.as_ref()).await?;
             let sessions = server_stats.clone();
             let server = Arc::new(tether::Server::<Bytes>::new(listener, config.clone()));
             let acceptor = server.clone();
@@ -294,12 +598,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
                     });
                 }
             });
-            (addr, Some((server, task)))
+            (target, Some((server, task)), socket)
         }
     };
     let proxy = Arc::new(
-        FaultProxy::start(
-            upstream,
+        Cutter::start(
+            &target,
             FaultConfig {
                 seed: opts.seed,
                 mean_bytes_between_cuts: opts.cut_every,
@@ -313,8 +617,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         )
         .await?,
     );
-    let conduit =
-        StableConduit::<Bytes>::connect(TcpConnector::new(proxy.local_addr()), config).await?;
+    let connector = proxy.connector(&target, client_tls)?;
+    let conduit = StableConduit::<Bytes>::connect(connector, config).await?;
     let (tx, rx) = conduit.split();
     let started = Instant::now();
     let received = Arc::new(AtomicU64::new(0));
@@ -408,6 +712,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         && checker.corrupted == 0;
     Ok(DemoReport {
         ok,
+        transport,
         seed: opts.seed,
         message_size: opts.size.max(8),
         messages_sent,
@@ -454,6 +759,24 @@ fn print_progress(n: u64, sent: &AtomicU64, received: &AtomicU64, s: &Stats, p: 
     }
 }
 
+/// The line announcing a run, for people.
+pub fn banner(opts: &DemoOptions) -> String {
+    let what = if opts.one_way {
+        "streamed one way"
+    } else {
+        "echoed"
+    };
+    let via = match opts.transport {
+        Transport::Tcp => "through a proxy cutting".to_string(),
+        Transport::Unix => "over unix through a relay cutting the connection".to_string(),
+        t => format!("over {t} through a proxy cutting {}", t.cut_what()),
+    };
+    format!(
+        "tether demo: {} messages of {} bytes {what} {via} every ~{} bytes (seed {})",
+        opts.messages, opts.size, opts.cut_every, opts.seed
+    )
+}
+
 /// The report as text for people.
 pub fn render(r: &DemoReport, opts: &DemoOptions) -> String {
     let mut out = String::new();
@@ -490,6 +813,13 @@ pub fn render(r: &DemoReport, opts: &DemoOptions) -> String {
         r.reordered,
         r.corrupted
     ));
+    if r.transport != Transport::Tcp {
+        out.push_str(&format!(
+            "  transport {} (the cuts hit {})\n",
+            r.transport,
+            r.transport.cut_what()
+        ));
+    }
     out.push_str(&format!(
         "  faults    {} connections cut ({} in the handshake, ~{} mid-frame), mean every {} bytes\n",
         r.cuts, r.handshake_cuts, r.mid_frame_cuts, opts.cut_every

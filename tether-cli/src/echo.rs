@@ -1,21 +1,67 @@
-//! `tether echo`: a stable-conduit echo server over TCP.
+//! `tether echo`: a stable-conduit echo server over TCP, TLS, WebSocket
+//! (plain and secure) and Unix sockets, several at once.
+//!
+//! Every listener feeds one [`Server`] (through an [`AnyListener`] when
+//! there are several), so that all transports share one session table and
+//! one set of limits, and a client may resume its session over another
+//! transport than it started on.
 
+use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether::link::{StreamConfig, TcpListener};
+use anyhow::Context as _;
+use tether::link::any::AnyListener;
+use tether::link::{ServerTls, StreamConfig, TcpListener, TlsListener, UnixListener, WsListener};
 use tether::throttle::Throttle;
-use tether::{Config, Server, StableConduit};
+use tether::{Config, Listener, Server, StableConduit};
 
+use crate::transport::{Endpoint, Transport, WsBind};
 use crate::Bytes;
+
+/// One address `tether echo` serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// Plain TCP.
+    Tcp(SocketAddr),
+    /// TLS over TCP.
+    Tls(SocketAddr),
+    /// WebSocket (`ws://`) at a path.
+    Ws(WsBind),
+    /// Secure WebSocket (`wss://`) at a path.
+    Wss(WsBind),
+    /// A Unix-domain socket.
+    Unix(PathBuf),
+}
+
+impl Listen {
+    /// Whether it needs the TLS certificate.
+    pub fn secure(&self) -> bool {
+        matches!(self, Listen::Tls(_) | Listen::Wss(_))
+    }
+}
+
+/// The server's certificate files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, PEM, end-entity first.
+    pub cert: PathBuf,
+    /// Its private key, PEM.
+    pub key: PathBuf,
+    /// If given, clients must present a certificate this CA (PEM) signed.
+    pub client_ca: Option<PathBuf>,
+}
 
 /// How `tether echo` runs.
 #[derive(Clone, Debug)]
 pub struct EchoOptions {
-    /// Address to listen on.
-    pub listen: SocketAddr,
-    /// Listen backlog.
+    /// Addresses to listen on (at least one).
+    pub listen: Vec<Listen>,
+    /// The certificate for the TLS and secure WebSocket listeners.
+    pub tls: Option<TlsFiles>,
+    /// Listen backlog of the listeners over TCP.
     pub backlog: u32,
     /// The server's limits.
     pub config: Config,
@@ -27,7 +73,7 @@ pub struct EchoOptions {
 /// back to its sender, until `stop` resolves; then closes every session
 /// gracefully within `shutdown_timeout`.
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Listener,
     config: Config,
     stop: impl std::future::Future<Output = ()>,
     shutdown_timeout: Duration,
@@ -102,10 +148,152 @@ pub async fn stop_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Binds and serves until Ctrl-C or SIGTERM.
+/// A bound listener, before it serves.
+enum Bound {
+    Tcp(TcpListener),
+    Tls(TlsListener),
+    Ws(WsListener),
+    Unix(UnixListener, SocketFile),
+}
+
+/// A Unix socket file this process created, removed when dropped.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Binds a TCP listener, the error naming `url`.
+fn bind_tcp(addr: SocketAddr, backlog: u32, url: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind_with(addr, backlog, StreamConfig::default())
+        .with_context(|| format!("cannot listen on {url}"))
+}
+
+/// Binds one listener; returns it and the URL it serves (port 0 resolved).
+fn bind(listen: &Listen, backlog: u32, tls: Option<&ServerTls>) -> anyhow::Result<(Bound, String)> {
+    let tls = || {
+        tls.cloned()
+            .context("TLS listeners need --tls-cert and --tls-key")
+    };
+    let net = |transport, addr: SocketAddr, path: &str| {
+        Endpoint::Net {
+            transport,
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            path: path.to_owned(),
+        }
+        .to_string()
+    };
+    Ok(match listen {
+        Listen::Tcp(addr) => {
+            let l = bind_tcp(*addr, backlog, &addr.to_string())?;
+            // Plain TCP is announced as `host:port`, what `--server`
+            // takes (and what scripts reading the line expect).
+            let url = l.local_addr()?.to_string();
+            (Bound::Tcp(l), url)
+        }
+        Listen::Tls(addr) => {
+            let l = bind_tcp(*addr, backlog, &net(Transport::Tls, *addr, ""))?;
+            let url = net(Transport::Tls, l.local_addr()?, "");
+            (Bound::Tls(TlsListener::new(l, tls()?)), url)
+        }
+        Listen::Ws(b) | Listen::Wss(b) => {
+            let transport = if listen.secure() {
+                Transport::Wss
+            } else {
+                Transport::Ws
+            };
+            let l = bind_tcp(b.addr, backlog, &net(transport, b.addr, &b.path))?;
+            let url = net(transport, l.local_addr()?, &b.path);
+            let mut ws = WsListener::new(l).path(b.path.clone());
+            if listen.secure() {
+                ws = ws.tls(tls()?);
+            }
+            (Bound::Ws(ws), url)
+        }
+        Listen::Unix(path) => {
+            let url = Endpoint::Unix(path.clone()).to_string();
+            let l = UnixListener::bind(path).map_err(|e| {
+                let hint = if e.kind() == io::ErrorKind::AddrInUse {
+                    " (a file is at that path: remove it if no server uses it)"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("cannot listen on {url}: {e}{hint}")
+            })?;
+            (Bound::Unix(l, SocketFile(path.clone())), url)
+        }
+    })
+}
+
+/// Checks that the certificate flags and the listeners agree, and loads
+/// the certificate (every error naming its file).
+fn load_tls(opts: &EchoOptions) -> anyhow::Result<Option<ServerTls>> {
+    let secure = opts.listen.iter().any(Listen::secure);
+    match (&opts.tls, secure) {
+        (None, false) => Ok(None),
+        (None, true) => anyhow::bail!("--tls and --wss need --tls-cert and --tls-key"),
+        (Some(_), false) => anyhow::bail!(
+            "--tls-cert and --tls-key given, but nothing serves TLS: add --tls ADDR or --wss ADDR[/PATH]"
+        ),
+        (Some(files), true) => Ok(Some(crate::transport::server_tls(
+            &files.cert,
+            &files.key,
+            files.client_ca.as_deref(),
+        )?)),
+    }
+}
+
+/// Binds every listener of `opts` and serves until Ctrl-C or SIGTERM.
+/// Announces each listener on stderr (`tether echo listening on URL`,
+/// plain TCP as `host:port`) and logs it at info.
 pub async fn run(opts: EchoOptions) -> anyhow::Result<()> {
-    let listener = TcpListener::bind_with(opts.listen, opts.backlog, StreamConfig::default())?;
-    eprintln!("tether echo listening on {}", listener.local_addr()?);
-    serve(listener, opts.config, stop_signal(), opts.shutdown_timeout).await?;
+    if opts.listen.is_empty() {
+        anyhow::bail!("nothing to listen on");
+    }
+    let tls = load_tls(&opts)?;
+    // Everything is bound before anything is announced: a run that fails
+    // on its third address has not claimed to serve the first two.
+    let mut bound = Vec::with_capacity(opts.listen.len());
+    let mut urls = Vec::with_capacity(opts.listen.len());
+    for listen in &opts.listen {
+        let (listener, url) = bind(listen, opts.backlog, tls.as_ref())?;
+        bound.push(listener);
+        urls.push(url);
+    }
+    for url in urls {
+        eprintln!("tether echo listening on {url}");
+        tracing::info!(%url, "listening");
+    }
+    let (config, stop, timeout) = (opts.config, stop_signal(), opts.shutdown_timeout);
+    // One listener is served as it is; several through one AnyListener.
+    let mut files = Vec::new();
+    if bound.len() == 1 {
+        match bound.pop().expect("one listener") {
+            Bound::Tcp(l) => serve(l, config, stop, timeout).await?,
+            Bound::Tls(l) => serve(l, config, stop, timeout).await?,
+            Bound::Ws(l) => serve(l, config, stop, timeout).await?,
+            Bound::Unix(l, file) => {
+                files.push(file);
+                serve(l, config, stop, timeout).await?
+            }
+        };
+        return Ok(());
+    }
+    let mut any = AnyListener::new();
+    for b in bound {
+        any = match b {
+            Bound::Tcp(l) => any.with(l),
+            Bound::Tls(l) => any.with(l),
+            Bound::Ws(l) => any.with(l),
+            Bound::Unix(l, file) => {
+                files.push(file);
+                any.with(l)
+            }
+        };
+    }
+    serve(any, config, stop, timeout).await?;
     Ok(())
 }

@@ -5,6 +5,8 @@ pub mod bench;
 pub mod demo;
 pub mod echo;
 pub mod pki;
+pub mod relay;
+pub mod transport;
 
 /// The message type of `tether echo` and `tether demo`: a byte string,
 /// encoded by postcard as a varint length and the bytes (the same bytes as a

@@ -12,6 +12,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tether_cli::bench::{self, AllocCounter, AllocCounts, BenchOptions, Role, SLOTS};
 use tether_cli::demo::{self, DemoOptions};
+use tether_cli::echo::{Listen, TlsFiles};
+use tether_cli::transport::{Transport, WsBind};
 
 /// The system allocator, counting calls and bytes for `tether bench` while
 /// counting is enabled. Disabled, it costs one relaxed load per call.
@@ -145,7 +147,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Stream messages through a proxy that cuts the connection at random,
-    /// and check that every one comes back exactly once, in order.
+    /// and check that every one comes back exactly once, in order. Runs
+    /// over TCP, Unix sockets, TLS, WebSocket or secure WebSocket: under TLS
+    /// and WebSocket the proxy cuts the TCP connection.
     Demo {
         /// Messages to send (each is echoed back). Default: 1,000,000, or
         /// as many as make 256 MiB when messages are larger than 268 bytes
@@ -164,10 +168,25 @@ enum Command {
         /// Seed of the fault schedule and the payloads (default: random).
         #[arg(long)]
         seed: Option<u64>,
+        /// The transport: tcp, unix, tls, ws or wss (default: tcp, or the
+        /// scheme of --server). For tls and wss the in-process server
+        /// presents a certificate for `localhost` from a CA made at run time,
+        /// which the client trusts and checks the name against.
+        #[arg(long, value_enum)]
+        transport: Option<Transport>,
         /// Run only the client, against this `tether echo` (or compatible)
-        /// server; the cutting proxy sits in front of it.
-        #[arg(long)]
-        server: Option<SocketAddr>,
+        /// server; the cutting proxy (or, for unix, relay) sits in front of
+        /// it. A URL: tcp://HOST:PORT, tls://HOST:PORT,
+        /// ws://HOST[:PORT][/PATH], wss://HOST[:PORT][/PATH], unix:PATH; or
+        /// HOST:PORT over --transport. HOST may be a name (localhost:4000),
+        /// resolved at start.
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// With --server over tls or wss: trust the CA certificates in this
+        /// PEM file instead of Mozilla's roots. The name checked is the
+        /// server's host.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
         /// Give up if no echo arrives for this many seconds.
         #[arg(long, default_value_t = 30)]
         stall_timeout: u64,
@@ -179,9 +198,11 @@ enum Command {
         #[arg(long)]
         one_way: bool,
     },
-    /// Run a stable-conduit echo server over TCP (messages: byte strings).
-    /// Ctrl-C (or SIGTERM) closes every session gracefully, then exits.
-    Echo(EchoArgs),
+    /// Run a stable-conduit echo server (messages: byte strings) over TCP,
+    /// TLS, WebSocket, secure WebSocket and Unix sockets, several at once,
+    /// all sharing one session table. Ctrl-C (or SIGTERM) closes every
+    /// session gracefully, then exits.
+    Echo(Box<EchoArgs>),
     /// Benchmark tether against tokio-util's Framed: throughput, round
     /// trips, resume latency, allocations, idle-session memory and a
     /// reconnect storm, side by side, with targets. See BENCHMARKS.md.
@@ -197,7 +218,7 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Compare only these systems (comma-separated): framed, bare,
-        /// stable, stable_mem.
+        /// stable, stable_mem, framed_tls, stable_tls, ws_plain, stable_ws.
         #[arg(long, value_delimiter = ',')]
         systems: Vec<String>,
         /// Sessions of the idle-memory and storm workloads (default 10,000;
@@ -221,14 +242,42 @@ enum Command {
     },
 }
 
-/// `tether echo`'s flags: every server limit. Sizes take a K, M or G
-/// suffix (KiB, MiB, GiB); durations `500ms`, `10s`, `2m` or plain seconds.
-/// Unset flags keep the library's defaults.
+/// `tether echo`'s flags: what to listen on, and every server limit.
+/// Each listener flag may be repeated, and any mix given at once; with none,
+/// plain TCP on 127.0.0.1:4000. Sizes take a K, M or G suffix (KiB, MiB,
+/// GiB); durations `500ms`, `10s`, `2m` or plain seconds. Unset flags keep
+/// the library's defaults.
 #[derive(clap::Args)]
 struct EchoArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:4000")]
-    listen: SocketAddr,
+    /// Serve plain TCP on this address (default 127.0.0.1:4000 when no
+    /// listener flag is given).
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// Serve TLS on this address (needs --tls-cert and --tls-key).
+    #[arg(long, value_name = "ADDR", requires = "tls_cert")]
+    tls: Vec<SocketAddr>,
+    /// Serve WebSocket (ws://) on this address, upgrading requests for PATH
+    /// only (default /): 127.0.0.1:8080/tether.
+    #[arg(long, value_name = "ADDR[/PATH]", value_parser = parse_ws)]
+    ws: Vec<WsBind>,
+    /// Serve secure WebSocket (wss://) on this address and path, with the
+    /// certificate of --tls-cert: 127.0.0.1:8443/tether.
+    #[arg(long, value_name = "ADDR[/PATH]", value_parser = parse_wss, requires = "tls_cert")]
+    wss: Vec<WsBind>,
+    /// Serve on a Unix-domain socket at this path (removed on exit).
+    #[arg(long, value_name = "PATH")]
+    unix: Vec<PathBuf>,
+    /// The server's certificate chain for --tls and --wss (PEM, its own
+    /// certificate first).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients of --tls and --wss must present a certificate
+    /// signed by a CA in this PEM file.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
     /// Listen backlog (connections the kernel queues before accept).
     #[arg(long, default_value_t = tether::link::DEFAULT_BACKLOG)]
     backlog: u32,
@@ -333,13 +382,40 @@ impl EchoArgs {
         if let Some(t) = self.close_timeout {
             c.close_timeout(t);
         }
+        let mut listen: Vec<Listen> = self.listen.iter().copied().map(Listen::Tcp).collect();
+        listen.extend(self.tls.iter().copied().map(Listen::Tls));
+        listen.extend(self.ws.iter().cloned().map(Listen::Ws));
+        listen.extend(self.wss.iter().cloned().map(Listen::Wss));
+        listen.extend(self.unix.iter().cloned().map(Listen::Unix));
+        if listen.is_empty() {
+            listen.push(Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 4000))));
+        }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.client_ca.clone(),
+            }),
+            _ => None,
+        };
         tether_cli::echo::EchoOptions {
-            listen: self.listen,
+            listen,
+            tls,
             backlog: self.backlog,
             config: c,
             shutdown_timeout: self.shutdown_timeout,
         }
     }
+}
+
+/// `--ws`: `ADDR[/PATH]`, `ws://` allowed in front.
+fn parse_ws(s: &str) -> Result<WsBind, String> {
+    WsBind::parse(s, "ws")
+}
+
+/// `--wss`: `ADDR[/PATH]`, `wss://` allowed in front.
+fn parse_wss(s: &str) -> Result<WsBind, String> {
+    WsBind::parse(s, "wss")
 }
 
 /// `64K`, `8M`, `1G` (powers of 1024) or plain bytes.
@@ -395,14 +471,23 @@ fn bench_main(
     if let Some(role) = role {
         let sessions = opts.sessions.unwrap_or(1);
         let role = match (role.as_str(), addr) {
-            ("clients", Some(addr)) => Role::Clients {
+            ("clients" | "clients-ws", Some(addr)) => Role::Clients {
                 addr,
                 sessions,
                 tls_ca,
+                ws: role == "clients-ws",
             },
             ("idle-server", _) => Role::IdleServer {
                 sessions,
-                tls: tls_ca.is_some(),
+                over: if tls_ca.is_some() {
+                    bench::IdleOver::Tls
+                } else {
+                    bench::IdleOver::Tcp
+                },
+            },
+            ("idle-server-ws", _) => Role::IdleServer {
+                sessions,
+                over: bench::IdleOver::Ws,
             },
             _ => anyhow::bail!("unknown bench role {role:?}"),
         };
@@ -481,31 +566,29 @@ fn main() -> ExitCode {
                 cut_every,
                 handshake_cuts,
                 seed,
+                transport,
                 server,
+                ca,
                 stall_timeout,
                 json,
                 one_way,
             } => {
+                let transport = demo::transport_of(transport, server.as_deref())?;
                 let opts = DemoOptions {
                     messages: messages.unwrap_or_else(|| tether_cli::demo::default_messages(size)),
                     size: size.max(8),
                     cut_every,
                     handshake_cuts,
                     seed: seed.unwrap_or_else(random_seed),
+                    transport,
                     server,
+                    ca,
                     stall_timeout: Duration::from_secs(stall_timeout),
                     progress: !json,
                     one_way,
                 };
                 if !json {
-                    eprintln!(
-                        "tether demo: {} messages of {} bytes {} through a proxy cutting every ~{} bytes (seed {})",
-                        opts.messages,
-                        opts.size,
-                        if one_way { "streamed one way" } else { "echoed" },
-                        opts.cut_every,
-                        opts.seed
-                    );
+                    eprintln!("{}", demo::banner(&opts));
                 }
                 let report = demo::run(opts.clone()).await?;
                 if json {

@@ -7,6 +7,7 @@ mod common;
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use tether::link::stream::{StreamConfig, StreamLink};
 use tether::link::{Link, LinkError, LinkRx, LinkTx};
 use tether::proto::FrameError;
 use tether::{BareConduit, BareReceiver, BareSender, Borrowed, Error};
+use tokio::sync::Barrier;
 
 use common::transport::Transport;
 
@@ -187,10 +189,18 @@ fn assert_same(got: &[Msg], want: &[Msg], direction: &str) {
 }
 
 /// Sends every message, closes, and checks that the closed sender refuses
-/// more.
-async fn send_all<T: LinkTx>(mut tx: BareSender<T, Msg>, msgs: Vec<Msg>) {
+/// more. With `sent`, waits there once everything is sent and flushed
+/// before closing (see [`round_trip_over`]).
+async fn send_all<T: LinkTx>(
+    mut tx: BareSender<T, Msg>,
+    msgs: Vec<Msg>,
+    sent: Option<Arc<Barrier>>,
+) {
     for m in &msgs {
         tx.send(m).await.unwrap();
+    }
+    if let Some(sent) = sent {
+        sent.wait().await;
     }
     tx.close().await.unwrap();
     // Closing twice is fine; sending after close is a typed link error.
@@ -215,8 +225,11 @@ async fn recv_all<T: LinkRx>(mut rx: BareReceiver<T, Msg>) -> Vec<Msg> {
     got
 }
 
-/// Both directions at once, each half on its own task.
-async fn round_trip_over<A: Link, B: Link>(a: A, b: B) {
+/// Both directions at once, each half on its own task. With `half_close`,
+/// each side closes as soon as it has sent everything, while the other may
+/// still be sending; without (WebSocket, where a peer's Close ends both
+/// directions), neither closes before both have sent everything.
+async fn round_trip_over<A: Link, B: Link>(a: A, b: B, half_close: bool) {
     const COUNT: u64 = 120;
     let from_a = messages('a', COUNT);
     let from_b = messages('b', COUNT);
@@ -224,8 +237,9 @@ async fn round_trip_over<A: Link, B: Link>(a: A, b: B) {
 
     let (a_tx, a_rx) = BareConduit::<A, Msg>::new(a).split();
     let (b_tx, b_rx) = BareConduit::<B, Msg>::new(b).split();
-    let send_a = tokio::spawn(send_all(a_tx, from_a.clone()));
-    let send_b = tokio::spawn(send_all(b_tx, from_b.clone()));
+    let sent = (!half_close).then(|| Arc::new(Barrier::new(2)));
+    let send_a = tokio::spawn(send_all(a_tx, from_a.clone(), sent.clone()));
+    let send_b = tokio::spawn(send_all(b_tx, from_b.clone(), sent));
     let recv_a = tokio::spawn(recv_all(a_rx));
     let recv_b = tokio::spawn(recv_all(b_rx));
 
@@ -240,7 +254,7 @@ async fn round_trip(t: Transport) {
     bounded(async {
         let mut fx = t.fixture().await;
         let (a, b) = fx.pair().await;
-        round_trip_over(a, b).await;
+        round_trip_over(a, b, t.half_close()).await;
     })
     .await;
 }
@@ -251,7 +265,7 @@ transport_tests!(round_trip);
 async fn round_trip_duplex() {
     bounded(async {
         let (a, b) = duplex_links();
-        round_trip_over(a, b).await;
+        round_trip_over(a, b, true).await;
     })
     .await;
 }
@@ -374,8 +388,8 @@ async fn feed_then_flush(t: Transport) {
         let mut fx = t.fixture().await;
         let (a, b) = fx.pair().await;
         // The in-memory link hands payloads over on `feed` already; the
-        // byte-stream links (TLS included) write on flush.
-        // ws: the WebSocket links hold fed messages too.
+        // byte-stream links (TLS included) and the WebSocket links write on
+        // flush.
         feed_then_flush_over(a, b, t != Transport::Mem).await;
     })
     .await;

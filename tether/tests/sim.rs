@@ -8,12 +8,12 @@
 //! a seed replays the same interleaving. Every failure names its kind and
 //! seed and the command that replays it.
 //!
-//! The real-transport kinds (`real_tcp`, `real_unix`, `real_tls`; six seeds
-//! each by default) run over real sockets on the real clock, their links
-//! cut at seeded random points: there a seed replays the fault plan and
-//! the traffic, not the thread interleaving (the kernel and the clock
-//! decide where a cut lands), so the replay command reruns the plan and
-//! may pass. `a_seed_replays_identically` leaves them out.
+//! The real-transport kinds (`real_tcp`, `real_unix`, `real_tls`,
+//! `real_ws`, `real_wss`; six seeds each by default) run over real sockets
+//! on the real clock, their links cut at seeded random points: there a
+//! seed replays the fault plan and the traffic, not the thread
+//! interleaving (the kernel and the clock decide where a cut lands), so
+//! the replay command reruns the plan and may pass. `a_seed_replays_identically` leaves them out.
 //!
 //! - `cargo test -p tether --test sim`: every kind, a few hundred seeds each.
 //! - `TETHER_SIM_SEEDS=N`: N seeds per kind instead.
@@ -357,7 +357,15 @@ fn real_tls() {
     check_kind(Kind::RealTls);
 }
 
-// ws: real_ws and real_wss, checking Kind::RealWs and Kind::RealWss.
+#[test]
+fn real_ws() {
+    check_kind(Kind::RealWs);
+}
+
+#[test]
+fn real_wss() {
+    check_kind(Kind::RealWss);
+}
 
 /// The same seed twice gives the same run: same outcome, same counters on
 /// both sides, same fault log, same virtual time taken. (Not the

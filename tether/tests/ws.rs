@@ -138,6 +138,16 @@ async fn payloads_both_ways(tls: bool) {
     let big: Bytes = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
     let mut sent = vec![Bytes::new(), Bytes::from_static(b"hello"), big, huge];
     sent.extend((0..500u32).map(|i| Bytes::from(i.to_le_bytes().repeat(i as usize % 9))));
+    // Small frames are gathered into one write and large ones written
+    // straight through: sizes around the 16 KiB boundary, interleaved with
+    // small ones, must keep their order.
+    for (i, size) in [16_370usize, 16_384, 16_390, 40_000, 3, 9_000, 9_000, 70_000]
+        .into_iter()
+        .enumerate()
+    {
+        sent.push(Bytes::from(vec![i as u8; size]));
+        sent.push(Bytes::from(vec![0xa0 + i as u8; i + 1]));
+    }
     let sender = {
         let sent = sent.clone();
         tokio::spawn(async move {
@@ -240,6 +250,42 @@ async fn a_peer_gone_without_close_is_not_a_clean_end_and_limits_hold() {
     .await;
 }
 
+/// WebSocket has no half-close: a link that has read the peer's Close
+/// (`Ok(None)`) has answered it, and a send on it then fails with a typed
+/// error (`BrokenPipe`) instead of reaching the peer, which sees only the
+/// clean end.
+#[tokio::test]
+async fn a_send_after_the_peers_close_is_a_typed_error() {
+    within(async {
+        let pki = pki();
+        for tls in [false, true] {
+            let (mut listener, port) = ws_listener(tls.then(|| pki.server_tls())).await;
+            let scheme = if tls { "wss" } else { "ws" };
+            let connector = WsConnector::parse(
+                &format!("{scheme}://localhost:{port}/"),
+                Some(pki.client_tls()),
+            )
+            .unwrap();
+            let (client, server) = tokio::join!(connector.connect(), async {
+                listener.accept().await.unwrap().establish().await
+            });
+            let (mut client_tx, mut client_rx) = client.unwrap().split();
+            let (mut server_tx, mut server_rx) = server.unwrap().split();
+            client_tx.send(Bytes::from_static(b"last")).await.unwrap();
+            client_tx.close().await.unwrap();
+            assert_eq!(&server_rx.recv().await.unwrap().unwrap()[..], b"last");
+            assert_eq!(server_rx.recv().await.unwrap(), None, "{scheme}");
+            match server_tx.send(Bytes::from_static(b"late")).await {
+                Err(LinkError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => panic!("{scheme}: a send after the peer's Close gave {other:?}"),
+            }
+            assert_eq!(client_rx.recv().await.unwrap(), None, "{scheme}");
+            assert_eq!(client_rx.recv().await.unwrap(), None, "{scheme}");
+        }
+    })
+    .await;
+}
+
 /// `AnyConnector::parse` takes `ws://` and `wss://` URLs, and an
 /// `AnyListener` serves a `WsListener` next to a TCP listener.
 #[tokio::test]
@@ -272,6 +318,57 @@ async fn any_transport_speaks_ws() {
         assert!(AnyConnector::parse("ws://", None).is_err());
         assert!(AnyConnector::parse("wss://host:99999/", None).is_err());
         assert!(AnyConnector::parse("ftp://host:21", None).is_err());
+    })
+    .await;
+}
+
+/// `WsConnector::connect_to` dials another address (here a forwarding
+/// proxy) while the request still names the URL's host and port and, over
+/// `wss://`, the certificate is still checked for the URL's host: what the
+/// server sees is what a direct connection would have shown it.
+#[tokio::test]
+async fn connect_to_dials_elsewhere_with_the_urls_host_and_name() {
+    within(async {
+        let pki = pki();
+        for tls in [false, true] {
+            let (listener, port) = ws_listener(tls.then(|| pki.server_tls())).await;
+            let mut listener = listener.path("/x");
+            let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let forward = FaultConfig {
+                seed: 0,
+                mean_bytes_between_cuts: 0,
+                handshake_cut_probability: 0.0,
+                max_connection_age: None,
+            };
+            let proxy = FaultProxy::start(upstream, forward).await.unwrap();
+            let scheme = if tls { "wss" } else { "ws" };
+            let connector = WsConnector::parse(
+                &format!("{scheme}://localhost:{port}/x?y=1"),
+                Some(pki.client_tls()),
+            )
+            .unwrap()
+            .connect_to(proxy.local_addr());
+            let (client, server) = tokio::join!(connector.connect(), async {
+                listener.accept().await.unwrap().establish().await
+            });
+            let (client, server) = (client.unwrap(), server.unwrap());
+            assert_eq!(proxy.stats().connections, 1, "{scheme}: not via the proxy");
+            assert_eq!(client.peer().addr, Some(proxy.local_addr()), "{scheme}");
+            let http = server.peer().http.clone().expect("the request");
+            assert_eq!(http.header("host"), Some(&*format!("localhost:{port}")));
+            assert_eq!(http.target(), "/x?y=1");
+            match server.peer().tls.as_deref() {
+                Some(peer) => {
+                    assert!(tls);
+                    assert_eq!(peer.server_name(), Some("localhost"));
+                }
+                None => assert!(!tls),
+            }
+            let (mut client_tx, _client_rx) = client.split();
+            let (_server_tx, mut server_rx) = server.split();
+            client_tx.send(Bytes::from_static(b"via")).await.unwrap();
+            assert_eq!(&server_rx.recv().await.unwrap().unwrap()[..], b"via");
+        }
     })
     .await;
 }
@@ -544,7 +641,7 @@ async fn hostile_frames_and_requests_end_their_connection_only() {
 async fn a_request_that_never_upgrades_is_held_until_the_handshake_timeout_only() {
     within(async {
         let (listener, port) = ws_listener(None).await;
-        let timeout = Duration::from_millis(1000);
+        let timeout = Duration::from_millis(3000);
         let mut cfg = config(90);
         cfg.handshake_timeout(timeout);
         let server = Server::<Msg>::new(listener, cfg);

@@ -8,6 +8,7 @@ use anyhow::{bail, Context as _};
 use serde::Serialize;
 use tether::fault::{FaultConfig, FaultProxy};
 use tether::link::tls::{ClientTls, TlsConnector, TlsListener};
+use tether::link::ws::{WsConnector, WsListener};
 use tether::link::{mem, Connector, Listener, TcpConnector, TcpListener};
 use tether::{Config, Server, StableConduit};
 use tokio::sync::mpsc;
@@ -44,6 +45,9 @@ pub(crate) enum Over {
     /// TLS through a [`FaultProxy`]; each resume pays a TLS handshake,
     /// resumed from the client's session cache when `resumption` is on.
     Tls { resumption: bool },
+    /// WebSocket (`ws://`) through a [`FaultProxy`]; each resume pays an
+    /// HTTP upgrade.
+    Ws,
 }
 
 /// Runs `cuts` cuts over `over`.
@@ -88,6 +92,15 @@ pub(crate) async fn resume_latency(over: Over, cuts: usize) -> anyhow::Result<Re
             let addr = proxy.local_addr();
             let connector = TlsConnector::new(addr.ip().to_string(), addr.port(), client)
                 .server_name("localhost");
+            let run = run(listener, connector, || proxy.cut_all(), cuts).await;
+            proxy.shutdown();
+            run
+        }
+        Over::Ws => {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let proxy = proxied(listener.local_addr()?).await?;
+            let listener = WsListener::new(listener);
+            let connector = WsConnector::new(&format!("ws://{}/", proxy.local_addr()))?;
             let run = run(listener, connector, || proxy.cut_all(), cuts).await;
             proxy.shutdown();
             run

@@ -22,6 +22,7 @@ use futures_util::task::AtomicWaker;
 use serde::{Deserialize, Serialize};
 use tether::link::mem;
 use tether::link::tls::{ClientTls, ServerTls, TlsConnector, TlsListener};
+use tether::link::ws::{WsConnector, WsListener};
 use tether::link::{Connector, LinkError, StreamConfig, StreamLink, TcpListener};
 use tether::{Config, Server, ServerStats, StableConduit, StableSender};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -76,6 +77,20 @@ pub(crate) fn resume_config() -> Config {
     c.reconnect_mut()
         .min_backoff(Duration::ZERO)
         .max_backoff(Duration::from_millis(100));
+    c
+}
+
+/// The server configuration of the many-session workloads: the default,
+/// with the per-source caps (1,024 sessions and 64 pending handshakes per
+/// address by default) and the global pending cap raised to `sessions`,
+/// since every bench client comes from 127.0.0.1. The storm measures how
+/// fast a server takes back every session at once, not its admission
+/// control (tether-cli's hostile tests do that).
+pub(crate) fn server_config(sessions: usize) -> Config {
+    let mut c = Config::default();
+    c.max_sessions_per_source(sessions.max(1024))
+        .max_pending_per_source(sessions.max(64))
+        .max_pending_handshakes(sessions.max(1024));
     c
 }
 
@@ -645,16 +660,23 @@ fn reply(line: &str) -> anyhow::Result<()> {
 /// It answers `ready` once connected and exits when stdin closes.
 ///
 /// With `tls_ca` (a PEM file) the sessions run over TLS to `localhost` at
-/// `addr`, trusting that CA; `cut-send` is then refused.
+/// `addr`, trusting that CA; with `ws`, over WebSocket to
+/// `ws://ADDR/`; `cut-send` is then refused.
 pub(crate) fn run_clients(
     addr: SocketAddr,
     sessions: usize,
     tls_ca: Option<PathBuf>,
+    ws: bool,
 ) -> anyhow::Result<()> {
     let rt = runtime()?;
+    let plain_tcp = tls_ca.is_none() && !ws;
     rt.block_on(async {
         let cutter = CuttableTcp::new(addr);
         let fleet = match &tls_ca {
+            None if ws => {
+                let connector = WsConnector::new(&format!("ws://{addr}/"))?;
+                Fleet::connect(connector, resume_config(), sessions).await?
+            }
             None => Fleet::connect(cutter.clone(), resume_config(), sessions).await?,
             Some(ca) => {
                 let tls = ClientTls::from_ca_file(ca)?;
@@ -672,7 +694,7 @@ pub(crate) fn run_clients(
                     fleet.send_all(k.parse()?).await?;
                     reply("sent")?;
                 }
-                ["cut-send", _] if tls_ca.is_some() => bail!("cut-send needs plain TCP"),
+                ["cut-send", _] if !plain_tcp => bail!("cut-send needs plain TCP"),
                 ["cut-send", k] => {
                     cutter.kill_all();
                     fleet.send_all(k.parse()?).await?;
@@ -775,13 +797,24 @@ async fn mem_point(counter: Option<&'static dyn AllocCounter>) -> anyhow::Result
     })
 }
 
-/// `--role idle-server`: serves `sessions` sessions from a child client
-/// process, echoing, and prints one JSON [`IdleReport`]. With `tls`, over
-/// TLS with a throwaway certificate whose CA the clients are given in a
-/// temporary file.
+/// The link under the idle sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Over {
+    /// Plain TCP.
+    Tcp,
+    /// TLS with a throwaway certificate whose CA the clients are given in
+    /// a temporary file.
+    Tls,
+    /// WebSocket (`ws://`) over TCP.
+    Ws,
+}
+
+/// `--role idle-server` (`idle-server-ws` over WebSocket, `--tls-ca` for
+/// TLS): serves `sessions` sessions from a child client process, echoing,
+/// and prints one JSON [`IdleReport`].
 pub(crate) fn run_idle_server(
     sessions: usize,
-    tls: bool,
+    over: Over,
     counter: Option<&'static dyn AllocCounter>,
 ) -> anyhow::Result<()> {
     if let Some(c) = counter {
@@ -800,7 +833,10 @@ pub(crate) fn run_idle_server(
             sessions.to_string(),
         ];
         let mut ca_file = None;
-        let server = if tls {
+        let server = if over == Over::Ws {
+            args[1] = "clients-ws".into();
+            Server::<Msg>::new(WsListener::new(listener), server_config(sessions))
+        } else if over == Over::Tls {
             let pki = crate::pki::Pki::localhost()?;
             let path =
                 std::env::temp_dir().join(format!("tether-bench-ca-{}.pem", std::process::id()));
@@ -808,9 +844,9 @@ pub(crate) fn run_idle_server(
             args.extend(["--tls-ca".into(), path.display().to_string()]);
             ca_file = Some(RemoveOnDrop(path));
             let tls = ServerTls::from_pem(pki.cert_pem.as_bytes(), pki.key_pem.as_bytes())?;
-            Server::<Msg>::new(TlsListener::new(listener, tls), Config::default())
+            Server::<Msg>::new(TlsListener::new(listener, tls), server_config(sessions))
         } else {
-            Server::<Msg>::new(listener, Config::default())
+            Server::<Msg>::new(listener, server_config(sessions))
         };
         let tracker = Tracker::new(sessions);
         let (stop, acceptor) = spawn_acceptor(server, tracker.clone(), true);
@@ -862,16 +898,20 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Runs the idle-memory workload in a child server process, over TCP or,
-/// with `tls`, over TLS.
-pub(crate) async fn idle_memory(sessions: usize, tls: bool) -> anyhow::Result<IdleReport> {
+/// Runs the idle-memory workload in a child server process, over `over`.
+pub(crate) async fn idle_memory(sessions: usize, over: Over) -> anyhow::Result<IdleReport> {
+    let role = if over == Over::Ws {
+        "idle-server-ws"
+    } else {
+        "idle-server"
+    };
     let mut args = vec![
         "--role".into(),
-        "idle-server".into(),
+        role.into(),
         "--sessions".into(),
         sessions.to_string(),
     ];
-    if tls {
+    if over == Over::Tls {
         args.push("--tls-ca".into());
         args.push("server".into());
     }
@@ -908,7 +948,7 @@ pub(crate) struct StormReport {
 pub(crate) async fn storm_tcp(sessions: usize) -> anyhow::Result<StormReport> {
     let listener = listener_with_backlog()?;
     let addr = listener.local_addr()?;
-    let server = Server::<Msg>::new(listener, Config::default());
+    let server = Server::<Msg>::new(listener, server_config(sessions));
     let tracker = Tracker::new(sessions);
     let (stop, acceptor) = spawn_acceptor(server, tracker.clone(), false);
     let mut clients = ChildProc::spawn(&[
@@ -953,7 +993,7 @@ pub(crate) async fn storm_tcp(sessions: usize) -> anyhow::Result<StormReport> {
 /// `MemConnector::kill_all` cuts every link.
 pub(crate) async fn storm_mem(sessions: usize) -> anyhow::Result<StormReport> {
     let (listener, connector) = mem::listener(MEM_CAPACITY);
-    let server = Server::<Msg>::new(listener, Config::default());
+    let server = Server::<Msg>::new(listener, server_config(sessions));
     let tracker = Tracker::new(sessions);
     let (stop, acceptor) = spawn_acceptor(server, tracker.clone(), false);
     let fleet = Fleet::connect(connector.clone(), resume_config(), sessions).await?;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use tether::link::mem::{self, MemConnector, MemListener};
 use tether::link::stream::{StreamRx, StreamTx};
 use tether::link::tls::{ClientTls, ServerTls, TlsConnector, TlsListener};
+use tether::link::ws::{WsConnector, WsListener};
 use tether::link::{Connector, Listener, PendingLink, TcpConnector, TcpListener};
 use tether::{BareConduit, BareReceiver, BareSender, Config, Server, StableConduit};
 use tether::{StableReceiver, StableSender};
@@ -23,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_rustls::TlsStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_websockets::{Message, WebSocketStream};
 
 use super::alloc::{AllocCounter, AllocCounts, SLOT_RECEIVER, SLOT_SENDER};
 
@@ -57,16 +59,24 @@ pub(crate) enum System {
     FramedTls,
     /// tether's stable conduit over TLS.
     StableTls,
+    /// A plain WebSocket over TCP (tokio-websockets, the crate under
+    /// tether's WebSocket links): each postcard-encoded message one binary
+    /// message, fed and flushed like `Framed`.
+    WsPlain,
+    /// tether's stable conduit over a WebSocket link (`ws://`).
+    StableWs,
 }
 
 impl System {
-    pub(crate) const ALL: [System; 6] = [
+    pub(crate) const ALL: [System; 8] = [
         System::Framed,
         System::Bare,
         System::Stable,
         System::StableMem,
         System::FramedTls,
         System::StableTls,
+        System::WsPlain,
+        System::StableWs,
     ];
 
     /// The key of this system in the JSON report.
@@ -78,6 +88,8 @@ impl System {
             System::StableMem => "stable_mem",
             System::FramedTls => "framed_tls",
             System::StableTls => "stable_tls",
+            System::WsPlain => "ws_plain",
+            System::StableWs => "stable_ws",
         }
     }
 
@@ -90,6 +102,8 @@ impl System {
             System::StableMem => "stable (mem)",
             System::FramedTls => "Framed (TLS)",
             System::StableTls => "stable (TLS)",
+            System::WsPlain => "WS (plain)",
+            System::StableWs => "stable (WS)",
         }
     }
 }
@@ -127,6 +141,7 @@ pub(crate) enum Endpoint {
     Framed(Box<Framed<TcpStream, LengthDelimitedCodec>>),
     FramedTls(Box<Framed<TlsStream<TcpStream>, LengthDelimitedCodec>>),
     Bare(BareSender<TcpTx, Msg>, BareReceiver<TcpRx, Msg>),
+    Ws(Box<WebSocketStream<TcpStream>>),
     /// On the server side, the server (and for the in-memory link a
     /// connector, without which the server's listener reports an error
     /// every 10 ms) are kept here so that they live as long as the
@@ -145,6 +160,15 @@ impl Endpoint {
         match self {
             Endpoint::Framed(f) => framed_send_many(f, msg, n).await?,
             Endpoint::FramedTls(f) => framed_send_many(f, msg, n).await?,
+            Endpoint::Ws(ws) => {
+                for i in 1..=n {
+                    ws.feed(ws_message(msg)?).await?;
+                    if i % FLUSH_EVERY == 0 {
+                        ws.flush().await?;
+                    }
+                }
+                ws.flush().await?;
+            }
             Endpoint::Bare(tx, _) => {
                 for i in 1..=n {
                     tx.feed(msg).await?;
@@ -168,6 +192,7 @@ impl Endpoint {
         match self {
             Endpoint::Framed(f) => framed_send_one(f, msg).await?,
             Endpoint::FramedTls(f) => framed_send_one(f, msg).await?,
+            Endpoint::Ws(ws) => ws.send(ws_message(msg)?).await?,
             Endpoint::Bare(tx, _) => tx.send(msg).await?,
             Endpoint::Stable { tx, .. } => tx.send(msg).await?,
         }
@@ -179,6 +204,7 @@ impl Endpoint {
         let got = match self {
             Endpoint::Framed(f) => framed_recv(f).await?,
             Endpoint::FramedTls(f) => framed_recv(f).await?,
+            Endpoint::Ws(ws) => ws_recv(ws).await?,
             Endpoint::Bare(_, rx) => rx.recv().await?,
             Endpoint::Stable { rx, .. } => rx.recv().await?,
         };
@@ -220,11 +246,38 @@ async fn framed_recv<T: AsyncRead + AsyncWrite + Unpin>(
     })
 }
 
+/// One postcard-encoded message as one binary WebSocket message.
+fn ws_message(msg: &Msg) -> anyhow::Result<Message> {
+    Ok(Message::binary(bytes::Bytes::from(postcard::to_allocvec(
+        msg,
+    )?)))
+}
+
+/// The next binary message, decoded; control frames are answered by
+/// tokio-websockets and never returned.
+async fn ws_recv(ws: &mut WebSocketStream<TcpStream>) -> anyhow::Result<Option<Msg>> {
+    loop {
+        match ws.next().await {
+            None => return Ok(None),
+            Some(m) => {
+                let m = m?;
+                if m.is_close() {
+                    return Ok(None);
+                }
+                if m.is_binary() {
+                    return Ok(Some(postcard::from_bytes::<Msg>(m.as_payload())?));
+                }
+            }
+        }
+    }
+}
+
 /// A server side waiting for its client.
 pub(crate) enum Listening {
     Framed(tokio::net::TcpListener),
     FramedTls(tokio::net::TcpListener, tokio_rustls::TlsAcceptor),
     Bare(TcpListener),
+    Ws(tokio::net::TcpListener),
     Stable(Box<Server<Msg>>, Option<MemConnector>),
 }
 
@@ -233,6 +286,8 @@ pub(crate) enum Dial {
     Tcp(SocketAddr),
     /// TLS to `localhost` at this address.
     Tls(SocketAddr),
+    /// `ws://127.0.0.1:PORT/`.
+    Ws(SocketAddr),
     Mem(MemConnector),
 }
 
@@ -269,6 +324,18 @@ pub(crate) async fn listen(system: System) -> anyhow::Result<(Listening, Dial)> 
             let server = Server::new(l, Config::default());
             (Listening::Stable(Box::new(server), None), Dial::Tls(addr))
         }
+        System::WsPlain => {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            (Listening::Ws(l), Dial::Ws(addr))
+        }
+        System::StableWs => {
+            let l = TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            let l = WsListener::new(l);
+            let server = Server::new(l, Config::default());
+            (Listening::Stable(Box::new(server), None), Dial::Ws(addr))
+        }
         System::StableMem => {
             let (l, c): (MemListener, MemConnector) = mem::listener(MEM_CAPACITY);
             let server = Server::new(l, Config::default());
@@ -294,6 +361,15 @@ pub(crate) async fn accept(listening: Listening) -> anyhow::Result<Endpoint> {
             stream.set_nodelay(true)?;
             let stream = TlsStream::Server(acceptor.accept(stream).await?);
             Endpoint::FramedTls(Box::new(Framed::new(stream, LengthDelimitedCodec::new())))
+        }
+        Listening::Ws(l) => {
+            let (stream, _) = l.accept().await?;
+            stream.set_nodelay(true)?;
+            let (_request, ws) = tokio_websockets::ServerBuilder::new()
+                .limits(ws_limits())
+                .accept(stream)
+                .await?;
+            Endpoint::Ws(Box::new(ws))
         }
         Listening::Bare(mut l) => {
             let link = l.accept().await?.establish().await?;
@@ -343,8 +419,28 @@ pub(crate) async fn dial(system: System, dial: Dial) -> anyhow::Result<Endpoint>
                 .server_name("localhost");
             stable_client(c, Config::default()).await?
         }
+        (System::WsPlain, Dial::Ws(addr)) => {
+            let stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (ws, _response) = tokio_websockets::ClientBuilder::new()
+                .uri(&format!("ws://{addr}/"))?
+                .limits(ws_limits())
+                .connect_on(stream)
+                .await?;
+            Endpoint::Ws(Box::new(ws))
+        }
+        (System::StableWs, Dial::Ws(addr)) => {
+            let c = WsConnector::new(&format!("ws://{addr}/"))?;
+            stable_client(c, Config::default()).await?
+        }
         _ => bail!("{system:?} cannot dial that address"),
     })
+}
+
+/// The plain WebSocket's limits: the same largest message as tether's
+/// links (8 MiB).
+fn ws_limits() -> tokio_websockets::Limits {
+    tokio_websockets::Limits::default().max_payload_len(Some(tether::link::DEFAULT_MAX_PAYLOAD))
 }
 
 async fn stable_client<C: Connector>(connector: C, config: Config) -> anyhow::Result<Endpoint> {

@@ -162,7 +162,9 @@ pub trait LinkTx: Send + 'static {
     /// The peer receives every earlier payload, then `Ok(None)`. Closing an
     /// already closed half succeeds again; [`feed`](LinkTx::feed) and
     /// [`flush`](LinkTx::flush) after a close fail with
-    /// [`LinkError::Closed`].
+    /// [`LinkError::Closed`]. The peer's sending half stays open, except on
+    /// WebSocket links, where the Close ends both directions (see
+    /// [`ws`](crate::link::ws#end-of-stream)).
     fn close(&mut self) -> impl Future<Output = Result<(), LinkError>> + Send;
 }
 
@@ -336,7 +338,7 @@ pub enum LinkError {
     },
     /// A WebSocket link or its HTTP upgrade failed: a text message, a
     /// protocol violation, an upgrade refused with an HTTP status (see
-    /// [`WsError`](ws::WsError)).
+    /// [`ws::WsError`]).
     #[error("websocket: {0}")]
     WebSocket(ws::WsError),
     /// The peer vanished without a graceful close (an in-memory link was

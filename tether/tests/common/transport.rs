@@ -1,16 +1,26 @@
 //! The transport matrix: every conduit test that exchanges traffic over a
-//! link runs once per [`Transport`], through [`transport_tests!`].
+//! link runs once per [`Transport`], through [`transport_tests!`]: memory,
+//! TCP, Unix sockets, TLS, WebSocket (`ws://`) and secure WebSocket
+//! (`wss://`).
 //!
 //! - [`Transport`]: the transports, [`Transport::ALL`] in a fixed order.
 //! - [`Fixture`]: for one transport, a listener on a fresh address (port 0,
 //!   a unique socket path, a fresh in-memory listener) and a connector that
-//!   reaches it directly; TLS with run-time certificates from
-//!   [`pki`](super::pki), verified for `localhost`.
+//!   reaches it directly; TLS and `wss://` with run-time certificates from
+//!   [`pki`](super::pki), verified for `localhost`. The WebSocket
+//!   listeners serve the path `/`; their connectors dial the listener's
+//!   address (no name resolution) with the URL `ws://127.0.0.1:PORT/` or
+//!   `wss://localhost:PORT/`.
 //! - [`Cutter`]: a connector to the same listener whose links are cut. For
-//!   the transports over TCP the cuts are made by a
-//!   [`FaultProxy`] between client and server, so the TCP connection is
-//!   reset under TLS (and, later, under WebSocket framing) at an arbitrary
-//!   byte. Unix sockets go through a byte-counting relay that closes both
+//!   the transports over TCP (TCP, TLS, both WebSockets) the cuts are made
+//!   by a [`FaultProxy`] between client and server, so the TCP connection
+//!   is reset under TLS and under WebSocket framing at an arbitrary byte;
+//!   the WebSocket connectors dial the proxy with
+//!   [`WsConnector::connect_to`] and still send the listener's `Host` and
+//!   check its certificate, as a direct connection would. The proxy's
+//!   handshake cuts fall in the first 32 client bytes, which on TLS is the
+//!   ClientHello and on WebSocket the HTTP upgrade request, not tether's
+//!   hello. Unix sockets go through a byte-counting relay that closes both
 //!   sockets at the budget, inside a frame as often as not; in-memory links
 //!   through a payload relay that kills both links at the budget. All
 //!   three draw each connection's budget from `(seed, connection index)`
@@ -18,10 +28,12 @@
 //!   every transport, and all three can cut every live link at once
 //!   ([`Cutter::cut_all`]) and refuse connects ([`Cutter::set_refuse`]).
 //!
-//! Adding a transport (WebSocket is next) is one variant of [`Transport`],
-//! one entry in [`Transport::ALL`] and [`Transport::name`], one arm in
-//! [`Transport::fixture`] and one line in [`transport_tests!`]: every place
-//! is marked `// ws:`.
+//! Adding a transport is one variant of [`Transport`], one entry in
+//! [`Transport::ALL`] and [`Transport::name`], one arm in
+//! [`Transport::fixture`], [`Transport::over_tcp`], [`Fixture::cutting`]
+//! and [`Fixture::check_client_peer`], and one test in
+//! [`transport_tests!`]; the simulation's real-transport kinds
+//! (`tests/sim/scenario.rs`) name their transport too.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -37,7 +49,7 @@ use tether::link::any::{AnyConnector, AnyLink, AnyListener};
 use tether::link::mem;
 use tether::link::{
     ClientTls, ServerTls, StreamConfig, StreamLink, TcpConnector, TcpListener, TlsConnector,
-    TlsListener, UnixConnector, UnixListener,
+    TlsListener, UnixConnector, UnixListener, WsConnector, WsListener,
 };
 use tether::link::{PeerInfo, PendingLink};
 use tether::{Connector, Link, LinkError, LinkRx, LinkTx, Listener};
@@ -57,17 +69,21 @@ pub enum Transport {
     Unix,
     /// TLS over TCP, a certificate for `localhost` from a fresh CA.
     Tls,
-    // ws: Ws, Wss
+    /// WebSocket, `ws://127.0.0.1:PORT/`.
+    Ws,
+    /// Secure WebSocket, `wss://localhost:PORT/`, over TLS as [`Tls`](Transport::Tls).
+    Wss,
 }
 
 impl Transport {
     /// Every transport, in the order the generated tests are listed.
-    pub const ALL: [Transport; 4] = [
+    pub const ALL: [Transport; 6] = [
         Transport::Mem,
         Transport::Tcp,
         Transport::Unix,
         Transport::Tls,
-        // ws: Transport::Ws, Transport::Wss,
+        Transport::Ws,
+        Transport::Wss,
     ];
 
     /// The transport's name, as in the generated tests' names.
@@ -77,7 +93,8 @@ impl Transport {
             Transport::Tcp => "tcp",
             Transport::Unix => "unix",
             Transport::Tls => "tls",
-            // ws: Transport::Ws => "ws", Transport::Wss => "wss",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
         }
     }
 
@@ -85,10 +102,17 @@ impl Transport {
     /// [`FaultProxy`] can cut.
     pub fn over_tcp(self) -> bool {
         match self {
-            Transport::Tcp | Transport::Tls => true,
+            Transport::Tcp | Transport::Tls | Transport::Ws | Transport::Wss => true,
             Transport::Mem | Transport::Unix => false,
-            // ws: Transport::Ws | Transport::Wss => true,
         }
+    }
+
+    /// Whether a link's halves close independently: after one side's
+    /// [`LinkTx::close`] the other can still send. Not on WebSocket, where
+    /// the peer's Close frame is answered at once and ends both directions
+    /// (RFC 6455, section 5.5.1): a later send there fails.
+    pub fn half_close(self) -> bool {
+        !matches!(self, Transport::Ws | Transport::Wss)
     }
 
     /// A listener of this transport on a fresh address, and a connector
@@ -133,10 +157,22 @@ impl Transport {
                 fx.addr = Some(addr);
                 fx.pki = Some(pki);
                 fx
-            } // ws: Transport::Ws and Transport::Wss: a WsListener (over a
-              // TcpListener or a TlsListener) and a WsConnector for
-              // ws://127.0.0.1:PORT/ or wss://localhost:PORT/, `addr` set
-              // so that `Fixture::cutting` puts a FaultProxy in front.
+            }
+            Transport::Ws | Transport::Wss => {
+                let secure = self == Transport::Wss;
+                let pki = secure.then(|| Arc::new(Pki::new()));
+                let mut listener = WsListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+                if let Some(pki) = &pki {
+                    listener = listener.tls(pki.server_tls());
+                }
+                let addr = listener.local_addr().unwrap();
+                let connector = ws_connector(addr, pki.as_deref());
+                let mut fx =
+                    Fixture::new(self, AnyListener::new().with(listener), connector.into());
+                fx.addr = Some(addr);
+                fx.pki = pki;
+                fx
+            }
         }
     }
 }
@@ -179,7 +215,15 @@ macro_rules! transport_tests {
                 super::$name(Transport::Tls).await;
             }
 
-            // ws: the same for `ws` (Transport::Ws) and `wss` (Transport::Wss).
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn ws() {
+                super::$name(Transport::Ws).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn wss() {
+                super::$name(Transport::Wss).await;
+            }
         }
     )+};
 }
@@ -214,6 +258,19 @@ impl Pki {
 /// (no name resolution on connect).
 fn tls_connector(addr: SocketAddr, pki: &Pki) -> TlsConnector {
     TlsConnector::new(addr.ip().to_string(), addr.port(), pki.client_tls()).server_name("localhost")
+}
+
+/// A WebSocket connector to the listener at `addr`: `ws://127.0.0.1:PORT/`,
+/// or with `pki` `wss://localhost:PORT/` (the certificate checked for
+/// `localhost`), dialling `addr` itself (no name resolution on connect).
+fn ws_connector(addr: SocketAddr, pki: Option<&Pki>) -> WsConnector {
+    let url = match pki {
+        Some(_) => format!("wss://localhost:{}/", addr.port()),
+        None => format!("ws://{addr}/"),
+    };
+    WsConnector::parse(&url, pki.map(Pki::client_tls))
+        .unwrap()
+        .connect_to(addr)
 }
 
 /// A socket path under the temporary directory, unique in the machine,
@@ -279,7 +336,7 @@ impl Fixture {
         self.connector.clone()
     }
 
-    /// The certificates of a TLS fixture.
+    /// The certificates of a TLS or secure WebSocket fixture.
     pub fn pki(&self) -> Option<&Pki> {
         self.pki.as_deref()
     }
@@ -297,7 +354,11 @@ impl Fixture {
                     Transport::Tls => {
                         tls_connector(to, self.pki.as_ref().expect("certificates")).into()
                     }
-                    // ws: Transport::Ws / Transport::Wss => a WsConnector to `to`.
+                    // The request and the certificate check name the
+                    // listener, as a direct connection would.
+                    Transport::Ws | Transport::Wss => ws_connector(addr, self.pki.as_deref())
+                        .connect_to(to)
+                        .into(),
                     other => unreachable!("{other} is not over TCP"),
                 };
                 Via::Proxy(proxy, via)
@@ -332,7 +393,9 @@ impl Fixture {
 
     /// Checks what a server learnt about a client of this fixture: an
     /// address on the transports over TCP (from `client_ip`, if given),
-    /// what TLS verified on TLS, nothing on the others.
+    /// what TLS verified on TLS and secure WebSocket, the upgrade request
+    /// (`GET /`, `Host` naming the listener) on both WebSockets, nothing
+    /// on the others.
     pub fn check_client_peer(&self, peer: &PeerInfo, client_ip: Option<&str>) {
         let t = self.transport;
         if t.over_tcp() {
@@ -346,12 +409,33 @@ impl Fixture {
             assert!(peer.addr.is_none(), "{t}: {peer:?}");
         }
         match t {
-            Transport::Tls => {
-                let tls = peer.tls.as_ref().expect("tls: no TLS information");
-                assert!(tls.protocol_version().is_some(), "{tls:?}");
-                assert_eq!(tls.server_name(), Some("localhost"), "{tls:?}");
+            Transport::Tls | Transport::Wss => {
+                let tls = peer
+                    .tls
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{t}: no TLS information"));
+                assert!(tls.protocol_version().is_some(), "{t}: {tls:?}");
+                assert_eq!(tls.server_name(), Some("localhost"), "{t}: {tls:?}");
             }
             _ => assert!(peer.tls.is_none(), "{t}: {peer:?}"),
+        }
+        match t {
+            Transport::Ws | Transport::Wss => {
+                let http = peer
+                    .http
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{t}: no HTTP request"));
+                assert_eq!(http.method(), "GET", "{t}: {http:?}");
+                assert_eq!(http.target(), "/", "{t}: {http:?}");
+                let port = self.addr.expect("a WebSocket listener's address").port();
+                let host = match t {
+                    Transport::Wss => format!("localhost:{port}"),
+                    _ => format!("127.0.0.1:{port}"),
+                };
+                assert_eq!(http.header("host"), Some(host.as_str()), "{t}: {http:?}");
+                assert_eq!(http.header("upgrade"), Some("websocket"), "{t}: {http:?}");
+            }
+            _ => assert!(peer.http.is_none(), "{t}: {peer:?}"),
         }
     }
 }

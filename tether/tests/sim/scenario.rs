@@ -9,11 +9,11 @@
 //! kind is a server with a few hundred echoing sessions whose links are cut
 //! at random.
 //!
-//! The real-transport kinds (`real_tcp`, `real_unix`, `real_tls`) run the
-//! same two-party drain and the same checks over real sockets of
-//! `common::transport`, on the real clock: the client's links go through
-//! its cutter (the `FaultProxy` for TCP and TLS, the budget relay for Unix
-//! sockets), which cuts each connection after a budget drawn from the seed
+//! The real-transport kinds (`real_tcp`, `real_unix`, `real_tls`,
+//! `real_ws`, `real_wss`) run the same two-party drain and the same checks
+//! over real sockets of `common::transport`, on the real clock: the
+//! client's links go through its cutter (the `FaultProxy` for TCP, TLS and
+//! both WebSockets, the budget relay for Unix sockets), which cuts each connection after a budget drawn from the seed
 //! and cuts every link at a few seeded moments, until the storm ends. The
 //! seed fixes the plan (traffic, configurations, budgets, cut moments), not
 //! the interleaving: the kernel and the clock decide where in the traffic a
@@ -104,11 +104,16 @@ pub(crate) enum Kind {
     RealUnix,
     /// The drain over real TLS, its TCP connections cut by the `FaultProxy`.
     RealTls,
-    // ws: RealWs, RealWss
+    /// The drain over real WebSocket (`ws://`), its TCP connections cut by
+    /// the `FaultProxy`.
+    RealWs,
+    /// The drain over real secure WebSocket (`wss://`), its TCP connections
+    /// cut by the `FaultProxy`.
+    RealWss,
 }
 
 impl Kind {
-    pub(crate) const ALL: [Kind; 15] = [
+    pub(crate) const ALL: [Kind; 17] = [
         Kind::Cuts,
         Kind::Stalls,
         Kind::Pressure,
@@ -124,7 +129,8 @@ impl Kind {
         Kind::RealTcp,
         Kind::RealUnix,
         Kind::RealTls,
-        // ws: Kind::RealWs, Kind::RealWss,
+        Kind::RealWs,
+        Kind::RealWss,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -144,7 +150,8 @@ impl Kind {
             Kind::RealTcp => "real_tcp",
             Kind::RealUnix => "real_unix",
             Kind::RealTls => "real_tls",
-            // ws: Kind::RealWs => "real_ws", Kind::RealWss => "real_wss",
+            Kind::RealWs => "real_ws",
+            Kind::RealWss => "real_wss",
         }
     }
 
@@ -154,7 +161,8 @@ impl Kind {
             Kind::RealTcp => Some(Transport::Tcp),
             Kind::RealUnix => Some(Transport::Unix),
             Kind::RealTls => Some(Transport::Tls),
-            // ws: Kind::RealWs => Some(Transport::Ws), Kind::RealWss => Some(Transport::Wss),
+            Kind::RealWs => Some(Transport::Ws),
+            Kind::RealWss => Some(Transport::Wss),
             _ => None,
         }
     }

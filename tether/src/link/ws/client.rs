@@ -1,6 +1,7 @@
 //! The client side: [`WsConnector`].
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue};
@@ -171,6 +172,17 @@ impl WsConnector {
         if let Some(tls) = &mut self.tls {
             tls.server_name = server_name(name);
         }
+        self
+    }
+
+    /// The same connector, dialling `addr` instead of resolving the URL's
+    /// host; the request's `Host` header, the SNI and the certificate check
+    /// still follow the URL (or [`server_name`](Self::server_name)). For a
+    /// server reached through a TCP forwarder (an SSH tunnel, a test's
+    /// fault proxy) that should see the request as if dialled directly;
+    /// like curl's `--connect-to`.
+    pub fn connect_to(mut self, addr: SocketAddr) -> Self {
+        self.target = Target::Addr(addr);
         self
     }
 

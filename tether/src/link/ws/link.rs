@@ -18,10 +18,25 @@ use crate::link::{Link, LinkError, LinkRx, LinkTx, PeerInfo};
 /// The byte stream under a WebSocket: TCP or TLS over TCP, after the HTTP
 /// upgrade, with the bytes that were read past the HTTP head (frames the
 /// peer sent right behind it) served first.
+///
+/// Writes smaller than [`COALESCE`] are gathered into one buffer and go
+/// out together at the next flush (or when the buffer fills): the
+/// WebSocket layer writes each frame as two slices (header, payload), at
+/// most 64 slices a call, so a batch of small frames would otherwise cost
+/// one system call per 32 frames. Larger writes go straight to the stream
+/// after what is buffered, uncopied. The buffer is allocated when a small
+/// write arrives and released at the flush, so an idle link holds none.
 pub(crate) struct WsIo {
     prefix: Bytes,
     inner: Transport,
+    /// Small writes not yet written to `inner`, from `out_pos` on.
+    out: Vec<u8>,
+    out_pos: usize,
 }
+
+/// Writes below this many bytes (all slices of one call together) are
+/// buffered; the buffer is written out before it would grow past it.
+const COALESCE: usize = 16 * 1024;
 
 pub(crate) enum Transport {
     Tcp(TcpStream),
@@ -30,7 +45,57 @@ pub(crate) enum Transport {
 
 impl WsIo {
     pub(crate) fn new(inner: Transport, prefix: Bytes) -> Self {
-        WsIo { prefix, inner }
+        WsIo {
+            prefix,
+            inner,
+            out: Vec::new(),
+            out_pos: 0,
+        }
+    }
+
+    /// Writes out everything buffered. Keeps the allocation.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_pos < self.out.len() {
+            let pending = &self.out[self.out_pos..];
+            let written = match &mut self.inner {
+                Transport::Tcp(io) => Pin::new(io).poll_write(cx, pending),
+                Transport::Tls(io) => Pin::new(&mut **io).poll_write(cx, pending),
+            };
+            match ready!(written)? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => self.out_pos += n,
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Takes `bufs` (`len` bytes in all): buffered when small, else written
+    /// to the stream once the buffer is empty.
+    fn poll_put(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        if len >= COALESCE {
+            ready!(self.poll_drain(cx))?;
+            return match &mut self.inner {
+                Transport::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+                Transport::Tls(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
+            };
+        }
+        if self.out.len() + len > COALESCE {
+            ready!(self.poll_drain(cx))?;
+        }
+        if self.out.capacity() == 0 {
+            self.out.reserve_exact(COALESCE);
+        }
+        for buf in bufs {
+            self.out.extend_from_slice(buf);
+        }
+        Poll::Ready(Ok(len))
     }
 
     /// The same stream, serving `prefix` before anything else is read.
@@ -77,7 +142,8 @@ impl AsyncWrite for WsIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        transport!(self, io => io.poll_write(cx, buf))
+        self.get_mut()
+            .poll_put(cx, &[io::IoSlice::new(buf)], buf.len())
     }
 
     fn poll_write_vectored(
@@ -85,21 +151,25 @@ impl AsyncWrite for WsIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        transport!(self, io => io.poll_write_vectored(cx, bufs))
+        let len = bufs.iter().map(|b| b.len()).sum();
+        self.get_mut().poll_put(cx, bufs, len)
     }
 
+    /// Always: small slices are gathered here, large ones passed on.
     fn is_write_vectored(&self) -> bool {
-        match &self.inner {
-            Transport::Tcp(io) => io.is_write_vectored(),
-            Transport::Tls(io) => io.is_write_vectored(),
-        }
+        true
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Writes out the buffer, releases it, and flushes the stream.
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        self.out = Vec::new();
         transport!(self, io => io.poll_flush(cx))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        self.out = Vec::new();
         transport!(self, io => io.poll_shutdown(cx))
     }
 }

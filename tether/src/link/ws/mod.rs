@@ -4,7 +4,7 @@
 //! A [`WsLink`] carries each payload as one *binary* WebSocket message over
 //! one TCP connection, or over TLS for `wss://`. [`WsConnector`] dials the
 //! URL's host (resolved again on every connect, each address tried in
-//! turn), runs TLS for `wss://` with a [`ClientTls`](super::ClientTls), and
+//! turn; or a fixed address, [`WsConnector::connect_to`]), runs TLS for `wss://` with a [`ClientTls`](super::ClientTls), and
 //! sends the HTTP/1.1 upgrade request with any extra headers (an
 //! `Authorization`, say). [`WsListener`] accepts TCP connections at once
 //! and does everything else in
@@ -57,7 +57,13 @@
 //! after everything fed, then shuts down the write side (for `wss://`,
 //! `close_notify` first). The peer reads every payload, then `Ok(None)`;
 //! its link answers the Close and can send nothing more, as the protocol
-//! wants. A connection that ends *without* a Close frame (the peer dropped
+//! wants (RFC 6455, section 5.5.1): unlike the stream links there is no
+//! half-close, and a [`feed`](super::LinkTx::feed) or
+//! [`flush`](super::LinkTx::flush) after the peer's Close was read fails
+//! with [`LinkError::Io`](super::LinkError::Io) of kind `BrokenPipe`. A
+//! side that still has payloads to send must send them before the peer
+//! closes (a stable conduit closes its link only once its own close
+//! handshake has finished both ways). A connection that ends *without* a Close frame (the peer dropped
 //! its link without closing, or something on the path cut it) is not a
 //! clean end but [`LinkError::Io`](super::LinkError::Io) of kind
 //! `UnexpectedEof`, as over TLS: a truncation is never taken for the end.
@@ -86,9 +92,14 @@
 //! # Cost
 //!
 //! Per message, a 2 to 10-byte frame header (plus a 4-byte mask from the
-//! client); the server sends payloads without copying them (the frame
-//! header and the [`Bytes`](bytes::Bytes) go out in one vectored write),
-//! the client copies each payload once to mask it. Received payloads are
+//! client); the client copies each payload once to mask it. Frames under
+//! 16 KiB (header and payload together) are gathered into one write
+//! buffer that goes out at the flush, so a batch of small messages costs
+//! one system call rather than one per 32 frames; the buffer is taken at
+//! the first small write and given back at the flush, so an idle link
+//! holds none. A larger frame goes out uncopied from the server (the frame
+//! header and the [`Bytes`](bytes::Bytes) in one vectored write) after
+//! what is buffered. Received payloads are
 //! [`Bytes`](bytes::Bytes) views of the read buffer (reassembled messages
 //! are copied once). The two halves share the WebSocket behind a lock held
 //! only while one read or write poll runs. Setting up a link costs one
