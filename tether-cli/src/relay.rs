@@ -8,29 +8,22 @@
 //! their stream end wherever their frames were (Unix sockets have no
 //! reset: a cut inside a frame is a truncated frame, a cut between frames
 //! an end of stream without the close handshake, both a lost link to a
-//! stable conduit). Budgets follow [`FaultConfig`] as the TCP proxy reads
-//! it: with probability `handshake_cut_probability` a cut after 0 to 32
-//! client bytes (inside or just after the hello), otherwise a budget drawn
-//! from an exponential distribution with mean `mean_bytes_between_cuts`,
-//! both directions counted; each connection's draw depends only on the
-//! seed and the connection's index. `max_connection_age` is not applied.
+//! stable conduit). Each connection's budget is the one a `FaultProxy` with
+//! the same [`FaultConfig`] draws for it ([`FaultConfig::plan`]): a seed
+//! cuts the same way on every transport. `max_connection_age` is not
+//! applied.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
-use tether::fault::{FaultConfig, ProxyStats};
+use tether::fault::{CutPlan, FaultConfig, ProxyStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-
-/// Largest handshake cut: 0 to this many client bytes pass first.
-const HANDSHAKE_MAX_BYTES: u64 = 32;
 
 /// A running relay. Dropping it stops accepting, closes every relayed
 /// connection and removes its socket file.
@@ -50,47 +43,6 @@ struct Counters {
     handshake_cuts: AtomicU64,
     mid_frame_cuts: AtomicU64,
     bytes_forwarded: AtomicU64,
-}
-
-/// The cut planned for one connection.
-#[derive(Clone, Copy, Debug)]
-struct Plan {
-    /// Bytes to pass before the cut; `None`: no cut.
-    budget: Option<u64>,
-    /// Only client-to-server bytes count (a handshake cut).
-    handshake: bool,
-}
-
-impl Plan {
-    fn draw(config: &FaultConfig, index: u64) -> Plan {
-        let mut rng = SmallRng::seed_from_u64(mix(mix(config.seed) ^ index));
-        let p = config.handshake_cut_probability;
-        let p = if p.is_nan() { 0.0 } else { p.clamp(0.0, 1.0) };
-        if rng.random_bool(p) {
-            return Plan {
-                budget: Some(rng.random_range(0..=HANDSHAKE_MAX_BYTES)),
-                handshake: true,
-            };
-        }
-        let mean = config.mean_bytes_between_cuts;
-        let budget = (mean > 0).then(|| {
-            // `1 - u` is in (0, 1]: the logarithm is finite.
-            let u: f64 = rng.random();
-            ((-(1.0 - u).ln() * mean as f64).ceil() as u64).max(1)
-        });
-        Plan {
-            budget,
-            handshake: false,
-        }
-    }
-}
-
-/// SplitMix64's finalizer: spreads (seed, index) over the seed space.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 impl UnixFaultRelay {
@@ -176,7 +128,7 @@ async fn accept_loop(
             }
         };
         counters.connections.fetch_add(1, Ordering::Relaxed);
-        let plan = Plan::draw(&config, index);
+        let plan = config.plan(index);
         index += 1;
         let (upstream, counters, mut stopped) =
             (upstream.clone(), counters.clone(), stopped.clone());
@@ -199,7 +151,7 @@ enum End {
 
 /// Relays one connection until both directions end, the budget runs out
 /// or either side fails; every socket is closed on return.
-async fn relay(client: UnixStream, upstream: &Path, plan: Plan, counters: &Counters) {
+async fn relay(client: UnixStream, upstream: &Path, plan: CutPlan, counters: &Counters) {
     let server = match UnixStream::connect(upstream).await {
         Ok(server) => server,
         Err(err) => {
@@ -301,28 +253,5 @@ mod tests {
         let b = AtomicU64::new(10);
         assert_eq!(take(&b, 16), (10, true));
         assert_eq!(take(&b, 1), (0, true));
-    }
-
-    #[test]
-    fn plans_follow_the_config() {
-        let mut config = FaultConfig {
-            seed: 7,
-            mean_bytes_between_cuts: 1000,
-            handshake_cut_probability: 1.0,
-            max_connection_age: None,
-        };
-        for i in 0..100 {
-            let plan = Plan::draw(&config, i);
-            assert!(plan.handshake && plan.budget.unwrap() <= HANDSHAKE_MAX_BYTES);
-        }
-        config.handshake_cut_probability = 0.0;
-        let total: u64 = (0..1000)
-            .map(|i| Plan::draw(&config, i).budget.unwrap())
-            .sum();
-        // The mean of 1,000 exponential draws of mean 1,000 is within 20%
-        // of it with overwhelming probability (and this seed is fixed).
-        assert!((800_000..1_200_000).contains(&total), "{total}");
-        config.mean_bytes_between_cuts = 0;
-        assert!(Plan::draw(&config, 3).budget.is_none());
     }
 }

@@ -213,7 +213,7 @@ enum CutReason {
 }
 
 impl Shared {
-    fn record_cut(&self, plan: &Plan, reason: CutReason) {
+    fn record_cut(&self, plan: &CutPlan, reason: CutReason) {
         let c = &self.counters;
         c.cuts.fetch_add(1, Ordering::Relaxed);
         if let CutReason::Budget { partial } = reason {
@@ -227,29 +227,46 @@ impl Shared {
     }
 }
 
-/// The faults planned for one connection, drawn when it is accepted.
+/// The cut planned for one connection, drawn when it is accepted: a pure
+/// function of the [`FaultConfig`] and the connection's index
+/// ([`FaultConfig::plan`]), so that any relay that cuts some other kind of
+/// link (a Unix socket, an in-memory link) cuts exactly where a
+/// [`FaultProxy`] with the same configuration would.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Plan {
+pub struct CutPlan {
     /// Bytes to forward before the cut; `None` = no budget cut.
-    budget: Option<u64>,
-    /// The budget is a handshake budget: it counts client-to-server bytes only.
-    handshake: bool,
+    pub budget: Option<u64>,
+    /// The budget is a handshake budget: it counts client-to-server bytes
+    /// only, and is at most 32.
+    pub handshake: bool,
 }
 
-impl Plan {
-    fn draw(config: &FaultConfig, index: u64) -> Plan {
+impl FaultConfig {
+    /// The cut planned for connection number `connection` (0 for the
+    /// first accepted): with probability `handshake_cut_probability` a
+    /// handshake cut after 0..=32 client bytes, else (when
+    /// `mean_bytes_between_cuts` is not 0) a budget drawn from an
+    /// exponential distribution with that mean. The same for the same
+    /// seed and index, whatever the link.
+    pub fn plan(&self, connection: u64) -> CutPlan {
+        CutPlan::draw(self, connection)
+    }
+}
+
+impl CutPlan {
+    fn draw(config: &FaultConfig, index: u64) -> CutPlan {
         let mut rng = StdRng::seed_from_u64(mix(mix(config.seed) ^ index));
         let p = config.handshake_cut_probability;
         let p = if p.is_nan() { 0.0 } else { p.clamp(0.0, 1.0) };
         if rng.random_bool(p) {
-            return Plan {
+            return CutPlan {
                 budget: Some(rng.random_range(0..=HANDSHAKE_MAX_BYTES)),
                 handshake: true,
             };
         }
         let budget = (config.mean_bytes_between_cuts > 0)
             .then(|| exponential_budget(&mut rng, config.mean_bytes_between_cuts));
-        Plan {
+        CutPlan {
             budget,
             handshake: false,
         }
@@ -356,7 +373,7 @@ async fn serve_connection(
     shared: Arc<Shared>,
     mut cut_rx: watch::Receiver<u64>,
 ) {
-    let plan = Plan::draw(&shared.config, index);
+    let plan = CutPlan::draw(&shared.config, index);
     tracing::debug!(index, ?plan, "fault proxy connection plan");
     let age = age_limit(shared.config.max_connection_age);
     tokio::pin!(age);
@@ -795,11 +812,11 @@ mod tests {
     #[test]
     fn plans_are_reproducible_per_seed_and_index() {
         let cfg = config(5, 1000, 0.3);
-        let plans: Vec<Plan> = (0..200).map(|i| Plan::draw(&cfg, i)).collect();
-        let again: Vec<Plan> = (0..200).map(|i| Plan::draw(&cfg, i)).collect();
+        let plans: Vec<CutPlan> = (0..200).map(|i| CutPlan::draw(&cfg, i)).collect();
+        let again: Vec<CutPlan> = (0..200).map(|i| CutPlan::draw(&cfg, i)).collect();
         assert_eq!(plans, again);
-        let other: Vec<Plan> = (0..200)
-            .map(|i| Plan::draw(&config(6, 1000, 0.3), i))
+        let other: Vec<CutPlan> = (0..200)
+            .map(|i| CutPlan::draw(&config(6, 1000, 0.3), i))
             .collect();
         assert_ne!(plans, other);
         let handshakes = plans.iter().filter(|p| p.handshake).count();
@@ -815,10 +832,10 @@ mod tests {
                 assert!(budget >= 1);
             }
         }
-        assert_eq!(Plan::draw(&config(5, 0, 0.0), 9).budget, None);
+        assert_eq!(CutPlan::draw(&config(5, 0, 0.0), 9).budget, None);
         // Out-of-range probabilities are clamped instead of panicking.
-        assert!(Plan::draw(&config(5, 0, 7.0), 0).handshake);
-        assert!(!Plan::draw(&config(5, 0, f64::NAN), 0).handshake);
+        assert!(CutPlan::draw(&config(5, 0, 7.0), 0).handshake);
+        assert!(!CutPlan::draw(&config(5, 0, f64::NAN), 0).handshake);
     }
 
     #[tokio::test]

@@ -23,10 +23,11 @@
 //!   hello. Unix sockets go through a byte-counting relay that closes both
 //!   sockets at the budget, inside a frame as often as not; in-memory links
 //!   through a payload relay that kills both links at the budget. All
-//!   three draw each connection's budget from `(seed, connection index)`
-//!   with the same [`FaultConfig`], so a seed gives the same cut plan on
-//!   every transport, and all three can cut every live link at once
-//!   ([`Cutter::cut_all`]) and refuse connects ([`Cutter::set_refuse`]).
+//!   three take each connection's budget from [`FaultConfig::plan`] (a
+//!   function of the seed and the connection's index), so a seed gives the
+//!   same cut plan on every transport, and all three can cut every live
+//!   link at once ([`Cutter::cut_all`]) and refuse connects
+//!   ([`Cutter::set_refuse`]).
 //!
 //! Adding a transport is one variant of [`Transport`], one entry in
 //! [`Transport::ALL`] and [`Transport::name`], one arm in
@@ -42,9 +43,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
-use tether::fault::{FaultConfig, FaultProxy, ProxyStats};
+use tether::fault::{CutPlan, FaultConfig, FaultProxy, ProxyStats};
 use tether::link::any::{AnyConnector, AnyLink, AnyListener};
 use tether::link::mem;
 use tether::link::{
@@ -516,52 +515,9 @@ impl Connector for Cutter {
 
 // ---- the relays of Mem and Unix ----
 
-/// SplitMix64, to spread (seed, index) over the seed space.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// The cut planned for one relayed link.
-#[derive(Clone, Copy, Debug)]
-struct Plan {
-    /// Bytes to pass before the cut; `None`: no budget cut.
-    budget: Option<u64>,
-    /// The budget counts client-to-server bytes only (a handshake cut).
-    handshake: bool,
-}
-
-impl Plan {
-    /// The plan of connection `index`, as [`FaultProxy`] draws it: a
-    /// handshake cut after 0..=32 client bytes with the configured
-    /// probability, else an exponentially distributed budget.
-    fn draw(faults: &FaultConfig, index: u64) -> Plan {
-        let mut rng = SmallRng::seed_from_u64(mix(faults.seed ^ mix(index)));
-        let p = faults.handshake_cut_probability;
-        let p = if p.is_nan() { 0.0 } else { p.clamp(0.0, 1.0) };
-        if rng.random_bool(p) {
-            return Plan {
-                budget: Some(rng.random_range(0..=32)),
-                handshake: true,
-            };
-        }
-        let mean = faults.mean_bytes_between_cuts;
-        let budget = (mean > 0).then(|| {
-            let u: f64 = rng.random();
-            ((-(1.0 - u).ln() * mean as f64).ceil() as u64).max(1)
-        });
-        Plan {
-            budget,
-            handshake: false,
-        }
-    }
-}
-
 /// What a relayed link has left of its budget.
 struct Budget {
-    plan: Plan,
+    plan: CutPlan,
     used: Mutex<u64>,
 }
 
@@ -605,7 +561,7 @@ enum Ended {
 }
 
 /// Counts how a relayed link ended.
-fn record(stats: &Mutex<ProxyStats>, ended: &Ended, plan: Plan, forwarded: u64) {
+fn record(stats: &Mutex<ProxyStats>, ended: &Ended, plan: CutPlan, forwarded: u64) {
     {
         let mut stats = stats.lock().unwrap();
         stats.bytes_forwarded += forwarded;
@@ -622,9 +578,9 @@ fn record(stats: &Mutex<ProxyStats>, ended: &Ended, plan: Plan, forwarded: u64) 
 }
 
 impl Relay {
-    fn plan(&self) -> Plan {
+    fn plan(&self) -> CutPlan {
         let mut stats = self.stats.lock().unwrap();
-        let plan = Plan::draw(&self.faults, stats.connections);
+        let plan = self.faults.plan(stats.connections);
         stats.connections += 1;
         plan
     }
