@@ -23,6 +23,7 @@ mod send;
 mod server;
 mod shared;
 
+use std::borrow::Borrow;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -225,8 +226,31 @@ impl<S, R> StableConduit<S, R> {
 }
 
 impl<S: Serialize, R> StableConduit<S, R> {
-    /// Sends one message; see [`StableSender::send`].
-    pub async fn send(&self, msg: &S) -> Result<(), Error> {
+    /// Sends one message: an `&S`, or anything `S` borrows as (`&str` for
+    /// `String`, `&[T]` for `Vec<T>`); see [`StableSender::send`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tether::{link::mem, Config, Server, StableConduit};
+    ///
+    /// let (listener, connector) = mem::listener(16);
+    /// let server = Server::<String>::new(listener, Config::default());
+    /// let client = StableConduit::<String>::connect(connector, Config::default()).await?;
+    /// let mut session = server.accept().await.expect("a session");
+    ///
+    /// client.send("hello").await?; // a &str for a String
+    /// client.send(&String::from("world")).await?; // or a &String
+    /// assert_eq!(session.recv().await?.as_deref(), Some("hello"));
+    /// assert_eq!(session.recv().await?.as_deref(), Some("world"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn send<Q>(&self, msg: &Q) -> Result<(), Error>
+    where
+        S: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
         self.tx.send(msg).await
     }
 }
@@ -318,9 +342,38 @@ impl<S: Serialize> StableSender<S> {
     /// (backpressure). Cancel-safe: if the future is dropped before it
     /// completes, the message was not queued.
     ///
+    /// `msg` is an `&S` or a reference to anything `S` borrows as
+    /// ([`Borrow`]): `send("hello")` on a sender of `String`,
+    /// `send(&[1, 2, 3][..])` on one of `Vec<u8>`. Std's `Borrow` impls
+    /// serialize the same as their owner (`str` as `String`, `[T]` as
+    /// `Vec<T>`, `T` as `Box<T>` or `Arc<T>`), so the peer decodes an `S`;
+    /// a `Borrow` impl of your own must keep to that.
+    ///
     /// Errors: [`Error::SessionLost`] (terminal), [`Error::Encode`] (this
-    /// message only).
-    pub async fn send(&self, msg: &S) -> Result<(), Error> {
+    /// message only), [`Error::TooLarge`] (this message only),
+    /// [`Error::Closed`] once the conduit began closing.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tether::{link::mem, Config, Server, StableConduit};
+    ///
+    /// let (listener, connector) = mem::listener(16);
+    /// let server = Server::<Vec<u8>>::new(listener, Config::default());
+    /// let client = StableConduit::<Vec<u8>>::connect(connector, Config::default()).await?;
+    /// let (tx, _rx) = client.split();
+    /// let mut session = server.accept().await.expect("a session");
+    ///
+    /// tx.send(&[1u8, 2, 3][..]).await?; // a slice for a Vec<u8>
+    /// assert_eq!(session.recv().await?, Some(vec![1, 2, 3]));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn send<Q>(&self, msg: &Q) -> Result<(), Error>
+    where
+        S: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
         self.shared.send(msg).await
     }
 }
