@@ -229,7 +229,7 @@ impl<T: LinkRx, R> BareReceiver<T, R> {
         match self.rx.recv().await? {
             Some(bytes) => Borrowed::decode(bytes)
                 .map(Some)
-                .map_err(|source| Error::Decode { seq: None, source }),
+                .map_err(|source| Error::decode::<Y>(None, source)),
             None => Ok(None),
         }
     }
@@ -243,7 +243,7 @@ impl<T: LinkRx, R: DeserializeOwned> BareReceiver<T, R> {
         match self.rx.recv().await? {
             Some(bytes) => decode_item(&bytes)
                 .map(Some)
-                .map_err(|source| Error::Decode { seq: None, source }),
+                .map_err(|source| Error::decode::<R>(None, source)),
             None => Ok(None),
         }
     }

@@ -119,10 +119,22 @@ pub enum Error {
     Encode(#[source] FrameError),
     /// A received message was not a valid encoding of the expected type. The
     /// message is consumed; the conduit is still usable.
-    #[error("could not decode message{}: {source}", seq.map(|s| format!(" {s}")).unwrap_or_default())]
+    ///
+    /// Usually the two ends disagree on the message type: the text names
+    /// the type this side expected, as in `could not decode message 5 as
+    /// alloc::string::String: frame item decoded but 5 trailing byte(s)
+    /// were left over`.
+    #[error(
+        "could not decode message{} as {expected}: {source}",
+        seq.map(|s| format!(" {s}")).unwrap_or_default()
+    )]
+    #[non_exhaustive]
     Decode {
         /// Sequence number of the offending frame (stable conduits only).
         seq: Option<Seq>,
+        /// The type the message was decoded as, from
+        /// [`std::any::type_name`]: meant for people, not for matching.
+        expected: &'static str,
         /// What failed.
         #[source]
         source: FrameError,
@@ -151,6 +163,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// A message that did not decode as a `T`.
+    pub(crate) fn decode<T: ?Sized>(seq: Option<Seq>, source: FrameError) -> Error {
+        Error::Decode {
+            seq,
+            expected: std::any::type_name::<T>(),
+            source,
+        }
+    }
+
     /// The session-loss reason, if this error is terminal for a stable session.
     pub fn session_lost(&self) -> Option<&SessionLost> {
         match self {

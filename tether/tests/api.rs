@@ -132,3 +132,67 @@ async fn send_takes_borrowed_forms() {
         assert_eq!(session.recv().await.unwrap().as_deref(), Some(want));
     }
 }
+
+// ---- decode errors ----
+
+/// Two ends that disagree on the message type: the error names the type
+/// this side expected, for leftover bytes and for a failed decode, with the
+/// frame's seq; the conduit stays usable.
+#[tokio::test]
+async fn decode_error_names_the_expected_type() {
+    let (listener, connector) = mem::listener(64);
+    let server = Server::<u64, u64>::new(listener, Config::default());
+    let mut client = StableConduit::<String, String>::connect(connector, Config::default())
+        .await
+        .unwrap();
+    let mut session = server.accept().await.unwrap();
+
+    client.send("hello").await.unwrap();
+    client.send("again").await.unwrap();
+    let err = session.recv().await.unwrap_err();
+    let tether::Error::Decode {
+        seq: Some(seq),
+        expected,
+        source: tether::proto::FrameError::TrailingBytes(5),
+        ..
+    } = &err
+    else {
+        panic!("expected a trailing-bytes Decode error, got {err:?}");
+    };
+    assert_eq!(*expected, "u64");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "could not decode message {seq} as u64: \
+             frame item decoded but 5 trailing byte(s) were left over"
+        )
+    );
+    assert!(session
+        .recv()
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains(" as u64: "));
+
+    // A length far past the end: the decode itself fails.
+    session.send(&u64::MAX).await.unwrap();
+    let err = client.recv().await.unwrap_err();
+    let tether::Error::Decode {
+        seq: Some(_),
+        expected,
+        source: tether::proto::FrameError::Decode(_),
+        ..
+    } = &err
+    else {
+        panic!("expected a failed Decode error, got {err:?}");
+    };
+    assert_eq!(*expected, std::any::type_name::<String>());
+    assert!(
+        err.to_string().contains(" as alloc::string::String: "),
+        "{err}"
+    );
+
+    // Still usable: a value that is valid as both types.
+    session.send(&0).await.unwrap();
+    assert_eq!(client.recv().await.unwrap().as_deref(), Some(""));
+}

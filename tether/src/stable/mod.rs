@@ -436,14 +436,9 @@ impl<R> StableReceiver<R> {
         &mut self,
     ) -> Result<Option<Borrowed<Y>>, Error> {
         match self.next_item().await? {
-            Some((seq, bytes)) => {
-                Borrowed::decode(bytes)
-                    .map(Some)
-                    .map_err(|source| Error::Decode {
-                        seq: Some(seq),
-                        source,
-                    })
-            }
+            Some((seq, bytes)) => Borrowed::decode(bytes)
+                .map(Some)
+                .map_err(|source| Error::decode::<Y>(Some(seq), source)),
             None => Ok(None),
         }
     }
@@ -467,10 +462,7 @@ impl<R: DeserializeOwned> StableReceiver<R> {
         match self.next_item().await? {
             Some((seq, bytes)) => decode_item(&bytes)
                 .map(Some)
-                .map_err(|source| Error::Decode {
-                    seq: Some(seq),
-                    source,
-                }),
+                .map_err(|source| Error::decode::<R>(Some(seq), source)),
             None => Ok(None),
         }
     }
