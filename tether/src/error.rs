@@ -152,10 +152,19 @@ pub enum Error {
         /// The maximum.
         max: usize,
     },
-    /// The conduit is closing or closed (by this side, or by the peer):
-    /// it accepts no new messages.
-    #[error("the conduit is closed")]
+    /// This side closed the conduit (`close()`, every handle dropped, or
+    /// the server's shutdown): it accepts no new messages. Those accepted
+    /// before are still delivered. [`is_closed`](Error::is_closed) covers
+    /// this and [`PeerClosed`](Error::PeerClosed).
+    #[error("the conduit is closed (by this side)")]
     Closed,
+    /// The peer closed the conduit, and this side, closing in turn,
+    /// accepts no new messages. Those accepted before are still delivered;
+    /// the receiver yields what the peer sent, then `Ok(None)`. When both
+    /// sides close at once, the first to begin decides: a side that began
+    /// before the peer's close frame arrived sees [`Closed`](Error::Closed).
+    #[error("the peer closed the conduit")]
+    PeerClosed,
     /// The server refused to open a session (busy, denied or policy); see
     /// [`Refusal`]. Only from [`StableConduit::connect`](crate::StableConduit::connect).
     #[error("session refused: {0}")]
@@ -170,6 +179,13 @@ impl Error {
             expected: std::any::type_name::<T>(),
             source,
         }
+    }
+
+    /// Whether the conduit is closed, by either side
+    /// ([`Closed`](Error::Closed) or [`PeerClosed`](Error::PeerClosed)):
+    /// a graceful end, after which nothing more can be sent.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Error::Closed | Error::PeerClosed)
     }
 
     /// The session-loss reason, if this error is terminal for a stable session.
@@ -191,6 +207,8 @@ impl From<Error> for std::io::Error {
             Error::Encode(_) | Error::Decode { .. } | Error::Handshake(_) => ErrorKind::InvalidData,
             Error::TooLarge { .. } => ErrorKind::InvalidInput,
             Error::Closed => ErrorKind::NotConnected,
+            // What writing to a socket the peer closed gives.
+            Error::PeerClosed => ErrorKind::BrokenPipe,
             Error::Refused(_) => ErrorKind::ConnectionRefused,
         };
         std::io::Error::new(kind, err)

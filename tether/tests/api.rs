@@ -196,3 +196,37 @@ async fn decode_error_names_the_expected_type() {
     session.send(&0).await.unwrap();
     assert_eq!(client.recv().await.unwrap().as_deref(), Some(""));
 }
+
+// ---- who closed ----
+
+/// After the peer closed, `send` says so (`PeerClosed`); on the side that
+/// closed, `Closed`. Both count as `is_closed`, and neither is a lost
+/// session.
+#[tokio::test]
+async fn send_after_close_tells_who_closed() {
+    let (_server, client, session) = pair::<String>().await;
+    let (ctx, mut crx) = client.split();
+    let (stx, mut srx) = session.split();
+    ctx.send("before").await.unwrap();
+    ctx.close().await.unwrap();
+
+    let closed = ctx.send("after my close").await.unwrap_err();
+    assert!(matches!(closed, tether::Error::Closed), "{closed:?}");
+    assert_eq!(closed.to_string(), "the conduit is closed (by this side)");
+
+    // The server's session learns of the close with the message before it.
+    assert_eq!(srx.recv().await.unwrap().as_deref(), Some("before"));
+    assert_eq!(srx.recv().await.unwrap(), None);
+    let peer = stx.send("after the peer's close").await.unwrap_err();
+    assert!(matches!(peer, tether::Error::PeerClosed), "{peer:?}");
+    assert_eq!(peer.to_string(), "the peer closed the conduit");
+    assert!(peer.is_closed() && closed.is_closed());
+    assert!(peer.session_lost().is_none());
+    assert_eq!(
+        std::io::Error::from(peer).kind(),
+        std::io::ErrorKind::BrokenPipe
+    );
+    // The peer's own close() completes cleanly.
+    stx.close().await.unwrap();
+    assert_eq!(crx.recv().await.unwrap(), None);
+}

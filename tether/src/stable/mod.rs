@@ -310,7 +310,8 @@ impl<S> StableSender<S> {
     /// From now on `send` (on every clone) fails with [`Error::Closed`];
     /// every message accepted before is still delivered. The peer's
     /// receiver yields them, then `Ok(None)`, and the peer stops accepting
-    /// sends too; what it had accepted before it learned of the close is
+    /// sends too (they fail with [`Error::PeerClosed`]); what it had
+    /// accepted before it learned of the close is
     /// delivered to this side's receiver, which then also ends with
     /// `Ok(None)`. The close survives link failures: the client reconnects
     /// and finishes it, and a server that completed it answers a late
@@ -351,7 +352,8 @@ impl<S: Serialize> StableSender<S> {
     ///
     /// Errors: [`Error::SessionLost`] (terminal), [`Error::Encode`] (this
     /// message only), [`Error::TooLarge`] (this message only),
-    /// [`Error::Closed`] once the conduit began closing.
+    /// [`Error::Closed`] once this side began closing,
+    /// [`Error::PeerClosed`] once the peer did.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
