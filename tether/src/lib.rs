@@ -35,3 +35,9 @@ pub use stable::{
     StableSender, Stats,
 };
 pub use tether_proto as proto;
+
+/// The README's Rust examples, compiled by `cargo test --doc` so that they
+/// stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
