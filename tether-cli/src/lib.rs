@@ -8,7 +8,9 @@ pub mod pki;
 pub mod relay;
 pub mod transport;
 
-/// The message type of `tether echo` and `tether demo`: a byte string,
-/// encoded by postcard as a varint length and the bytes (the same bytes as a
-/// postcard `Vec<u8>`, serialized in one call instead of byte by byte).
-pub type Bytes = serde_bytes::ByteBuf;
+/// The message type of `tether echo` and `tether demo`: tether's
+/// [`ByteBuf`](tether::ByteBuf), a byte string encoded by postcard as a
+/// varint length and the bytes (the same bytes as a postcard `Vec<u8>`, and
+/// as the `serde_bytes::ByteBuf` earlier versions used, so echo endpoints of
+/// either version interoperate).
+pub type Bytes = tether::ByteBuf;

@@ -6,6 +6,7 @@
 //! There is no sequencing and no recovery: when the link fails, the conduit
 //! fails. Use a stable conduit (`crate::stable`) when the link may drop.
 
+use std::borrow::Borrow;
 use std::marker::PhantomData;
 
 use bytes::{Bytes, BytesMut};
@@ -99,12 +100,20 @@ impl<L: Link, S, R> BareConduit<L, S, R> {
 
 impl<L: Link, S: Serialize, R> BareConduit<L, S, R> {
     /// Sends one message and flushes it; see [`BareSender::send`].
-    pub async fn send(&mut self, msg: &S) -> Result<(), Error> {
+    pub async fn send<Q>(&mut self, msg: &Q) -> Result<(), Error>
+    where
+        S: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
         self.tx.send(msg).await
     }
 
     /// Queues one message without flushing; see [`BareSender::feed`].
-    pub async fn feed(&mut self, msg: &S) -> Result<(), Error> {
+    pub async fn feed<Q>(&mut self, msg: &Q) -> Result<(), Error>
+    where
+        S: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
         self.tx.feed(msg).await
     }
 }
@@ -151,27 +160,41 @@ impl<T: LinkTx, S> BareSender<T, S> {
 }
 
 impl<T: LinkTx, S: Serialize> BareSender<T, S> {
-    fn encode(&mut self, msg: &S) -> Result<Bytes, Error> {
+    fn encode<Q: Serialize + ?Sized>(&mut self, msg: &Q) -> Result<Bytes, Error> {
         self.arena.ensure_chunk();
         encode_item(msg, &mut self.arena.buf).map_err(Error::Encode)?;
         Ok(self.arena.buf.split().freeze())
     }
 
     /// Queues one message without flushing, so that several messages can
-    /// share one write. Waits while the link cannot take more.
-    pub async fn feed(&mut self, msg: &S) -> Result<(), Error> {
+    /// share one write. Waits while the link cannot take more. `msg` is an
+    /// `&S` or anything `S` borrows as, as for [`send`](Self::send).
+    pub async fn feed<Q>(&mut self, msg: &Q) -> Result<(), Error>
+    where
+        S: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
         let frame = self.encode(msg)?;
         Ok(self.tx.feed(frame).await?)
     }
 
     /// Sends one message and flushes it.
     ///
+    /// `msg` is an `&S` or a reference to anything `S` borrows as
+    /// ([`Borrow`]): `send("hello")` for `S = String`, `send(&[1, 2][..])`
+    /// for `S = Vec<u8>`; see
+    /// [`StableSender::send`](crate::StableSender::send).
+    ///
     /// A message over the link's maximum payload is a link error
     /// ([`LinkError::TooLarge`](crate::link::LinkError::TooLarge)) and, as
     /// every link error, leaves the link dead: a bare conduit has no way to
     /// recover. The stable conduit refuses such messages before they reach
     /// the link.
-    pub async fn send(&mut self, msg: &S) -> Result<(), Error> {
+    pub async fn send<Q>(&mut self, msg: &Q) -> Result<(), Error>
+    where
+        S: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
         let frame = self.encode(msg)?;
         Ok(self.tx.send(frame).await?)
     }
@@ -206,7 +229,7 @@ impl<T: LinkRx, R> BareReceiver<T, R> {
         match self.rx.recv().await? {
             Some(bytes) => Borrowed::decode(bytes)
                 .map(Some)
-                .map_err(|source| Error::Decode { seq: None, source }),
+                .map_err(|source| Error::decode::<Y>(None, source)),
             None => Ok(None),
         }
     }
@@ -220,7 +243,7 @@ impl<T: LinkRx, R: DeserializeOwned> BareReceiver<T, R> {
         match self.rx.recv().await? {
             Some(bytes) => decode_item(&bytes)
                 .map(Some)
-                .map_err(|source| Error::Decode { seq: None, source }),
+                .map_err(|source| Error::decode::<R>(None, source)),
             None => Ok(None),
         }
     }

@@ -119,10 +119,22 @@ pub enum Error {
     Encode(#[source] FrameError),
     /// A received message was not a valid encoding of the expected type. The
     /// message is consumed; the conduit is still usable.
-    #[error("could not decode message{}: {source}", seq.map(|s| format!(" {s}")).unwrap_or_default())]
+    ///
+    /// Usually the two ends disagree on the message type: the text names
+    /// the type this side expected, as in `could not decode message 5 as
+    /// alloc::string::String: frame item decoded but 5 trailing byte(s)
+    /// were left over`.
+    #[error(
+        "could not decode message{} as {expected}: {source}",
+        seq.map(|s| format!(" {s}")).unwrap_or_default()
+    )]
+    #[non_exhaustive]
     Decode {
         /// Sequence number of the offending frame (stable conduits only).
         seq: Option<Seq>,
+        /// The type the message was decoded as, from
+        /// [`std::any::type_name`]: meant for people, not for matching.
+        expected: &'static str,
         /// What failed.
         #[source]
         source: FrameError,
@@ -140,10 +152,19 @@ pub enum Error {
         /// The maximum.
         max: usize,
     },
-    /// The conduit is closing or closed (by this side, or by the peer):
-    /// it accepts no new messages.
-    #[error("the conduit is closed")]
+    /// This side closed the conduit (`close()`, every handle dropped, or
+    /// the server's shutdown): it accepts no new messages. Those accepted
+    /// before are still delivered. [`is_closed`](Error::is_closed) covers
+    /// this and [`PeerClosed`](Error::PeerClosed).
+    #[error("the conduit is closed (by this side)")]
     Closed,
+    /// The peer closed the conduit, and this side, closing in turn,
+    /// accepts no new messages. Those accepted before are still delivered;
+    /// the receiver yields what the peer sent, then `Ok(None)`. When both
+    /// sides close at once, the first to begin decides: a side that began
+    /// before the peer's close frame arrived sees [`Closed`](Error::Closed).
+    #[error("the peer closed the conduit")]
+    PeerClosed,
     /// The server refused to open a session (busy, denied or policy); see
     /// [`Refusal`]. Only from [`StableConduit::connect`](crate::StableConduit::connect).
     #[error("session refused: {0}")]
@@ -151,6 +172,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// A message that did not decode as a `T`.
+    pub(crate) fn decode<T: ?Sized>(seq: Option<Seq>, source: FrameError) -> Error {
+        Error::Decode {
+            seq,
+            expected: std::any::type_name::<T>(),
+            source,
+        }
+    }
+
+    /// Whether the conduit is closed, by either side
+    /// ([`Closed`](Error::Closed) or [`PeerClosed`](Error::PeerClosed)):
+    /// a graceful end, after which nothing more can be sent.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Error::Closed | Error::PeerClosed)
+    }
+
     /// The session-loss reason, if this error is terminal for a stable session.
     pub fn session_lost(&self) -> Option<&SessionLost> {
         match self {
@@ -170,6 +207,8 @@ impl From<Error> for std::io::Error {
             Error::Encode(_) | Error::Decode { .. } | Error::Handshake(_) => ErrorKind::InvalidData,
             Error::TooLarge { .. } => ErrorKind::InvalidInput,
             Error::Closed => ErrorKind::NotConnected,
+            // What writing to a socket the peer closed gives.
+            Error::PeerClosed => ErrorKind::BrokenPipe,
             Error::Refused(_) => ErrorKind::ConnectionRefused,
         };
         std::io::Error::new(kind, err)

@@ -6,6 +6,7 @@
 //! - [`link`]: message-oriented byte transports (in-memory, TCP, TLS over
 //!   TCP, Unix).
 //! - [`bare`]: typed messages over one link (postcard), no recovery.
+//! - [`bytebuf`]: [`ByteBuf`], the message type for raw bytes.
 //! - [`fault`]: a fault-injecting TCP proxy for tests and demos.
 //! - [`stable`]: sequencing, acks, replay and session resumption over a
 //!   series of links, with a reconnecting client and a session-keeping
@@ -16,6 +17,7 @@
 
 pub mod bare;
 pub mod borrowed;
+pub mod bytebuf;
 pub mod error;
 pub mod fault;
 pub mod link;
@@ -24,6 +26,7 @@ pub mod throttle;
 
 pub use bare::{BareConduit, BareReceiver, BareSender};
 pub use borrowed::{Borrowed, BorrowedMessage};
+pub use bytebuf::ByteBuf;
 pub use error::{Error, Refusal, SessionLost};
 pub use link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener};
 pub use stable::{
@@ -32,3 +35,9 @@ pub use stable::{
     StableSender, Stats,
 };
 pub use tether_proto as proto;
+
+/// The README's Rust examples, compiled by `cargo test --doc` so that they
+/// stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -691,14 +691,16 @@ async fn wrong_type_over<A: Link, B: Link>(a: A, b: B) {
             err,
             Error::Decode {
                 seq: None,
-                source: FrameError::TrailingBytes(5)
+                expected: "u64",
+                source: FrameError::TrailingBytes(5),
+                ..
             }
         ),
         "{err:?}"
     );
     assert_eq!(
         err.to_string(),
-        "could not decode message: frame item decoded but 5 trailing byte(s) were left over"
+        "could not decode message as u64: frame item decoded but 5 trailing byte(s) were left over"
     );
     assert_eq!(rx.recv().await.unwrap(), Some(u64::MAX));
 
@@ -708,7 +710,9 @@ async fn wrong_type_over<A: Link, B: Link>(a: A, b: B) {
             err,
             Error::Decode {
                 seq: None,
-                source: FrameError::TrailingBytes(200)
+                expected: "u64",
+                source: FrameError::TrailingBytes(200),
+                ..
             }
         ),
         "{err:?}"
@@ -791,7 +795,10 @@ async fn garbage_is_typed_decode_error_and_conduit_survives() {
                 Err(err) => err,
                 Ok(m) => panic!("{what}: decoded as {m:?}"),
             };
-            let Error::Decode { seq: None, source } = &err else {
+            let Error::Decode {
+                seq: None, source, ..
+            } = &err
+            else {
                 panic!("{what}: expected Decode {{ seq: None, .. }}, got {err:?}");
             };
             let fits = match *what {
@@ -824,7 +831,10 @@ async fn garbage_is_typed_decode_error_and_conduit_survives() {
             // Display says what failed; the source chain reaches the frame
             // error; as io::Error it is invalid data.
             let text = err.to_string();
-            assert!(text.starts_with("could not decode message: "), "{text}");
+            assert!(
+                text.starts_with("could not decode message as bare::Small: "),
+                "{text}"
+            );
             assert!(text.ends_with(&source.to_string()), "{text}");
             let chained = std::error::Error::source(&err).expect("a source");
             assert!(chained.downcast_ref::<FrameError>().is_some());
@@ -858,7 +868,9 @@ async fn borrowed_decode_error_keeps_conduit_usable() {
         match rx.recv_borrowed::<&'static str>().await {
             Err(Error::Decode {
                 seq: None,
+                expected: "&str",
                 source: FrameError::Decode(postcard::Error::DeserializeBadUtf8),
+                ..
             }) => {}
             other => panic!("expected a bad-utf-8 Decode error, got {other:?}"),
         }
@@ -873,7 +885,9 @@ async fn borrowed_decode_error_keeps_conduit_usable() {
         match rx.recv_borrowed::<&'static [u8]>().await {
             Err(Error::Decode {
                 seq: None,
+                expected: "&[u8]",
                 source: FrameError::Decode(postcard::Error::DeserializeUnexpectedEnd),
+                ..
             }) => {}
             other => panic!("expected an unexpected-end Decode error, got {other:?}"),
         }

@@ -801,7 +801,7 @@ async fn finding_4_a_slow_reader_keeps_its_healthy_link() {
 /// The server closes while the client is still sending over a link with
 /// 10 ms of latency. The server keeps reading after its close: every
 /// message the client's send accepted reaches it, then the end of the
-/// stream; the client's sends after the close fail with `Error::Closed`.
+/// stream; the client's sends after the close fail with `Error::PeerClosed`.
 #[tokio::test(start_paused = true)]
 async fn finding_5_close_delivers_every_message_the_peer_accepted() {
     let (listener, net) = net();
@@ -817,8 +817,8 @@ async fn finding_5_close_delivers_every_message_the_peer_accepted() {
             let m = msg(0, i);
             match ctx.send(&m).await {
                 Ok(()) => accepted.push(m),
-                Err(Error::Closed) => break,
-                Err(e) => panic!("send {i} failed with {e}, not Closed"),
+                Err(Error::PeerClosed) => break,
+                Err(e) => panic!("send {i} failed with {e}, not PeerClosed"),
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -832,7 +832,7 @@ async fn finding_5_close_delivers_every_message_the_peer_accepted() {
     got.extend(rest);
     let (accepted, after) = timeout(Duration::from_secs(10), sender)
         .await
-        .expect("the client's sends never failed with Closed after the server's close")
+        .expect("the client's sends never failed with PeerClosed after the server's close")
         .unwrap();
     assert!(
         accepted.len() > 50,
@@ -840,7 +840,7 @@ async fn finding_5_close_delivers_every_message_the_peer_accepted() {
     );
     check_drained("server, which closed", &got, &end, &accepted);
     assert!(
-        matches!(after, Err(Error::Closed)),
+        matches!(after, Err(Error::PeerClosed)),
         "a send after the close: {after:?}"
     );
     let closed = timeout(Duration::from_secs(15), closing).await;

@@ -372,7 +372,7 @@ async fn graceful_close_delivers_everything_then_ends_both_sides(transport: Tran
         closing.await.unwrap().unwrap();
         assert!(matches!(
             session.send(&(0, 0, vec![])).await,
-            Err(Error::Closed)
+            Err(Error::PeerClosed)
         ));
         // The server's driver unregisters the session right after the
         // close completes; give a loaded machine a moment.
@@ -464,7 +464,7 @@ async fn close_while_links_die_delivers_everything_then_ends(transport: Transpor
         to_client.await.unwrap().unwrap();
         assert!(matches!(
             session_tx.send(&(0, 0, vec![])).await,
-            Err(Error::Closed)
+            Err(Error::PeerClosed)
         ));
         wait_for_no_sessions(&server).await;
         let cuts = cutter.stats();

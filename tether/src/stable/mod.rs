@@ -23,6 +23,7 @@ mod send;
 mod server;
 mod shared;
 
+use std::borrow::Borrow;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -225,8 +226,31 @@ impl<S, R> StableConduit<S, R> {
 }
 
 impl<S: Serialize, R> StableConduit<S, R> {
-    /// Sends one message; see [`StableSender::send`].
-    pub async fn send(&self, msg: &S) -> Result<(), Error> {
+    /// Sends one message: an `&S`, or anything `S` borrows as (`&str` for
+    /// `String`, `&[T]` for `Vec<T>`); see [`StableSender::send`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tether::{link::mem, Config, Server, StableConduit};
+    ///
+    /// let (listener, connector) = mem::listener(16);
+    /// let server = Server::<String>::new(listener, Config::default());
+    /// let client = StableConduit::<String>::connect(connector, Config::default()).await?;
+    /// let mut session = server.accept().await.expect("a session");
+    ///
+    /// client.send("hello").await?; // a &str for a String
+    /// client.send(&String::from("world")).await?; // or a &String
+    /// assert_eq!(session.recv().await?.as_deref(), Some("hello"));
+    /// assert_eq!(session.recv().await?.as_deref(), Some("world"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn send<Q>(&self, msg: &Q) -> Result<(), Error>
+    where
+        S: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
         self.tx.send(msg).await
     }
 }
@@ -286,7 +310,8 @@ impl<S> StableSender<S> {
     /// From now on `send` (on every clone) fails with [`Error::Closed`];
     /// every message accepted before is still delivered. The peer's
     /// receiver yields them, then `Ok(None)`, and the peer stops accepting
-    /// sends too; what it had accepted before it learned of the close is
+    /// sends too (they fail with [`Error::PeerClosed`]); what it had
+    /// accepted before it learned of the close is
     /// delivered to this side's receiver, which then also ends with
     /// `Ok(None)`. The close survives link failures: the client reconnects
     /// and finishes it, and a server that completed it answers a late
@@ -318,9 +343,39 @@ impl<S: Serialize> StableSender<S> {
     /// (backpressure). Cancel-safe: if the future is dropped before it
     /// completes, the message was not queued.
     ///
+    /// `msg` is an `&S` or a reference to anything `S` borrows as
+    /// ([`Borrow`]): `send("hello")` on a sender of `String`,
+    /// `send(&[1, 2, 3][..])` on one of `Vec<u8>`. Std's `Borrow` impls
+    /// serialize the same as their owner (`str` as `String`, `[T]` as
+    /// `Vec<T>`, `T` as `Box<T>` or `Arc<T>`), so the peer decodes an `S`;
+    /// a `Borrow` impl of your own must keep to that.
+    ///
     /// Errors: [`Error::SessionLost`] (terminal), [`Error::Encode`] (this
-    /// message only).
-    pub async fn send(&self, msg: &S) -> Result<(), Error> {
+    /// message only), [`Error::TooLarge`] (this message only),
+    /// [`Error::Closed`] once this side began closing,
+    /// [`Error::PeerClosed`] once the peer did.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tether::{link::mem, Config, Server, StableConduit};
+    ///
+    /// let (listener, connector) = mem::listener(16);
+    /// let server = Server::<Vec<u8>>::new(listener, Config::default());
+    /// let client = StableConduit::<Vec<u8>>::connect(connector, Config::default()).await?;
+    /// let (tx, _rx) = client.split();
+    /// let mut session = server.accept().await.expect("a session");
+    ///
+    /// tx.send(&[1u8, 2, 3][..]).await?; // a slice for a Vec<u8>
+    /// assert_eq!(session.recv().await?, Some(vec![1, 2, 3]));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn send<Q>(&self, msg: &Q) -> Result<(), Error>
+    where
+        S: Borrow<Q>,
+        Q: Serialize + ?Sized,
+    {
         self.shared.send(msg).await
     }
 }
@@ -383,14 +438,9 @@ impl<R> StableReceiver<R> {
         &mut self,
     ) -> Result<Option<Borrowed<Y>>, Error> {
         match self.next_item().await? {
-            Some((seq, bytes)) => {
-                Borrowed::decode(bytes)
-                    .map(Some)
-                    .map_err(|source| Error::Decode {
-                        seq: Some(seq),
-                        source,
-                    })
-            }
+            Some((seq, bytes)) => Borrowed::decode(bytes)
+                .map(Some)
+                .map_err(|source| Error::decode::<Y>(Some(seq), source)),
             None => Ok(None),
         }
     }
@@ -414,10 +464,7 @@ impl<R: DeserializeOwned> StableReceiver<R> {
         match self.next_item().await? {
             Some((seq, bytes)) => decode_item(&bytes)
                 .map(Some)
-                .map_err(|source| Error::Decode {
-                    seq: Some(seq),
-                    source,
-                }),
+                .map_err(|source| Error::decode::<R>(Some(seq), source)),
             None => Ok(None),
         }
     }

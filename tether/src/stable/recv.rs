@@ -87,7 +87,7 @@ impl Shared {
             self.consumed
                 .store(encode_seq(Some(fin)), Ordering::Release);
         }
-        self.begin_close();
+        self.start_close(true);
         self.writer_wake.notify_one();
     }
 }

@@ -93,7 +93,7 @@ impl Shared {
             }
             let s = &mut *guard;
             if s.closing {
-                return Err(Error::Closed);
+                return Err(self.closed_error());
             }
             let acks = self.acks_negotiated();
             let piece = if self.extensions() & ext::FRAGMENTS != 0 {

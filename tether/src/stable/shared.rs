@@ -189,6 +189,10 @@ pub(crate) struct Shared {
     /// The seq of the peer's close frame once it arrived (same encoding as
     /// `consumed`).
     pub(super) peer_fin: AtomicU64,
+    /// The close began because the peer's close frame arrived, not on
+    /// this side's word: sends are refused with `Error::PeerClosed`
+    /// rather than `Error::Closed`. Set once, with `closing`.
+    peer_closed: AtomicBool,
     /// When the close must be complete; set once, when it begins.
     close_deadline: OnceLock<Instant>,
     close_begun: Notify,
@@ -296,6 +300,7 @@ impl Shared {
             recv_unreleased: AtomicUsize::new(0),
             inbox: Inbox::default(),
             peer_fin: AtomicU64::new(0),
+            peer_closed: AtomicBool::new(false),
             close_deadline: OnceLock::new(),
             close_begun: Notify::new(),
             handles: AtomicUsize::new(0),
@@ -335,8 +340,17 @@ impl Shared {
     pub(super) fn terminal_error(&self) -> Option<Error> {
         self.terminal.get().map(|t| match t {
             Terminal::Lost(reason) => Error::SessionLost(reason.clone()),
-            Terminal::Closed => Error::Closed,
+            Terminal::Closed => self.closed_error(),
         })
+    }
+
+    /// What a send after the close began fails with: who closed first.
+    pub(super) fn closed_error(&self) -> Error {
+        if self.peer_closed.load(Ordering::Acquire) {
+            Error::PeerClosed
+        } else {
+            Error::Closed
+        }
     }
 
     /// A new application handle (a sender clone or the receiver).
@@ -352,15 +366,23 @@ impl Shared {
         }
     }
 
-    /// Starts the close (once): no new sends; with the close extension,
-    /// this side's close frame is queued behind everything already sent.
+    /// Starts the close (once), on this side's word: no new sends; with
+    /// the close extension, this side's close frame is queued behind
+    /// everything already sent.
     pub(crate) fn begin_close(&self) {
+        self.start_close(false);
+    }
+
+    /// Starts the close (once), as [`begin_close`](Self::begin_close);
+    /// `by_peer` when the peer's close frame is what started it.
+    pub(super) fn start_close(&self, by_peer: bool) {
         {
             let mut s = lock(&self.send);
             if s.closing || self.terminal.get().is_some() {
                 return;
             }
             s.closing = true;
+            self.peer_closed.store(by_peer, Ordering::Release);
             if self.extensions() & ext::CLOSE != 0 {
                 let seq = s.replay.next_seq();
                 let mut frame = BytesMut::new();
@@ -532,7 +554,7 @@ impl Shared {
             .wait_for(|s| matches!(s, ConduitState::Closed | ConduitState::Lost))
             .await;
         match self.terminal_error() {
-            Some(Error::Closed) | None => Ok(()),
+            Some(Error::Closed | Error::PeerClosed) | None => Ok(()),
             Some(err) => Err(err),
         }
     }

@@ -1074,7 +1074,7 @@ async fn echo(session: StableConduit<Msg>) -> Result<(u32, u64), String> {
         count += 1;
         match tx.send(&msg).await {
             // The client closed: nothing more goes back.
-            Ok(()) | Err(Error::Closed) => {}
+            Ok(()) | Err(Error::PeerClosed) => {}
             Err(e) => return Err(format!("the server session of client {from}: send: {e}")),
         }
     }

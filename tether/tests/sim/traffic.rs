@@ -470,8 +470,11 @@ pub(crate) fn spawn_sender(
             };
             match sent {
                 Ok(()) => board.side_update(side, |s| s.accepted[task as usize] += 1),
-                // After a close began: not accepted, and nothing more is.
-                Err(Error::Closed) => return board.side_update(side, |s| s.refused_sends += 1),
+                // After a close began (by either side): not accepted, and
+                // nothing more is.
+                Err(Error::Closed | Error::PeerClosed) => {
+                    return board.side_update(side, |s| s.refused_sends += 1)
+                }
                 Err(Error::SessionLost(reason)) => return board.lost(side, &reason),
                 Err(e) => {
                     return board.violation(format!("{side} task {task}: send failed: {e}"));
