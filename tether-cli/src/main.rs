@@ -217,7 +217,8 @@ enum Command {
     /// Run a stable-conduit echo server (messages: byte strings) over TCP,
     /// TLS, WebSocket, secure WebSocket and Unix sockets, several at once,
     /// all sharing one session table. Ctrl-C (or SIGTERM) closes every
-    /// session gracefully, then exits.
+    /// session gracefully, then exits. With RUST_LOG=info it logs each
+    /// session's start and end, with the peer's address.
     Echo(Box<EchoArgs>),
     /// Benchmark tether against tokio-util's Framed: throughput, round
     /// trips, resume latency, allocations, idle-session memory and a
