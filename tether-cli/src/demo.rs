@@ -855,14 +855,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
 fn print_progress(n: u64, sent: &AtomicU64, received: &AtomicU64, s: &Stats, p: ProxyStats) {
     let got = received.load(Ordering::Relaxed);
     let line = format!(
-        "[{:5.1}%] sent {} echoed {} | cuts {} reconnects {} replayed {} | replay buffer {} frames {} KiB",
+        "[{:5.1}%] sent {}, checked {} | connection killed {} times, resumed {} | \
+         kept for resending: {} KiB",
         100.0 * got as f64 / n.max(1) as f64,
         sent.load(Ordering::Relaxed),
         got,
         p.cuts,
         s.reconnects,
-        s.frames_replayed,
-        s.replay_frames,
         s.replay_bytes / 1024,
     );
     if std::io::stderr().is_terminal() {
@@ -898,23 +897,42 @@ pub fn banner(opts: &DemoOptions) -> String {
     )
 }
 
-/// The report as text for people.
+/// `n` with thousands separators: 1,000,000.
+fn count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `n` followed by `one` or `many`.
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{} {}", count(n), if n == 1 { one } else { many })
+}
+
+/// The report as text for people who have never heard of tether: what
+/// happened to the connection, what the application saw, and the figures
+/// behind it, each in words (the JSON report keeps the raw counters).
 pub fn render(r: &DemoReport, opts: &DemoOptions) -> String {
     let mut out = String::new();
+    let sent_back = if r.one_way { "arrived" } else { "came back" };
     let verdict = if r.interrupted {
         format!(
             "INTERRUPTED (Ctrl-C), partial report: {} in flight, none lost so far{}",
-            r.in_flight,
+            count(r.in_flight),
             if r.duplicated + r.reordered + r.corrupted == 0 {
                 ""
             } else {
                 ", but the delivery check FAILED"
             }
         )
-    } else if r.ok && r.one_way {
-        "OK: every message arrived exactly once, in order, intact".to_string()
     } else if r.ok {
-        "OK: every message came back exactly once, in order, intact".to_string()
+        format!("OK: every message {sent_back} exactly once, in order, intact")
     } else {
         format!(
             "FAILED: {}",
@@ -924,45 +942,108 @@ pub fn render(r: &DemoReport, opts: &DemoOptions) -> String {
         )
     };
     out.push_str(&format!("{verdict}\n"));
-    out.push_str(&format!(
-        "  messages  sent {}, {} {}, lost {}, duplicated {}, reordered {}, corrupted {}\n",
-        r.messages_sent,
-        if r.one_way { "received" } else { "echoed" },
-        r.messages_received,
-        r.lost,
-        r.duplicated,
-        r.reordered,
-        r.corrupted
-    ));
-    if r.transport != Transport::Tcp {
+    let connection = r.transport.cut_what();
+    if r.ok && r.cuts > 0 {
         out.push_str(&format!(
-            "  transport {} (the cuts hit {})\n",
-            r.transport,
-            r.transport.cut_what()
+            "\n  {} was killed {}; the application noticed none of it:\n  \
+             it sent each message once, and each {sent_back} once.\n\n",
+            capitalized(connection),
+            plural(r.cuts, "time", "times"),
         ));
+    } else {
+        out.push('\n');
     }
+    let route = if r.one_way {
+        "from the client to the server"
+    } else {
+        "to the server and back"
+    };
+    out.push_str(&format!(
+        "  messages   {} of {} bytes sent {route}, {} {sent_back}\n",
+        count(r.messages_sent),
+        count(r.message_size as u64),
+        count(r.messages_received),
+    ));
+    out.push_str(&format!(
+        "             lost {}, duplicated {}, out of order {}, corrupted {}\n",
+        count(r.lost),
+        count(r.duplicated),
+        count(r.reordered),
+        count(r.corrupted)
+    ));
     if opts.cut_every == 0 {
-        out.push_str("  faults    none: cuts were off (--cut-every 0)\n");
+        out.push_str(&format!(
+            "  cuts       none: cuts were off (--cut-every 0), {connection} was never killed\n"
+        ));
     } else {
         out.push_str(&format!(
-            "  faults    {} connections cut ({} in the handshake, ~{} mid-frame), mean every {} bytes\n",
-            r.cuts, r.handshake_cuts, r.mid_frame_cuts, opts.cut_every
+            "  cuts       {connection} was killed {}, on average every {} bytes forwarded:\n",
+            plural(r.cuts, "time", "times"),
+            count(opts.cut_every)
+        ));
+        out.push_str(&format!(
+            "             {} of them while a new connection was still being set up (its handshake);\n",
+            count(r.handshake_cuts)
+        ));
+        out.push_str(&format!(
+            "             about {} of the {} (handshake cuts included) fell in the middle of a message\n",
+            count(r.mid_frame_cuts),
+            count(r.cuts)
+        ));
+        out.push_str("             or handshake rather than between two\n");
+    }
+    if r.reconnects == 0 {
+        out.push_str("  recovery   the client never had to reconnect\n");
+    } else {
+        out.push_str(&format!(
+            "  recovery   the client reconnected {}, each time resuming the same session;\n",
+            plural(r.reconnects, "time", "times")
+        ));
+        out.push_str(
+            "             after each reconnect, each side resent what the other had not yet confirmed\n",
+        );
+        out.push_str(&format!(
+            "             receiving: {} ({} by the client, {} by the server),\n",
+            plural(r.replayed_frames, "resend", "resends"),
+            count(r.client_replayed_frames),
+            count(r.server_replayed_frames)
+        ));
+        out.push_str(
+            "             each a message or a piece of one; the receiver drops the copies it already\n",
+        );
+        out.push_str("             has, so nothing is delivered twice\n");
+    }
+    if r.keepalive_timeouts > 0 {
+        out.push_str(&format!(
+            "             {} declared dead because the other side stopped answering pings\n",
+            plural(r.keepalive_timeouts, "connection was", "connections were")
         ));
     }
+    let mut memory = format!(
+        "  memory     at most {} KiB of sent messages were kept for resending (limit {} KiB)",
+        count((r.max_replay_bytes / 1024) as u64),
+        count((DEMO_REPLAY_BYTES / 1024) as u64)
+    );
+    if r.max_replay_bytes > DEMO_REPLAY_BYTES {
+        memory.push_str("; a single message larger than the limit is kept whole");
+    }
+    out.push_str(&format!("{memory}\n"));
     out.push_str(&format!(
-        "  recovery  {} reconnects, {} frames replayed ({} by the client, {} by the server), {} keepalive timeouts\n",
-        r.reconnects, r.replayed_frames, r.client_replayed_frames, r.server_replayed_frames, r.keepalive_timeouts
-    ));
-    out.push_str(&format!(
-        "  memory    replay buffer peak {} KiB (bound {} KiB)\n",
-        r.max_replay_bytes / 1024,
-        DEMO_REPLAY_BYTES / 1024
-    ));
-    out.push_str(&format!(
-        "  time      {:.2} s, {:.0} checked messages/s of {} bytes (seed {})\n",
-        r.elapsed_s, r.round_trips_per_s, r.message_size, r.seed
+        "  time       {:.2} s, {} messages checked per second (seed {}, to replay this run)\n",
+        r.elapsed_s,
+        count(r.round_trips_per_s as u64),
+        r.seed
     ));
     out
+}
+
+/// `s` with its first letter in upper case.
+fn capitalized(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(c) => c.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
 }
 
 #[cfg(test)]

@@ -150,7 +150,9 @@ enum Command {
     /// Stream messages through a proxy that cuts the connection at random,
     /// and check that every one comes back exactly once, in order. Runs
     /// over TCP, Unix sockets, TLS, WebSocket or secure WebSocket: under TLS
-    /// and WebSocket the proxy cuts the TCP connection.
+    /// and WebSocket the proxy cuts the TCP connection. The report says in
+    /// words how often the connection was killed, what the application saw
+    /// of it, and what tether resent to hide it.
     Demo {
         /// Messages to send (each is echoed back). Default: 1,000,000, or
         /// as many as make 256 MiB when messages are larger than 268 bytes.
@@ -210,7 +212,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Stream from client to server only; the server checks. Shows the
-        /// replay buffer staying under its bound.
+        /// memory kept for resending (the replay buffer) staying under its
+        /// limit.
         #[arg(long)]
         one_way: bool,
     },

@@ -405,3 +405,50 @@ fn echo_logs_each_session_with_its_peer() {
     let _ = echo.kill();
     let _ = echo.wait();
 }
+
+#[test]
+fn the_text_report_speaks_plainly() {
+    // It used to say "frames replayed", "replay buffer" and "mean every
+    // 262144 bytes", with cut counts that overlapped without saying so.
+    let out = tether(&[
+        "demo",
+        "--messages",
+        "5000",
+        "--cut-every",
+        "16384",
+        "--seed",
+        "13",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    for words in [
+        "OK: every message came back exactly once, in order, intact",
+        "The TCP connection was killed ",
+        "the application noticed none of it",
+        "5,000 of 64 bytes sent to the server and back, 5,000 came back",
+        "while a new connection was still being set up (its handshake)",
+        "(handshake cuts included)",
+        "each time resuming the same session",
+        "nothing is delivered twice",
+        "kept for resending",
+    ] {
+        assert!(stdout.contains(words), "{words:?} not in:\n{stdout}");
+    }
+    for jargon in ["frames replayed", "replay buffer", "mean every"] {
+        assert!(!stdout.contains(jargon), "{jargon:?} in:\n{stdout}");
+    }
+    // The JSON report keeps its field names.
+    let (report, _) = demo_ok(&["--messages", "500", "--cut-every", "16384", "--seed", "13"]);
+    for field in [
+        "cuts",
+        "handshake_cuts",
+        "mid_frame_cuts",
+        "replayed_frames",
+        "client_replayed_frames",
+        "server_replayed_frames",
+        "max_replay_bytes",
+        "reconnects",
+    ] {
+        assert!(report.get(field).is_some(), "{field} missing: {report}");
+    }
+}
