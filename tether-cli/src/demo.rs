@@ -855,14 +855,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
 fn print_progress(n: u64, sent: &AtomicU64, received: &AtomicU64, s: &Stats, p: ProxyStats) {
     let got = received.load(Ordering::Relaxed);
     let line = format!(
-        "[{:5.1}%] sent {}, checked {} | connection killed {} times, resumed {} | \
+        "[{:5.1}%] sent {}, checked {} | connection killed {}, resumed {} | \
          kept for resending: {} KiB",
         100.0 * got as f64 / n.max(1) as f64,
-        sent.load(Ordering::Relaxed),
-        got,
-        p.cuts,
-        s.reconnects,
-        s.replay_bytes / 1024,
+        count(sent.load(Ordering::Relaxed)),
+        count(got),
+        plural(p.cuts, "time", "times"),
+        plural(s.reconnects, "time", "times"),
+        count((s.replay_bytes / 1024) as u64),
     );
     if std::io::stderr().is_terminal() {
         eprint!("\r{line:<110}");
@@ -1002,12 +1002,20 @@ pub fn render(r: &DemoReport, opts: &DemoOptions) -> String {
         out.push_str(
             "             after each reconnect, each side resent what the other had not yet confirmed\n",
         );
-        out.push_str(&format!(
-            "             receiving: {} ({} by the client, {} by the server),\n",
-            plural(r.replayed_frames, "resend", "resends"),
-            count(r.client_replayed_frames),
-            count(r.server_replayed_frames)
-        ));
+        if opts.server.is_some() {
+            // The server is another process: its resends are its own.
+            out.push_str(&format!(
+                "             receiving: {} by the client (the server's are not counted here),\n",
+                plural(r.client_replayed_frames, "resend", "resends"),
+            ));
+        } else {
+            out.push_str(&format!(
+                "             receiving: {} ({} by the client, {} by the server),\n",
+                plural(r.replayed_frames, "resend", "resends"),
+                count(r.client_replayed_frames),
+                count(r.server_replayed_frames)
+            ));
+        }
         out.push_str(
             "             each a message or a piece of one; the receiver drops the copies it already\n",
         );
