@@ -99,29 +99,42 @@ pub async fn serve(
     Ok(report)
 }
 
-/// Echoes one session's messages until it ends.
+/// Echoes one session's messages until it ends. Logs the session's start
+/// and end at info, with the peer's address (`unix` for a Unix socket),
+/// the server's id of the session and, for sessions with proof-of-possession
+/// resume, their public session id.
 pub async fn echo_session(mut conduit: StableConduit<Bytes>) {
     // One line a second for all sessions together: a peer sending garbage
     // cannot turn the server's log into its own firehose.
     static NOT_BYTES: Throttle = Throttle::new(1);
-    let id = conduit.session_info().map(|i| i.id());
-    loop {
+    let info = conduit.session_info().cloned();
+    let id = info.as_ref().map(|i| i.id());
+    let peer = match info.as_ref().and_then(|i| i.peer().addr) {
+        Some(addr) => addr.to_string(),
+        None => "unix".to_string(),
+    };
+    let session = info
+        .as_ref()
+        .and_then(|i| i.session_id())
+        .map(|s| s.to_string());
+    let span = tracing::info_span!("echo_session", id, %peer);
+    let session = session.as_deref().unwrap_or("-");
+    tracing::info!(parent: &span, session, "echo session started");
+    let mut echoed: u64 = 0;
+    let ended = loop {
         match conduit.recv().await {
             Ok(Some(msg)) => {
                 if let Err(e) = conduit.send(&msg).await {
-                    tracing::info!(?id, error = %e, "echo session ended");
-                    return;
+                    break format!("lost: {e}");
                 }
+                echoed += 1;
             }
-            Ok(None) => return,
-            Err(e) if e.session_lost().is_some() => {
-                tracing::info!(?id, error = %e, "echo session ended");
-                return;
-            }
+            Ok(None) => break "closed by the client".to_string(),
+            Err(e) if e.session_lost().is_some() => break format!("lost: {e}"),
             Err(e) => {
                 if let Some(suppressed) = NOT_BYTES.allow() {
                     tracing::warn!(
-                        ?id,
+                        parent: &span,
                         error = %e,
                         suppressed,
                         "dropping a message that is not a byte string"
@@ -129,7 +142,8 @@ pub async fn echo_session(mut conduit: StableConduit<Bytes>) {
                 }
             }
         }
-    }
+    };
+    tracing::info!(parent: &span, echoed, how = %ended, "echo session ended");
 }
 
 /// Resolves on Ctrl-C, or SIGTERM on Unix.

@@ -3,6 +3,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -149,21 +150,32 @@ enum Command {
     /// Stream messages through a proxy that cuts the connection at random,
     /// and check that every one comes back exactly once, in order. Runs
     /// over TCP, Unix sockets, TLS, WebSocket or secure WebSocket: under TLS
-    /// and WebSocket the proxy cuts the TCP connection.
+    /// and WebSocket the proxy cuts the TCP connection. The report says in
+    /// words how often the connection was killed, what the application saw
+    /// of it, and what tether resent to hide it.
     Demo {
         /// Messages to send (each is echoed back). Default: 1,000,000, or
-        /// as many as make 256 MiB when messages are larger than 268 bytes
-        /// (32 of 8 MiB).
+        /// as many as make 256 MiB when messages are larger than 268 bytes.
+        /// Any count runs in constant memory (Ctrl-C stops a long run with
+        /// a partial report).
         #[arg(long)]
         messages: Option<u64>,
-        /// Payload size in bytes (at least 8).
-        #[arg(long, default_value_t = 64)]
+        /// Payload size in bytes: at least 8 (each message starts with its
+        /// index), at most 8,388,593 (a message must fit the 8 MiB limit).
+        #[arg(long, default_value_t = 64, value_parser = demo::parse_size)]
         size: usize,
-        /// Mean bytes forwarded between two cuts (both directions); 0: no cuts.
+        /// Mean bytes forwarded between two cuts (both directions); 0 turns
+        /// cuts off.
         #[arg(long, default_value_t = 256 * 1024)]
         cut_every: u64,
-        /// Probability that a new connection is cut inside its handshake.
-        #[arg(long, default_value_t = 0.1)]
+        /// Probability, from 0 up to (not including) 1, that a new
+        /// connection is cut inside its handshake.
+        #[arg(
+            long,
+            default_value_t = 0.1,
+            allow_negative_numbers = true,
+            value_parser = demo::parse_handshake_cuts
+        )]
         handshake_cuts: f64,
         /// Seed of the fault schedule and the payloads (default: random).
         #[arg(long)]
@@ -187,21 +199,29 @@ enum Command {
         /// server's host.
         #[arg(long, value_name = "FILE")]
         ca: Option<PathBuf>,
-        /// Give up if no echo arrives for this many seconds.
-        #[arg(long, default_value_t = 30)]
+        /// Give up if no echo arrives for this many seconds (at least 1).
+        #[arg(
+            long,
+            default_value_t = 30,
+            allow_negative_numbers = true,
+            value_parser = demo::parse_stall_timeout
+        )]
         stall_timeout: u64,
-        /// Print one JSON object instead of text.
+        /// Print one JSON object instead of text, also when the demo fails
+        /// (then `ok` is false and `error` says why).
         #[arg(long)]
         json: bool,
         /// Stream from client to server only; the server checks. Shows the
-        /// replay buffer staying under its bound.
+        /// memory kept for resending (the replay buffer) staying under its
+        /// limit.
         #[arg(long)]
         one_way: bool,
     },
     /// Run a stable-conduit echo server (messages: byte strings) over TCP,
     /// TLS, WebSocket, secure WebSocket and Unix sockets, several at once,
     /// all sharing one session table. Ctrl-C (or SIGTERM) closes every
-    /// session gracefully, then exits.
+    /// session gracefully, then exits. With RUST_LOG=info it logs each
+    /// session's start and end, with the peer's address.
     Echo(Box<EchoArgs>),
     /// Benchmark tether against tokio-util's Framed: throughput, round
     /// trips, resume latency, allocations, idle-session memory and a
@@ -521,8 +541,26 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(writer)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `demo --json` answers in JSON even when an argument is wrong.
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            if e.use_stderr()
+                && args.first().map(String::as_str) == Some("demo")
+                && args.iter().any(|a| a == "--json")
+            {
+                let why = e.kind().as_str().unwrap_or("invalid arguments");
+                let detail = e.render().to_string();
+                let first = detail.lines().next().unwrap_or(why);
+                let first = first.strip_prefix("error: ").unwrap_or(first);
+                println!("{}", demo::failure_json(first));
+            }
+            e.exit();
+        }
+    };
     if let Command::Bench {
         json,
         quick,
@@ -558,6 +596,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let demo_json = matches!(cli.command, Command::Demo { json: true, .. });
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Demo {
@@ -576,7 +615,7 @@ fn main() -> ExitCode {
                 let transport = demo::transport_of(transport, server.as_deref())?;
                 let opts = DemoOptions {
                     messages: messages.unwrap_or_else(|| tether_cli::demo::default_messages(size)),
-                    size: size.max(8),
+                    size,
                     cut_every,
                     handshake_cuts,
                     seed: seed.unwrap_or_else(random_seed),
@@ -609,6 +648,9 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
+            if demo_json {
+                println!("{}", demo::failure_json(&format!("{e:#}")));
+            }
             eprintln!("tether: {e:#}");
             ExitCode::FAILURE
         }
