@@ -546,3 +546,51 @@ async fn exactly_once_with_proof_over_tcp_through_a_cutting_proxy() {
     })
     .await;
 }
+
+/// A session whose client never proved its key share (a cut ate the
+/// server's answer and the client started over) is nothing the application
+/// saw: `Server::shutdown` drops it without counting it lost, beside a
+/// session that closes gracefully.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drops_sessions_nobody_saw_without_counting_them() {
+    within(async move {
+        let (listener, c) = mem::listener(8);
+        let mut cfg = config(5);
+        cfg.handshake_timeout(Duration::from_millis(500));
+        let server = Server::<Msg>::new(listener, cfg);
+        // The unproven one: a hello, the server's offer read, no key share.
+        let (mut tx, mut rx) = c.connect().await.unwrap().split();
+        let hello = ClientHello {
+            resume_key: None,
+            last_received: None,
+            extensions: ext::ALL,
+        };
+        tx.send(Bytes::copy_from_slice(&hello.encode()))
+            .await
+            .unwrap();
+        rx.recv().await.unwrap().unwrap();
+        // And one the application has.
+        let client = StableConduit::<Msg>::connect(c.clone(), config(6))
+            .await
+            .unwrap();
+        let mut session = server.accept().await.unwrap();
+        still_delivers(&client, &mut session, 1).await;
+        assert_eq!(server.stats().sessions_open, 2);
+        let (reader, report) = tokio::join!(
+            async {
+                // The application reads until the close, as it should.
+                while let Ok(Some(_)) = session.recv().await {}
+            },
+            server.shutdown(Duration::from_secs(5))
+        );
+        let () = reader;
+        assert_eq!((report.closed, report.lost), (1, 0), "{report:?}");
+        // Its driver lets it go at its proof deadline, as unproven.
+        while server.stats().sessions_open > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(server.stats().unproven_dropped, 1);
+        drop((tx, rx));
+    })
+    .await;
+}

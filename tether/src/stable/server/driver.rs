@@ -306,6 +306,8 @@ impl<L: Link> SessionDriver<L> {
     /// the resume window) or lost (its keys are forgotten at once).
     fn end(self, lost: Option<SessionLost>) {
         match lost {
+            // Nobody saw an unproven session: no warning (see `expire`).
+            Some(reason) if !proven(&self.unaccepted) => self.shared.discard(reason),
             Some(reason) => self.shared.fail(reason),
             None => self.shared.finish(),
         }

@@ -289,8 +289,9 @@ pub struct Server<S, R = S> {
 trait ServerShared: Send + Sync {
     fn stats(&self) -> ServerStats;
     fn sessions(&self) -> Vec<SessionSummary>;
-    /// Refuses new sessions from now on, and returns the live ones.
-    fn begin_shutdown(&self) -> Vec<Arc<Shared>>;
+    /// Refuses new sessions from now on, and returns the live ones:
+    /// those handed to `accept`, and those never proven (nobody saw them).
+    fn begin_shutdown(&self) -> (Vec<Arc<Shared>>, Vec<Arc<Shared>>);
 }
 
 impl<L: Link> ServerShared for Inner<L> {
@@ -340,12 +341,18 @@ impl<L: Link> ServerShared for Inner<L> {
             .collect()
     }
 
-    fn begin_shutdown(&self) -> Vec<Arc<Shared>> {
+    fn begin_shutdown(&self) -> (Vec<Arc<Shared>>, Vec<Arc<Shared>>) {
         self.shutting_down.store(true, Ordering::Release);
-        self.registry()
-            .live_entries()
-            .filter_map(|e| e.shared.upgrade())
-            .collect()
+        let (mut accepted, mut unseen) = (Vec::new(), Vec::new());
+        for entry in self.registry().live_entries() {
+            if let Some(shared) = entry.shared.upgrade() {
+                match entry.accepted {
+                    true => accepted.push(shared),
+                    false => unseen.push(shared),
+                }
+            }
+        }
+        (accepted, unseen)
     }
 }
 
@@ -459,9 +466,18 @@ impl<S, R> Server<S, R> {
     /// close). Sessions whose close has not completed when `deadline`
     /// passes are lost with [`SessionLost::ServerShutdown`]. Then the
     /// listener is dropped and [`accept`](Self::accept) returns `None`.
+    ///
+    /// Sessions the application never saw (their client never proved its
+    /// key share, typically because a cut ate the server's answer and the
+    /// client started another session) are dropped at once, without a
+    /// warning, and not counted in the report: nothing was delivered to
+    /// them or accepted from them.
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let until = Instant::now() + deadline;
-        let sessions = self.inner.begin_shutdown();
+        let (sessions, unseen) = self.inner.begin_shutdown();
+        for shared in &unseen {
+            shared.discard(SessionLost::ServerShutdown);
+        }
         for shared in &sessions {
             shared.begin_close();
         }
