@@ -17,6 +17,7 @@
 //! Run with `-- --nocapture --test-threads 1` to read the figures as they
 //! come; `TETHER_HOSTILE_SEED=N` replays the random choices of a run.
 
+mod common;
 #[path = "hostile/echo.rs"]
 mod echo;
 #[path = "hostile/honest.rs"]

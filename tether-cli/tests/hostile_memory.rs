@@ -22,6 +22,7 @@
 //!
 //! Run with `-- --nocapture` to read the figures.
 
+mod common;
 #[allow(dead_code)]
 #[path = "hostile/echo.rs"]
 mod echo;

@@ -9,57 +9,23 @@
 //! (an older one, to see them fail). Deadlines are generous: nothing here
 //! measures speed.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The command under test.
-fn bin() -> String {
-    std::env::var("TETHER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tether").to_owned())
-}
+mod common;
+use common::{command, finish, stderr_lines};
 
 /// Starts `tether ARGS...` with `RUST_LOG=log`, stdout and stderr piped,
 /// `NO_COLOR` unset (the colour decision is the command's own).
 fn spawn(args: &[&str], log: &str) -> Child {
-    Command::new(bin())
-        .args(args)
+    command(args)
         .env("RUST_LOG", log)
         .env_remove("NO_COLOR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn tether")
-}
-
-/// Waits for `child` to end and collects its output; panics after
-/// `within`.
-fn finish(mut child: Child, within: Duration, what: &str) -> Output {
-    let (done_tx, done_rx) = mpsc::channel();
-    let pid = child.id();
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    std::thread::spawn(move || {
-        let err = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = stderr.read_to_end(&mut v);
-            v
-        });
-        let mut out = Vec::new();
-        let _ = stdout.read_to_end(&mut out);
-        let status = child.wait().expect("wait");
-        let _ = done_tx.send(Output {
-            status,
-            stdout: out,
-            stderr: err.join().unwrap_or_default(),
-        });
-    });
-    done_rx
-        .recv_timeout(within)
-        .unwrap_or_else(|_| panic!("{what} (pid {pid}) still running after {within:?}"))
 }
 
 /// Runs `tether ARGS...` to its end (at most two minutes).
@@ -333,21 +299,6 @@ fn log_lines_have_no_colour_codes_in_a_pipe() {
         !stderr.contains('\x1b'),
         "colour codes in a pipe:\n{stderr}"
     );
-}
-
-/// Reads `child`'s stderr lines into a channel, from a thread.
-fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stderr = child.stderr.take().expect("piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 /// Waits up to a minute for a line of `lines` containing every one of

@@ -9,51 +9,24 @@
 //! directory that is removed afterwards. Deadlines are generous: nothing
 //! here measures speed.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
 use tether_cli::pki::Pki;
 
-const TETHER: &str = env!("CARGO_BIN_EXE_tether");
+mod common;
+use common::{command, finish, stderr_lines};
 
 /// Runs `tether ARGS...` to its end; panics if it takes over two minutes.
 fn tether(args: &[&str]) -> Output {
-    let mut child = Command::new(TETHER)
-        .args(args)
-        .env("RUST_LOG", "warn")
+    let child = command(args)
         .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn tether");
-    let (done_tx, done_rx) = mpsc::channel();
-    let pid = child.id();
-    let stdout = child.stdout.take().expect("piped");
-    let stderr = child.stderr.take().expect("piped");
-    std::thread::spawn(move || {
-        let read = |mut r: Box<dyn std::io::Read + Send>| {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        };
-        let err = std::thread::spawn(move || read(Box::new(stderr)));
-        let out = read(Box::new(stdout));
-        let status = child.wait().expect("wait");
-        let _ = done_tx.send(Output {
-            status,
-            stdout: out,
-            stderr: err.join().unwrap_or_default(),
-        });
-    });
-    done_rx
-        .recv_timeout(Duration::from_secs(120))
-        .unwrap_or_else(|_| panic!("tether {args:?} (pid {pid}) still running after 120 s"))
+    finish(child, Duration::from_secs(120), &format!("tether {args:?}"))
 }
 
 /// Runs a demo and returns its JSON report, after checking that it exited
@@ -186,27 +159,12 @@ impl Echo {
     /// Starts `tether echo ARGS...` and waits for `listeners` "listening
     /// on" lines.
     fn spawn(args: &[&str], listeners: usize) -> Echo {
-        let mut child = Command::new(TETHER)
-            .arg("echo")
-            .args(args)
-            .env("RUST_LOG", "warn")
+        let mut child = command(&[&["echo"], args].concat())
             .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn tether echo");
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    // Nobody listens any more: keep draining the pipe.
-                    continue;
-                }
-            }
-        });
+        let rx = stderr_lines(&mut child);
         let mut echo = Echo {
             child,
             urls: Vec::new(),

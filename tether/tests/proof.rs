@@ -116,6 +116,25 @@ async fn raw(c: &MemConnector, payload: Bytes) -> Bytes {
     rx.recv().await.unwrap().unwrap()
 }
 
+/// Opens a new session by hand and leaves it unproven: a hello with every
+/// extension, the server's offer read, no key share sent. Returns the
+/// link's halves (keep them to keep the link up) and the offer.
+async fn unproven_session(
+    c: &MemConnector,
+) -> ((<MemLink as Link>::Tx, <MemLink as Link>::Rx), Bytes) {
+    let (mut tx, mut rx) = c.connect().await.unwrap().split();
+    let hello = ClientHello {
+        resume_key: None,
+        last_received: None,
+        extensions: ext::ALL,
+    };
+    tx.send(Bytes::copy_from_slice(&hello.encode()))
+        .await
+        .unwrap();
+    let offer = rx.recv().await.unwrap().unwrap();
+    ((tx, rx), offer)
+}
+
 /// One message each way, to show the session still delivers.
 async fn still_delivers(client: &StableConduit<Msg>, server: &mut StableConduit<Msg>, i: u64) {
     client.send(&(0, i, vec![1, 2, 3])).await.unwrap();
@@ -352,18 +371,9 @@ async fn a_lost_key_share_makes_the_client_start_over() {
         let mut cfg = config(1);
         cfg.handshake_timeout(Duration::from_millis(300));
         let server = Server::<Msg>::new(listener, cfg);
-        let (mut tx, mut rx) = c.connect().await.unwrap().split();
-        let hello = ClientHello {
-            resume_key: None,
-            last_received: None,
-            extensions: ext::ALL,
-        };
-        tx.send(Bytes::copy_from_slice(&hello.encode()))
-            .await
-            .unwrap();
-        let offer = rx.recv().await.unwrap().unwrap();
+        let (link, offer) = unproven_session(&c).await;
         let (sh, _) = tether::proto::proof::decode_server_offer(&offer).unwrap();
-        drop((tx, rx));
+        drop(link);
         // A resume for that session id, MAC'd with a secret the server
         // never had.
         let resume = tether::proto::proof::ClientResume::new(
@@ -558,17 +568,7 @@ async fn shutdown_drops_sessions_nobody_saw_without_counting_them() {
         let mut cfg = config(5);
         cfg.handshake_timeout(Duration::from_millis(500));
         let server = Server::<Msg>::new(listener, cfg);
-        // The unproven one: a hello, the server's offer read, no key share.
-        let (mut tx, mut rx) = c.connect().await.unwrap().split();
-        let hello = ClientHello {
-            resume_key: None,
-            last_received: None,
-            extensions: ext::ALL,
-        };
-        tx.send(Bytes::copy_from_slice(&hello.encode()))
-            .await
-            .unwrap();
-        rx.recv().await.unwrap().unwrap();
+        let (link, _offer) = unproven_session(&c).await;
         // And one the application has.
         let client = StableConduit::<Msg>::connect(c.clone(), config(6))
             .await
@@ -590,7 +590,7 @@ async fn shutdown_drops_sessions_nobody_saw_without_counting_them() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(server.stats().unproven_dropped, 1);
-        drop((tx, rx));
+        drop(link);
     })
     .await;
 }

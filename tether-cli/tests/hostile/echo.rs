@@ -43,14 +43,10 @@ impl Echo {
         } else {
             flags.iter().map(|s| s.to_string()).collect()
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["echo", "--listen", "127.0.0.1:0"])
+        let mut child = crate::common::command(&["echo", "--listen", "127.0.0.1:0"])
             .args(&used)
-            .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn tether echo");
         let stderr = child.stderr.take().expect("piped stderr");

@@ -1,0 +1,71 @@
+//! What every test of the built `tether` command needs: the binary, a
+//! command line with its output piped, a wait with a deadline that
+//! collects the output, and a child's stderr as lines.
+
+#![allow(dead_code)] // each test crate uses its own part of this
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The command under test: `TETHER_BIN` if set (an older build, to see a
+/// test fail), else this crate's `tether`.
+pub(crate) fn bin() -> String {
+    std::env::var("TETHER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tether").to_owned())
+}
+
+/// `tether ARGS...` with `RUST_LOG=warn`, no stdin, stdout and stderr
+/// piped; callers change what they need before spawning it.
+pub(crate) fn command(args: &[&str]) -> Command {
+    let mut command = Command::new(bin());
+    command
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Waits for `child` to end and collects its output, reading both pipes
+/// meanwhile so that it never blocks on a full one; panics after `within`.
+pub(crate) fn finish(mut child: Child, within: Duration, what: &str) -> Output {
+    let (done_tx, done_rx) = mpsc::channel();
+    let pid = child.id();
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    std::thread::spawn(move || {
+        let err = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = stderr.read_to_end(&mut v);
+            v
+        });
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        let status = child.wait().expect("wait");
+        let _ = done_tx.send(Output {
+            status,
+            stdout: out,
+            stderr: err.join().unwrap_or_default(),
+        });
+    });
+    done_rx
+        .recv_timeout(within)
+        .unwrap_or_else(|_| panic!("{what} (pid {pid}) still running after {within:?}"))
+}
+
+/// Reads `child`'s stderr lines into a channel, from a thread that keeps
+/// draining the pipe after the receiver is gone.
+pub(crate) fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            // Nobody listening any more: go on draining.
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
