@@ -824,9 +824,14 @@ pub(crate) fn run_idle_server(
     let report = rt.block_on(async {
         let listener = listener_with_backlog()?;
         let addr = listener.local_addr()?;
+        let clients = if over == Over::Ws {
+            "clients-ws"
+        } else {
+            "clients"
+        };
         let mut args = vec![
             "--role".into(),
-            "clients".into(),
+            clients.into(),
             "--addr".into(),
             addr.to_string(),
             "--sessions".into(),
@@ -834,7 +839,6 @@ pub(crate) fn run_idle_server(
         ];
         let mut ca_file = None;
         let server = if over == Over::Ws {
-            args[1] = "clients-ws".into();
             Server::<Msg>::new(WsListener::new(listener), server_config(sessions))
         } else if over == Over::Tls {
             let pki = crate::pki::Pki::localhost()?;
