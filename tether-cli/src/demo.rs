@@ -234,18 +234,18 @@ pub fn default_messages(size: usize) -> u64 {
 }
 
 fn demo_config(seed: u64) -> Config {
-    let mut c = Config::default();
-    c.seed(seed)
+    Config::default()
+        .seed(seed)
         .handshake_timeout(Duration::from_secs(2))
         // The replay bound is also the window of unacknowledged messages:
         // enough to keep loopback busy, small enough that a cut replays
         // little.
-        .max_replay(DEMO_REPLAY_BYTES, 4096);
-    c.reconnect_mut()
-        .min_backoff(Duration::from_millis(1))
-        .max_backoff(Duration::from_millis(100))
-        .give_up_after(Some(Duration::from_secs(30)));
-    c
+        .max_replay(DEMO_REPLAY_BYTES, 4096)
+        .reconnect_with(|r| {
+            r.min_backoff(Duration::from_millis(1))
+                .max_backoff(Duration::from_millis(100))
+                .give_up_after(Some(Duration::from_secs(30)))
+        })
 }
 
 /// Checks each arriving message against what was sent. Memory grows with

@@ -357,50 +357,50 @@ impl EchoArgs {
     fn options(&self) -> tether_cli::echo::EchoOptions {
         let mut c = tether::Config::default();
         if let Some(n) = self.max_sessions {
-            c.max_sessions(n);
+            c = c.max_sessions(n);
         }
         if let Some(n) = self.max_sessions_per_source {
-            c.max_sessions_per_source(n);
+            c = c.max_sessions_per_source(n);
         }
         if let Some(n) = self.max_pending {
-            c.max_pending_handshakes(n);
+            c = c.max_pending_handshakes(n);
         }
         if let Some(n) = self.max_pending_per_source {
-            c.max_pending_per_source(n);
+            c = c.max_pending_per_source(n);
         }
         if let Some(n) = self.memory_budget {
-            c.memory_budget(n);
+            c = c.memory_budget(n);
         }
         if let Some(t) = self.handshake_timeout {
-            c.handshake_timeout(t);
+            c = c.handshake_timeout(t);
         }
         if let Some(t) = self.resume_window {
-            c.resume_window(t);
+            c = c.resume_window(t);
         }
         // Timeout after interval: it is raised to the interval if shorter.
         if let Some(t) = self.keepalive_interval {
-            c.keepalive_interval(t);
+            c = c.keepalive_interval(t);
         }
         if let Some(t) = self.keepalive_timeout {
-            c.keepalive_timeout(t);
+            c = c.keepalive_timeout(t);
         }
         if let Some(t) = self.idle_timeout {
-            c.idle_timeout(t);
+            c = c.idle_timeout(t);
         }
         if self.require_keepalive {
-            c.require_extensions(tether::proto::ext::KEEPALIVE | tether::proto::ext::ACKS);
+            c = c.require_extensions(tether::proto::ext::KEEPALIVE | tether::proto::ext::ACKS);
         }
         if let Some(n) = self.max_message_size {
-            c.max_message_size(n);
+            c = c.max_message_size(n);
         }
         if let Some(n) = self.max_replay_bytes {
-            c.max_replay_bytes(n);
+            c = c.max_replay_bytes(n);
         }
         if let Some(n) = self.max_recv_queue_bytes {
-            c.max_recv_queue_bytes(n);
+            c = c.max_recv_queue_bytes(n);
         }
         if let Some(t) = self.close_timeout {
-            c.close_timeout(t);
+            c = c.close_timeout(t);
         }
         let mut listen: Vec<Listen> = self.listen.iter().copied().map(Listen::Tcp).collect();
         listen.extend(self.tls.iter().copied().map(Listen::Tls));

@@ -59,7 +59,7 @@ async fn listener() -> (TcpListener, SocketAddr) {
 /// then).
 fn impatient(seed: u64, give_up: Duration) -> tether::Config {
     let mut c = config(seed);
-    c.reconnect_mut().give_up_after(Some(give_up));
+    c = c.reconnect_with(|r| r.give_up_after(Some(give_up)));
     c
 }
 
@@ -97,7 +97,7 @@ fn spawn_echo(server: Arc<Server<Msg>>) -> tokio::task::JoinHandle<()> {
 async fn per_source_cap_refuses_one_address_and_serves_another() {
     within(async {
         let mut c = config(1);
-        c.max_sessions_per_source(3);
+        c = c.max_sessions_per_source(3);
         let (server, addr) = echo_server(c).await;
         let mut held = Vec::new();
         for i in 0..3 {
@@ -145,7 +145,7 @@ async fn per_source_cap_refuses_one_address_and_serves_another() {
 async fn busy_server_is_retried_until_room_frees(transport: Transport) {
     within(async {
         let mut c = config(2);
-        c.max_sessions(1);
+        c = c.max_sessions(1);
         let mut fx = transport.fixture().await;
         let server = Arc::new(Server::<Msg>::new(fx.listener(), c));
         spawn_echo(server.clone());
@@ -226,7 +226,7 @@ async fn authorizer_sees_peer_and_credential_and_its_grant_reaches_accept(transp
             authorize,
         ));
         let mut c = config(1);
-        c.credential(&b"let me in"[..]);
+        c = c.credential(&b"let me in"[..]);
         let accept = {
             let server = server.clone();
             tokio::spawn(async move { server.accept().await.unwrap() })
@@ -259,7 +259,7 @@ async fn authorizer_sees_peer_and_credential_and_its_grant_reaches_accept(transp
 
         // A wrong credential is denied, typed, at once (not retried).
         let mut bad = config(2);
-        bad.credential(&b"guess"[..]);
+        bad = bad.credential(&b"guess"[..]);
         let started = Instant::now();
         match StableConduit::<Msg>::connect(addr, bad).await {
             Err(Error::Refused(Refusal::Denied { reason })) => assert_eq!(reason, "bad credential"),
@@ -279,18 +279,18 @@ transport_tests!(authorizer_sees_peer_and_credential_and_its_grant_reaches_accep
 async fn required_keepalive_refuses_base_format_clients() {
     within(async {
         let mut c = config(4);
-        c.require_extensions(ext::KEEPALIVE | ext::ACKS);
+        c = c.require_extensions(ext::KEEPALIVE | ext::ACKS);
         let (server, addr) = echo_server(c).await;
         // Admission but no keepalive: a typed policy refusal.
         let mut weak = config(1);
-        weak.extensions(ext::ACKS | ext::ADMISSION);
+        weak = weak.extensions(ext::ACKS | ext::ADMISSION);
         match StableConduit::<Msg>::connect(TcpConnector::new(addr), weak).await {
             Err(Error::Refused(Refusal::Policy { .. })) => {}
             other => panic!("expected a policy refusal, got {other:?}"),
         }
         // The base format: a plain rejection.
         let mut base = config(2);
-        base.extensions(0);
+        base = base.extensions(0);
         match StableConduit::<Msg>::connect(TcpConnector::new(addr), base).await {
             Err(Error::SessionLost(SessionLost::Rejected)) => {}
             other => panic!("expected a rejection, got {other:?}"),
@@ -354,7 +354,8 @@ async fn unproven_sessions_are_dropped_after_the_handshake_timeout() {
     within(async {
         let (l, addr) = listener().await;
         let mut c = config(5);
-        c.handshake_timeout(Duration::from_millis(300))
+        c = c
+            .handshake_timeout(Duration::from_millis(300))
             .resume_window(Duration::from_secs(120));
         let server = Server::<Msg>::new(l, c);
         let admission = ext::ACKS | ext::ADMISSION;

@@ -28,13 +28,6 @@ use tether::{ConduitState, Config, Error, Server, SessionLost, StableConduit, St
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
-// ---- the API issue 9 adds (kept in one place: see
-// /work/notes/edges-status.md for the variant that compiles before it) ----
-
-fn set_fragment_size(c: &mut Config, bytes: usize) {
-    c.fragment_size(bytes);
-}
-
 fn is_close_timed_out(e: &Error) -> bool {
     matches!(e.session_lost(), Some(SessionLost::CloseTimedOut))
 }
@@ -577,7 +570,7 @@ async fn drop_every_handle_while_down(
 #[tokio::test(start_paused = true)]
 async fn finding_1_client_drops_every_handle_while_reconnecting() {
     let mut server_cfg = config(11);
-    server_cfg.resume_window(Duration::from_secs(20));
+    server_cfg = server_cfg.resume_window(Duration::from_secs(20));
     let (_server, net, client, session) = setup(config(11), server_cfg).await;
     drop_every_handle_while_down(&net, client, session, 0, "server").await;
 }
@@ -635,7 +628,7 @@ async fn finding_2_server_close_frame_lost_with_its_link() {
 #[tokio::test(start_paused = true)]
 async fn finding_2_client_close_frame_lost_with_its_link() {
     let mut server_cfg = config(22);
-    server_cfg.resume_window(Duration::from_secs(10));
+    server_cfg = server_cfg.resume_window(Duration::from_secs(10));
     let (_server, net, client, session) = setup(config(22), server_cfg).await;
     let (stx, mut srx) = session.split();
     let reader = tokio::spawn(async move {
@@ -676,7 +669,7 @@ async fn finding_2_client_close_frame_lost_with_its_link() {
 #[tokio::test(start_paused = true)]
 async fn finding_3_a_late_resume_hello_does_not_revoke_the_live_key() {
     let mut client_cfg = config(31);
-    client_cfg.handshake_timeout(Duration::from_secs(1));
+    client_cfg = client_cfg.handshake_timeout(Duration::from_secs(1));
     // The server waits longer for a hello than the client for an answer.
     let (_server, net, client, session) = setup(client_cfg, config(31)).await;
     let (ctx, mut crx) = client.split();
@@ -754,9 +747,9 @@ async fn finding_3_a_late_resume_hello_does_not_revoke_the_live_key() {
 #[tokio::test(start_paused = true)]
 async fn finding_4_a_slow_reader_keeps_its_healthy_link() {
     let mut client_cfg = config(41);
-    client_cfg.keepalive(Duration::from_secs(1), Duration::from_secs(3));
+    client_cfg = client_cfg.keepalive(Duration::from_secs(1), Duration::from_secs(3));
     let mut server_cfg = client_cfg.clone();
-    server_cfg.max_recv_queue_bytes(4 * 1024);
+    server_cfg = server_cfg.max_recv_queue_bytes(4 * 1024);
     let (_server, _net, client, session) = setup(client_cfg, server_cfg).await;
     let (ctx, _crx) = client.split();
     let (stx, mut srx) = session.split();
@@ -866,7 +859,7 @@ async fn finding_6_a_large_message_crosses_links_shorter_than_itself() {
     });
     net.connect_delay(Duration::from_millis(5));
     let mut client_cfg = config(61);
-    set_fragment_size(&mut client_cfg, 64 * 1024);
+    client_cfg = client_cfg.fragment_size(64 * 1024);
     let (_server, client, mut session) =
         connect::<Vec<u8>>(listener, &net, client_cfg, config(61)).await;
     let big: Vec<u8> = (0..8_000_000u32).map(|i| (i % 251) as u8).collect();
@@ -914,9 +907,9 @@ async fn finding_6_a_large_message_crosses_links_shorter_than_itself() {
 async fn finding_7_a_session_whose_server_hello_was_lost_is_never_accepted() {
     for (seed, bits) in [(71, ext::ACKS | ext::CLOSE), (72, 0)] {
         let mut client_cfg = config(seed);
-        client_cfg.extensions(bits);
+        client_cfg = client_cfg.extensions(bits);
         let mut server_cfg = client_cfg.clone();
-        server_cfg.resume_window(Duration::from_secs(10));
+        server_cfg = server_cfg.resume_window(Duration::from_secs(10));
         let (listener, net) = net();
         net.plan(
             0,
@@ -1062,7 +1055,7 @@ async fn finding_8a_a_stale_piggybacked_ack_is_ignored() {
 async fn finding_8b_a_stalled_reader_stays_bounded_across_cuts() {
     const REPLAY: usize = 32 * 1024;
     let mut client_cfg = config(82);
-    client_cfg.max_replay(REPLAY, 1024);
+    client_cfg = client_cfg.max_replay(REPLAY, 1024);
     let (_server, net, client, session) = setup(client_cfg, config(82)).await;
     let (ctx, _crx) = client.split();
     let (stx, mut srx) = session.split();
@@ -1124,7 +1117,7 @@ async fn finding_8b_a_stalled_reader_stays_bounded_across_cuts() {
 #[tokio::test(start_paused = true)]
 async fn finding_8c_close_timeout_bounds_the_whole_close() {
     let mut client_cfg = config(83);
-    client_cfg.close_timeout(Duration::from_secs(2));
+    client_cfg = client_cfg.close_timeout(Duration::from_secs(2));
     let (_server, net, client, _session) = setup(client_cfg, config(83)).await;
     let (ctx, _crx) = client.split();
     net.plan_all(Plan {

@@ -55,7 +55,7 @@ async fn server_echoes_only_extensions_both_sides_speak() {
 
         let (listener, c) = mem::listener(8);
         let mut base = config(2);
-        base.extensions(0);
+        base = base.extensions(0);
         let _base_server = Server::<Msg>::new(listener, base);
         assert_eq!(server_answer(&c, ext::ACKS).await.extensions, 0);
     })
@@ -95,7 +95,7 @@ async fn one_way(client_cfg: Config, server_cfg: Config, n: u64) -> usize {
 async fn standalone_acks_keep_a_one_way_stream_bounded() {
     within(async {
         let mut cfg = config(3);
-        cfg.max_replay(1 << 20, 256);
+        cfg = cfg.max_replay(1 << 20, 256);
         let peak = one_way(cfg.clone(), cfg, 200_000).await;
         assert!(peak <= 256, "replay buffer grew to {peak} frames");
         assert!(peak > 0);
@@ -152,9 +152,9 @@ async fn one_way_with_replies(
 async fn base_format_peer_on_either_side_still_delivers_within_the_bound() {
     within(async {
         let mut with = config(4);
-        with.max_replay(1 << 20, 256);
+        with = with.max_replay(1 << 20, 256);
         let mut without = with.clone();
-        without.extensions(0);
+        without = without.extensions(0);
         let n = 5_000;
         let peak = one_way_with_replies(without.clone(), with.clone(), n, 100).await;
         assert!(peak <= 256, "replay buffer grew to {peak} frames");
@@ -172,7 +172,7 @@ async fn base_format_peer_on_either_side_still_delivers_within_the_bound() {
 async fn base_format_send_waits_at_the_bound_until_a_resume_trims() {
     within(async {
         let mut cfg = config(7);
-        cfg.max_replay(1 << 20, 64).extensions(0);
+        cfg = cfg.max_replay(1 << 20, 64).extensions(0);
         let (listener, c) = mem::listener(64);
         let server = Server::<u64>::new(listener, cfg.clone());
         let client = StableConduit::<u64>::connect(c.clone(), cfg).await.unwrap();
@@ -227,7 +227,7 @@ async fn base_format_send_waits_at_the_bound_until_a_resume_trims() {
 async fn tiny_windows_both_ways_do_not_deadlock() {
     within(async {
         let mut cfg = config(5);
-        cfg.max_replay(4096, 8);
+        cfg = cfg.max_replay(4096, 8);
         let (listener, c) = mem::listener(8);
         let server = Server::<Msg>::new(listener, cfg.clone());
         let client = StableConduit::<Msg>::connect(c.clone(), cfg).await.unwrap();
@@ -249,7 +249,7 @@ async fn tiny_windows_both_ways_do_not_deadlock() {
 #[tokio::test(start_paused = true)]
 async fn an_ack_goes_out_after_the_delay_when_few_frames_wait() {
     let mut cfg = config(6);
-    cfg.ack_policy(1_000, Duration::from_millis(50));
+    cfg = cfg.ack_policy(1_000, Duration::from_millis(50));
     let (listener, c) = mem::listener(8);
     let server = Server::<u64>::new(listener, cfg.clone());
     let client = StableConduit::<u64>::connect(c.clone(), cfg).await.unwrap();
@@ -270,7 +270,8 @@ async fn an_ack_goes_out_after_the_delay_when_few_frames_wait() {
 #[tokio::test(start_paused = true)]
 async fn acks_follow_half_the_peers_window() {
     let mut cfg = config(7);
-    cfg.max_replay(64 * 1024, 10_000)
+    cfg = cfg
+        .max_replay(64 * 1024, 10_000)
         .ack_policy(10_000, Duration::from_secs(3600));
     let (listener, c) = mem::listener(8);
     let server = Server::<Vec<u8>>::new(listener, cfg.clone());

@@ -94,7 +94,7 @@ async fn echo_server() -> SocketAddr {
         .expect("bind");
     let addr = inner.local_addr().expect("local addr");
     let mut config = Config::default();
-    config.handshake_timeout(HANDSHAKE_TIMEOUT);
+    config = config.handshake_timeout(HANDSHAKE_TIMEOUT);
     let server = Arc::new(Server::<String>::new(PreambleListener { inner }, config));
     tokio::spawn(async move {
         while let Some(mut conduit) = server.accept().await {
@@ -114,10 +114,8 @@ async fn echo_server() -> SocketAddr {
 async fn honest(addr: SocketAddr) -> Result<Duration, String> {
     let start = Instant::now();
     let mut config = Config::default();
-    config.handshake_timeout(Duration::from_secs(2));
-    config
-        .reconnect_mut()
-        .give_up_after(Some(Duration::from_secs(4)));
+    config = config.handshake_timeout(Duration::from_secs(2));
+    config = config.reconnect_with(|r| r.give_up_after(Some(Duration::from_secs(4))));
     let served = timeout(Duration::from_secs(6), async {
         let mut conduit = StableConduit::<String>::connect(PreambleConnector { addr }, config)
             .await

@@ -225,7 +225,7 @@ async fn setup_on(
 
 fn keepalive_config(seed: u64) -> Config {
     let mut c = config(seed);
-    c.keepalive(Duration::from_secs(1), Duration::from_secs(3));
+    c = c.keepalive(Duration::from_secs(1), Duration::from_secs(3));
     c
 }
 
@@ -273,10 +273,11 @@ async fn keepalive_detects_a_silent_link_on_both_sides() {
 #[tokio::test(start_paused = true)]
 async fn backoff_grows_with_full_jitter_within_bounds_then_gives_up() {
     let mut cfg = config(2);
-    cfg.reconnect_mut()
-        .min_backoff(Duration::from_millis(100))
-        .max_backoff(Duration::from_millis(1600))
-        .give_up_after(Some(Duration::from_secs(20)));
+    cfg = cfg.reconnect_with(|r| {
+        r.min_backoff(Duration::from_millis(100))
+            .max_backoff(Duration::from_millis(1600))
+            .give_up_after(Some(Duration::from_secs(20)))
+    });
     let (_server, connector, mut client, _session) = setup(cfg, config(2)).await;
     connector.refuse.store(true, Ordering::SeqCst);
     let lost_at = Instant::now();
@@ -320,9 +321,9 @@ async fn backoff_grows_with_full_jitter_within_bounds_then_gives_up() {
 #[tokio::test(start_paused = true)]
 async fn server_expires_a_session_whose_client_never_returns() {
     let mut server_cfg = config(3);
-    server_cfg.resume_window(Duration::from_secs(30));
+    server_cfg = server_cfg.resume_window(Duration::from_secs(30));
     let mut client_cfg = config(3);
-    client_cfg.reconnect_mut().give_up_after(None);
+    client_cfg = client_cfg.reconnect_with(|r| r.give_up_after(None));
     let (server, connector, _client, mut session) = setup(client_cfg, server_cfg).await;
     connector.refuse.store(true, Ordering::SeqCst);
     connector.kill_all();
@@ -549,7 +550,7 @@ async fn wait_for_no_sessions(server: &Server<Msg>) {
 async fn a_full_replay_buffer_blocks_send_until_acks_arrive(transport: Transport) {
     within(async {
         let mut cfg = config(5);
-        cfg.max_replay(1 << 20, 8);
+        cfg = cfg.max_replay(1 << 20, 8);
         let (_server, _c, client, mut session, _fx) = setup_on(transport, cfg.clone(), cfg).await;
         let (tx, _rx) = client.split();
         let sender = tokio::spawn(async move {
@@ -620,7 +621,7 @@ async fn one_way_stream_of_a_million_messages_stays_under_the_bound() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let mut cfg = Config::default();
-    cfg.max_replay(64 * 1024, 1024);
+    cfg = cfg.max_replay(64 * 1024, 1024);
     let (listener, c) = mem::listener(256);
     let server = Server::<u64>::new(listener, cfg.clone());
     let client = StableConduit::<u64>::connect(c, cfg).await.unwrap();
@@ -664,9 +665,9 @@ async fn every_extension_combination_speaks_the_right_format() {
     for &client_ext in &subsets {
         for &server_ext in &subsets {
             let mut ccfg = keepalive_config(7);
-            ccfg.extensions(client_ext).fragment_size(16);
+            ccfg = ccfg.extensions(client_ext).fragment_size(16);
             let mut scfg = keepalive_config(7);
-            scfg.extensions(server_ext);
+            scfg = scfg.extensions(server_ext);
             let (listener, c) = mem::listener(64);
             let server = Server::<Msg>::new(listener, scfg);
             let connector = TestConnector::new(c);
@@ -729,7 +730,7 @@ async fn every_extension_combination_speaks_the_right_format() {
 async fn sessions_beyond_the_limit_are_rejected(transport: Transport) {
     within(async {
         let mut cfg = config(8);
-        cfg.max_sessions(2);
+        cfg = cfg.max_sessions(2);
         let mut fx = transport.fixture().await;
         let c = fx.connector();
         let server = Server::<Msg>::new(fx.listener(), cfg);
@@ -742,9 +743,7 @@ async fn sessions_beyond_the_limit_are_rejected(transport: Transport) {
         // A full server is busy, not a lost session: the client retries
         // until its deadline, then reports the refusal.
         let mut impatient = config(11);
-        impatient
-            .reconnect_mut()
-            .give_up_after(Some(Duration::from_secs(1)));
+        impatient = impatient.reconnect_with(|r| r.give_up_after(Some(Duration::from_secs(1))));
         let third = StableConduit::<Msg>::connect(c.clone(), impatient).await;
         let err = third.expect_err("a third session was accepted");
         assert!(
@@ -753,7 +752,7 @@ async fn sessions_beyond_the_limit_are_rejected(transport: Transport) {
         );
         // A base-format client cannot read a typed refusal: it is rejected.
         let mut base = config(12);
-        base.extensions(0);
+        base = base.extensions(0);
         let err = StableConduit::<Msg>::connect(c.clone(), base)
             .await
             .expect_err("a third session was accepted");

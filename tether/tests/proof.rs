@@ -161,7 +161,7 @@ async fn captured_resumes_replayed_and_forged_fail_and_secrets_never_travel() {
             links: Arc::default(),
         };
         let mut cfg = config(2);
-        cfg.record_secrets_for_tests(true);
+        cfg = cfg.record_secrets_for_tests(true);
         let client = StableConduit::<Msg>::connect(capture.clone(), cfg)
             .await
             .unwrap();
@@ -284,7 +284,7 @@ async fn exactly_once_with_proof_across_many_cuts() {
 
 fn with(ext: u8, seed: u64) -> Config {
     let mut c = config(seed);
-    c.extensions(ext);
+    c = c.extensions(ext);
     c
 }
 
@@ -369,7 +369,7 @@ async fn a_lost_key_share_makes_the_client_start_over() {
         // delivers everything there.
         let (listener, c) = mem::listener(8);
         let mut cfg = config(1);
-        cfg.handshake_timeout(Duration::from_millis(300));
+        cfg = cfg.handshake_timeout(Duration::from_millis(300));
         let server = Server::<Msg>::new(listener, cfg);
         let (link, offer) = unproven_session(&c).await;
         let (sh, _) = tether::proto::proof::decode_server_offer(&offer).unwrap();
@@ -469,7 +469,7 @@ async fn a_real_client_whose_key_share_is_lost_starts_over_exactly_once() {
     within(async move {
         let (listener, c) = mem::listener(8);
         let mut server_cfg = config(1);
-        server_cfg.handshake_timeout(Duration::from_millis(300));
+        server_cfg = server_cfg.handshake_timeout(Duration::from_millis(300));
         let server = Server::<Msg>::new(listener, server_cfg);
         let lose = LoseKeyShare {
             inner: c.clone(),
@@ -566,7 +566,7 @@ async fn shutdown_drops_sessions_nobody_saw_without_counting_them() {
     within(async move {
         let (listener, c) = mem::listener(8);
         let mut cfg = config(5);
-        cfg.handshake_timeout(Duration::from_millis(500));
+        cfg = cfg.handshake_timeout(Duration::from_millis(500));
         let server = Server::<Msg>::new(listener, cfg);
         let (link, _offer) = unproven_session(&c).await;
         // And one the application has.

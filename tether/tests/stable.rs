@@ -169,7 +169,7 @@ async fn send_blocked_on_full_buffer_survives_reconnect(transport: Transport) {
             })
             .await;
         let mut cfg = config(3);
-        cfg.max_replay(1 << 20, 4);
+        cfg = cfg.max_replay(1 << 20, 4);
         let client = StableConduit::<Msg>::connect(connector.clone(), cfg)
             .await
             .unwrap();
@@ -466,7 +466,7 @@ async fn client_presenting_a_rotated_key_gets_session_lost() {
         // Bearer keys: with proof of possession (tests/proof.rs) the key
         // field is a public session id, and no old key exists.
         let mut bearer = config(8);
-        bearer.extensions(tether::proto::ext::ALL & !tether::proto::ext::PROOF);
+        bearer = bearer.extensions(tether::proto::ext::ALL & !tether::proto::ext::PROOF);
         let server = Server::<Msg>::new(listener, bearer.clone());
         let swap = KeySwap {
             inner: c.clone(),
@@ -557,7 +557,7 @@ async fn hostile_clients_do_not_disturb_a_healthy_session() {
     common::within(async move {
         let (listener, c) = mem::listener(16);
         let mut cfg = config(12);
-        cfg.handshake_timeout(Duration::from_millis(200));
+        cfg = cfg.handshake_timeout(Duration::from_millis(200));
         let server = Server::<Msg>::new(listener, cfg.clone());
         let client = StableConduit::<Msg>::connect(c.clone(), cfg).await.unwrap();
         let healthy = server.accept().await.unwrap();
@@ -635,7 +635,7 @@ async fn sequence_numbers_wrap_without_loss_or_duplication() {
     common::within(async move {
         let (listener, c) = mem::listener(64);
         let mut cfg = config(14);
-        cfg.initial_seq(u32::MAX - 500);
+        cfg = cfg.initial_seq(u32::MAX - 500);
         let server = Server::<Msg>::new(listener, cfg.clone());
         let client = StableConduit::<Msg>::connect(c.clone(), cfg).await.unwrap();
         let server_side = server.accept().await.unwrap();
@@ -672,8 +672,7 @@ async fn give_up_deadline_ends_the_session() {
         let (listener, c) = mem::listener(16);
         let server = Server::<Msg>::new(listener, config(16));
         let mut cfg = config(16);
-        cfg.reconnect_mut()
-            .give_up_after(Some(Duration::from_millis(200)));
+        cfg = cfg.reconnect_with(|r| r.give_up_after(Some(Duration::from_millis(200))));
         let mut client = StableConduit::<Msg>::connect(c.clone(), cfg).await.unwrap();
         let _session = server.accept().await.unwrap();
         c.set_refuse(true);
@@ -702,7 +701,7 @@ async fn oversized_message_is_refused_and_the_session_goes_on() {
         let (listener, c) = mem::listener(16);
         let server = Server::<Msg>::new(listener, config(17));
         let mut cfg = config(17);
-        cfg.max_message_size(1024);
+        cfg = cfg.max_message_size(1024);
         let client = StableConduit::<Msg>::connect(c, cfg).await.unwrap();
         let mut session = server.accept().await.unwrap();
         let err = client.send(&(0, 0, vec![7; 2000])).await.unwrap_err();

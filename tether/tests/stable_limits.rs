@@ -101,7 +101,7 @@ fn keepalive_server(
     timeout: Duration,
 ) -> (Server<u64>, MemConnector) {
     let mut cfg = config(seed);
-    cfg.keepalive(interval, timeout);
+    cfg = cfg.keepalive(interval, timeout);
     let (listener, c) = mem::listener(16);
     (Server::<u64>::new(listener, cfg), c)
 }
@@ -223,7 +223,8 @@ async fn a_peer_that_stops_reading_is_dropped_within_the_keepalive_timeout() {
     within(async {
         let keepalive_timeout = Duration::from_millis(600);
         let mut cfg = config(103);
-        cfg.keepalive(Duration::from_millis(200), keepalive_timeout)
+        cfg = cfg
+            .keepalive(Duration::from_millis(200), keepalive_timeout)
             .max_replay(64 << 20, 1 << 20);
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -305,9 +306,9 @@ async fn a_peer_that_stops_reading_is_dropped_within_the_keepalive_timeout() {
 async fn an_idle_link_without_keepalive_is_dropped_after_the_idle_timeout() {
     let idle = Duration::from_millis(2_000);
     let mut server_cfg = config(104);
-    server_cfg.extensions(0).idle_timeout(idle);
+    server_cfg = server_cfg.extensions(0).idle_timeout(idle);
     let mut client_cfg = config(105);
-    client_cfg.extensions(0);
+    client_cfg = client_cfg.extensions(0);
     let (listener, c) = mem::listener(16);
     let server = Server::<u64>::new(listener, server_cfg);
     let mut client = StableConduit::<u64>::connect(c, client_cfg).await.unwrap();
@@ -350,7 +351,8 @@ async fn an_idle_link_without_keepalive_is_dropped_after_the_idle_timeout() {
 async fn a_base_format_peer_that_never_acks_holds_send_to_the_bound() {
     const BOUND: usize = 64 * 1024;
     let mut cfg = config(106);
-    cfg.max_replay(BOUND, 1 << 16)
+    cfg = cfg
+        .max_replay(BOUND, 1 << 16)
         .keepalive(Duration::from_secs(5), Duration::from_secs(15));
     let (listener, c) = mem::listener(16);
     let server = Server::<Vec<u8>>::new(listener, cfg);
@@ -421,7 +423,7 @@ async fn an_announced_window_does_not_raise_the_receive_cap() {
     const RECV: usize = 64 * 1024;
     const MAX_MSG: usize = 16 * 1024;
     let mut cfg = config(107);
-    cfg.max_recv_queue_bytes(RECV).max_message_size(MAX_MSG);
+    cfg = cfg.max_recv_queue_bytes(RECV).max_message_size(MAX_MSG);
     let (listener, c) = mem::listener(64);
     let server = Server::<Vec<u8>>::new(listener, cfg);
     let (mut tx, _rx, _) = raw_hello(&c, ext::ACKS).await;
@@ -490,9 +492,9 @@ async fn an_announced_window_does_not_raise_the_receive_cap() {
 async fn a_large_window_peer_keeps_within_the_receivers_bound() {
     const RECV: usize = 32 * 1024;
     let mut client_cfg = config(108);
-    client_cfg.max_replay(16 << 20, 1 << 20);
+    client_cfg = client_cfg.max_replay(16 << 20, 1 << 20);
     let mut server_cfg = config(109);
-    server_cfg.max_recv_queue_bytes(RECV);
+    server_cfg = server_cfg.max_recv_queue_bytes(RECV);
     let (listener, c) = mem::listener(64);
     let server = Server::<Vec<u8>>::new(listener, server_cfg);
     let client = StableConduit::<Vec<u8>>::connect(c, client_cfg)

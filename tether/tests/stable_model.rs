@@ -41,18 +41,19 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn config(seed: u64, initial_seq: u32, base_format: bool) -> Config {
     let mut c = Config::default();
-    c.seed(seed).initial_seq(initial_seq);
+    c = c.seed(seed).initial_seq(initial_seq);
     if base_format {
-        c.extensions(0);
+        c = c.extensions(0);
     } else {
         // Above the most messages a case can leave unconsumed (60 ops of at
         // most 40), so that inline sends never wait for a recv op.
-        c.max_replay(1 << 24, 4096);
+        c = c.max_replay(1 << 24, 4096);
     }
-    c.reconnect_mut()
-        .min_backoff(Duration::from_millis(1))
-        .max_backoff(Duration::from_millis(10))
-        .give_up_after(None);
+    c = c.reconnect_with(|r| {
+        r.min_backoff(Duration::from_millis(1))
+            .max_backoff(Duration::from_millis(10))
+            .give_up_after(None)
+    });
     c
 }
 

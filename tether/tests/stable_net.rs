@@ -830,7 +830,7 @@ async fn lost_answer_to_a_new_session_leaves_no_orphan() {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut cfg = config(80);
-        cfg.handshake_timeout(Duration::from_millis(500));
+        cfg = cfg.handshake_timeout(Duration::from_millis(500));
         let server = Server::<Msg>::new(listener, cfg.clone());
         let connector = LoseFirstReply {
             inner: TcpConnector::new(addr),
@@ -864,7 +864,7 @@ async fn one_way_traffic_beyond_the_replay_bound_completes(transport: Transport)
         let mut fx = transport.fixture().await;
         let server = Server::<Msg>::new(fx.listener(), config(81));
         let mut cfg = config(81);
-        cfg.max_replay(1 << 20, 64);
+        cfg = cfg.max_replay(1 << 20, 64);
         let client = StableConduit::<Msg>::connect(fx.connector(), cfg)
             .await
             .unwrap();

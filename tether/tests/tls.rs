@@ -503,7 +503,7 @@ async fn silent_clients_time_out_in_the_tls_handshake_while_others_connect() {
         let (listener, port) = tls_listener(pki.server_tls()).await;
         let timeout = Duration::from_millis(1000);
         let mut cfg = config(40);
-        cfg.handshake_timeout(timeout).max_pending_per_source(1);
+        cfg = cfg.handshake_timeout(timeout).max_pending_per_source(1);
         let server = Server::<Msg>::new(listener, cfg);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
 
@@ -645,7 +645,7 @@ async fn stalled_client_hellos_time_out_while_others_connect() {
         let (listener, port) = tls_listener(pki.server_tls()).await;
         let timeout = Duration::from_millis(1000);
         let mut cfg = config(42);
-        cfg.handshake_timeout(timeout);
+        cfg = cfg.handshake_timeout(timeout);
         let server = Server::<Msg>::new(listener, cfg);
 
         let started = Instant::now();

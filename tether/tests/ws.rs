@@ -643,7 +643,7 @@ async fn a_request_that_never_upgrades_is_held_until_the_handshake_timeout_only(
         let (listener, port) = ws_listener(None).await;
         let timeout = Duration::from_millis(3000);
         let mut cfg = config(90);
-        cfg.handshake_timeout(timeout);
+        cfg = cfg.handshake_timeout(timeout);
         let server = Server::<Msg>::new(listener, cfg);
         let started = Instant::now();
         let mut stalled = Vec::new();

@@ -73,11 +73,10 @@ fn parse_session_msg(msg: &[u8]) -> Option<(u64, u64)> {
 /// once. (With a zero minimum the backoff bound stays zero: every retry is
 /// immediate; `max_backoff` is set anyway.)
 pub(crate) fn resume_config() -> Config {
-    let mut c = Config::default();
-    c.reconnect_mut()
-        .min_backoff(Duration::ZERO)
-        .max_backoff(Duration::from_millis(100));
-    c
+    Config::default().reconnect_with(|r| {
+        r.min_backoff(Duration::ZERO)
+            .max_backoff(Duration::from_millis(100))
+    })
 }
 
 /// The server configuration of the many-session workloads: the default,
@@ -87,11 +86,10 @@ pub(crate) fn resume_config() -> Config {
 /// fast a server takes back every session at once, not its admission
 /// control (tether-cli's hostile tests do that).
 pub(crate) fn server_config(sessions: usize) -> Config {
-    let mut c = Config::default();
-    c.max_sessions_per_source(sessions.max(1024))
+    Config::default()
+        .max_sessions_per_source(sessions.max(1024))
         .max_pending_per_source(sessions.max(64))
-        .max_pending_handshakes(sessions.max(1024));
-    c
+        .max_pending_handshakes(sessions.max(1024))
 }
 
 /// A 2-worker multi-thread runtime, as every workload uses.

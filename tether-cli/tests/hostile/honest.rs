@@ -32,11 +32,12 @@ impl Connector for BoundConnector {
 /// seconds so that a refused client fails the test instead of hanging it.
 pub(crate) fn config() -> Config {
     let mut c = Config::default();
-    c.handshake_timeout(Duration::from_secs(2));
-    c.reconnect_mut()
-        .min_backoff(Duration::from_millis(5))
-        .max_backoff(Duration::from_millis(200))
-        .give_up_after(Some(Duration::from_secs(4)));
+    c = c.handshake_timeout(Duration::from_secs(2));
+    c = c.reconnect_with(|r| {
+        r.min_backoff(Duration::from_millis(5))
+            .max_backoff(Duration::from_millis(200))
+            .give_up_after(Some(Duration::from_secs(4)))
+    });
     c
 }
 

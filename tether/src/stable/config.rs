@@ -29,13 +29,15 @@ impl Default for ReconnectPolicy {
 impl ReconnectPolicy {
     /// Upper bound of the first retry delay. Default 10 ms. Zero retries at
     /// once (useful on loopback and in benchmarks).
-    pub fn min_backoff(&mut self, value: Duration) -> &mut Self {
+    #[must_use]
+    pub fn min_backoff(mut self, value: Duration) -> Self {
         self.min_backoff = value;
         self
     }
 
     /// Largest retry delay bound. Default 5 s.
-    pub fn max_backoff(&mut self, value: Duration) -> &mut Self {
+    #[must_use]
+    pub fn max_backoff(mut self, value: Duration) -> Self {
         self.max_backoff = value;
         self
     }
@@ -43,7 +45,8 @@ impl ReconnectPolicy {
     /// How long to keep trying after the link is lost before the session is
     /// declared lost ([`SessionLost::GaveUp`](crate::SessionLost::GaveUp)).
     /// Default 120 s; `None` retries forever.
-    pub fn give_up_after(&mut self, value: Option<Duration>) -> &mut Self {
+    #[must_use]
+    pub fn give_up_after(mut self, value: Option<Duration>) -> Self {
         self.give_up_after = value;
         self
     }
@@ -51,7 +54,20 @@ impl ReconnectPolicy {
 
 /// Settings of a stable conduit, shared by clients and servers.
 ///
-/// Build with [`Config::default`] and the setters, which return `&mut Self`.
+/// Build it by value from [`Config::default`]: every setter takes the
+/// config and returns it, so settings chain and the result can be passed
+/// straight on.
+///
+/// ```
+/// use std::time::Duration;
+/// use tether::{Config, ReconnectPolicy};
+///
+/// let config = Config::default()
+///     .keepalive(Duration::from_secs(2), Duration::from_secs(6))
+///     .reconnect(ReconnectPolicy::default().give_up_after(Some(Duration::from_secs(30))))
+///     .max_replay_bytes(1 << 20);
+/// # let _ = config;
+/// ```
 #[derive(Clone, Debug)]
 pub struct Config {
     pub(crate) handshake_timeout: Duration,
@@ -126,20 +142,32 @@ impl Config {
     /// A new session whose client does not prove it got the key (by a
     /// first frame or a resume) within this much again is dropped, so that
     /// sessions nobody uses do not wait out the resume window. Default 10 s.
-    pub fn handshake_timeout(&mut self, value: Duration) -> &mut Self {
+    #[must_use]
+    pub fn handshake_timeout(mut self, value: Duration) -> Self {
         self.handshake_timeout = value;
         self
     }
 
     /// The client's reconnect policy.
-    pub fn reconnect(&mut self, value: ReconnectPolicy) -> &mut Self {
+    #[must_use]
+    pub fn reconnect(mut self, value: ReconnectPolicy) -> Self {
         self.reconnect = value;
         self
     }
 
-    /// Mutable access to the reconnect policy, to change one setting.
-    pub fn reconnect_mut(&mut self) -> &mut ReconnectPolicy {
-        &mut self.reconnect
+    /// Changes the reconnect policy in place: `f` gets the current one and
+    /// returns the new one.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tether::Config;
+    /// let config = Config::default().reconnect_with(|r| r.give_up_after(None));
+    /// # let _ = config;
+    /// ```
+    #[must_use]
+    pub fn reconnect_with(mut self, f: impl FnOnce(ReconnectPolicy) -> ReconnectPolicy) -> Self {
+        self.reconnect = f(self.reconnect);
+        self
     }
 
     /// Bound of the replay buffer (sent but unacknowledged frames), in bytes
@@ -157,7 +185,8 @@ impl Config {
     /// a sender that runs a whole large window ahead touches that much
     /// memory per cycle, and on loopback 16 MiB measured slower than 4 MiB
     /// for 1 MiB messages (`BENCHMARKS.md`).
-    pub fn max_replay(&mut self, bytes: usize, frames: usize) -> &mut Self {
+    #[must_use]
+    pub fn max_replay(mut self, bytes: usize, frames: usize) -> Self {
         self.max_replay_bytes = bytes;
         self.max_replay_frames = frames.max(1);
         self
@@ -165,7 +194,8 @@ impl Config {
 
     /// The byte bound of [`max_replay`](Self::max_replay), keeping the
     /// frame bound.
-    pub fn max_replay_bytes(&mut self, bytes: usize) -> &mut Self {
+    #[must_use]
+    pub fn max_replay_bytes(mut self, bytes: usize) -> Self {
         self.max_replay_bytes = bytes;
         self
     }
@@ -185,14 +215,16 @@ impl Config {
     /// one message waiting breaks the protocol, whatever it announced. In
     /// the base format the conduit stops reading from the link while the
     /// bound is exceeded, which pushes back on the peer.
-    pub fn max_recv_queue_bytes(&mut self, value: usize) -> &mut Self {
+    #[must_use]
+    pub fn max_recv_queue_bytes(mut self, value: usize) -> Self {
         self.max_recv_queue_bytes = value;
         self
     }
 
     /// Sequence number of the first frame this side sends. Default 0, as the
     /// protocol prescribes; other values exist to test wrap-around at 2^32.
-    pub fn initial_seq(&mut self, value: u32) -> &mut Self {
+    #[must_use]
+    pub fn initial_seq(mut self, value: u32) -> Self {
         self.initial_seq = Seq(value);
         self
     }
@@ -213,7 +245,8 @@ impl Config {
     /// resume's hellos (which report what each side received) free the
     /// buffer. A one-way stream to such a peer therefore moves one window
     /// per reconnect.
-    pub fn extensions(&mut self, bits: u8) -> &mut Self {
+    #[must_use]
+    pub fn extensions(mut self, bits: u8) -> Self {
         self.extensions = bits & SUPPORTED_EXTENSIONS;
         self
     }
@@ -222,7 +255,8 @@ impl Config {
     /// (default 32) or after `delay` (default 5 ms), whichever comes first,
     /// when no outgoing data frame carries the ack sooner. Fewer, later acks
     /// cost less; sooner acks free the peer's replay buffer sooner.
-    pub fn ack_policy(&mut self, every: u32, delay: Duration) -> &mut Self {
+    #[must_use]
+    pub fn ack_policy(mut self, every: u32, delay: Duration) -> Self {
         self.ack_every = every.max(1);
         self.ack_delay = delay;
         self
@@ -233,7 +267,8 @@ impl Config {
     /// (half-open, stalled, or a peer that stopped reading). Defaults: 5 s
     /// and 15 s. A shorter timeout detects dead links sooner and costs more
     /// spurious reconnects on a congested path.
-    pub fn keepalive(&mut self, interval: Duration, timeout: Duration) -> &mut Self {
+    #[must_use]
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
         self.keepalive_interval = interval.max(Duration::from_millis(1));
         self.keepalive_timeout = timeout.max(self.keepalive_interval);
         self
@@ -241,14 +276,16 @@ impl Config {
 
     /// The ping interval of [`keepalive`](Self::keepalive), keeping the
     /// timeout (raised to the interval if it is shorter).
-    pub fn keepalive_interval(&mut self, interval: Duration) -> &mut Self {
+    #[must_use]
+    pub fn keepalive_interval(self, interval: Duration) -> Self {
         let timeout = self.keepalive_timeout;
         self.keepalive(interval, timeout)
     }
 
     /// The timeout of [`keepalive`](Self::keepalive), keeping the interval
     /// (at least the interval).
-    pub fn keepalive_timeout(&mut self, timeout: Duration) -> &mut Self {
+    #[must_use]
+    pub fn keepalive_timeout(self, timeout: Duration) -> Self {
         let interval = self.keepalive_interval;
         self.keepalive(interval, timeout)
     }
@@ -256,14 +293,16 @@ impl Config {
     /// Server: how long a session whose link was lost waits for its client
     /// to resume before it expires and frees its memory. Default 120 s
     /// (match the clients' give-up deadline).
-    pub fn resume_window(&mut self, value: Duration) -> &mut Self {
+    #[must_use]
+    pub fn resume_window(mut self, value: Duration) -> Self {
         self.resume_window = value;
         self
     }
 
     /// Server: most sessions kept at once; a new session beyond it is
     /// refused as busy. Default 100,000.
-    pub fn max_sessions(&mut self, value: usize) -> &mut Self {
+    #[must_use]
+    pub fn max_sessions(mut self, value: usize) -> Self {
         self.max_sessions = value;
         self
     }
@@ -274,7 +313,8 @@ impl Config {
     /// the session ends as closed, otherwise it is lost with
     /// [`SessionLost::CloseTimedOut`](crate::SessionLost::CloseTimedOut).
     /// Default 10 s.
-    pub fn close_timeout(&mut self, value: Duration) -> &mut Self {
+    #[must_use]
+    pub fn close_timeout(mut self, value: Duration) -> Self {
         self.close_timeout = value;
         self
     }
@@ -284,7 +324,8 @@ impl Config {
     /// it at most the links' maximum payload on both sides (default 8 MiB,
     /// the links' default): a frame the link refuses could never be
     /// delivered.
-    pub fn max_message_size(&mut self, value: usize) -> &mut Self {
+    #[must_use]
+    pub fn max_message_size(mut self, value: usize) -> Self {
         self.max_message_size = value;
         self
     }
@@ -298,7 +339,8 @@ impl Config {
     /// and cost a header (2 to 6 bytes) and a frame each; the receiver
     /// copies a fragmented message once to put it back together (smaller
     /// messages are never copied).
-    pub fn fragment_size(&mut self, value: usize) -> &mut Self {
+    #[must_use]
+    pub fn fragment_size(mut self, value: usize) -> Self {
         self.fragment_size = value.max(1);
         self
     }
@@ -310,14 +352,16 @@ impl Config {
     /// once, before anything is read from it. Default 1,024. Each pending
     /// handshake holds a socket and at most a hello's worth of buffer (see
     /// `docs/SECURITY.md`).
-    pub fn max_pending_handshakes(&mut self, global: usize) -> &mut Self {
+    #[must_use]
+    pub fn max_pending_handshakes(mut self, global: usize) -> Self {
         self.max_pending_handshakes = global.max(1);
         self
     }
 
     /// Server: most links in their handshake at once from one source; see
     /// [`max_pending_handshakes`](Self::max_pending_handshakes). Default 64.
-    pub fn max_pending_per_source(&mut self, value: usize) -> &mut Self {
+    #[must_use]
+    pub fn max_pending_per_source(mut self, value: usize) -> Self {
         self.max_pending_per_source = value.max(1);
         self
     }
@@ -327,7 +371,8 @@ impl Config {
     /// refused as busy. Default 1,024, so that one address cannot take the
     /// whole [`max_sessions`](Self::max_sessions) table; raise it for
     /// clients behind one large NAT.
-    pub fn max_sessions_per_source(&mut self, value: usize) -> &mut Self {
+    #[must_use]
+    pub fn max_sessions_per_source(mut self, value: usize) -> Self {
         self.max_sessions_per_source = value.max(1);
         self
     }
@@ -337,7 +382,8 @@ impl Config {
     /// new sessions are refused as busy and the server's `send` calls wait
     /// until memory is freed. Default 1 GiB. `docs/SECURITY.md` gives the
     /// worst case per session and per server.
-    pub fn memory_budget(&mut self, bytes: usize) -> &mut Self {
+    #[must_use]
+    pub fn memory_budget(mut self, bytes: usize) -> Self {
         self.memory_budget = bytes;
         self
     }
@@ -349,7 +395,8 @@ impl Config {
     /// [`ext::KEEPALIVE`] (which implies `ACKS`) refuses clients whose
     /// liveness cannot be checked and whose replay buffer only their own
     /// traffic frees.
-    pub fn require_extensions(&mut self, bits: u8) -> &mut Self {
+    #[must_use]
+    pub fn require_extensions(mut self, bits: u8) -> Self {
         self.require_extensions = bits & SUPPORTED_EXTENSIONS;
         self
     }
@@ -360,7 +407,8 @@ impl Config {
     /// this side stops reading because its application is behind. Links
     /// with keepalive are checked by the keepalive timeout instead. Default
     /// 300 s.
-    pub fn idle_timeout(&mut self, value: Duration) -> &mut Self {
+    #[must_use]
+    pub fn idle_timeout(mut self, value: Duration) -> Self {
         self.idle_timeout = value.max(Duration::from_millis(1));
         self
     }
@@ -371,7 +419,8 @@ impl Config {
     /// link encrypts. Offering it needs a server that speaks the
     /// `ADMISSION` extension: a base-format server rejects the longer
     /// hello.
-    pub fn credential(&mut self, value: impl Into<bytes::Bytes>) -> &mut Self {
+    #[must_use]
+    pub fn credential(mut self, value: impl Into<bytes::Bytes>) -> Self {
         self.credential = Some(value.into());
         self
     }
@@ -381,7 +430,8 @@ impl Config {
     /// prefix closes the link before anything is reserved. Default 1,024.
     /// A server without an authorizer takes no credential at all: its
     /// limit is the 25 bytes of the hello.
-    pub fn max_credential_len(&mut self, value: usize) -> &mut Self {
+    #[must_use]
+    pub fn max_credential_len(mut self, value: usize) -> Self {
         self.max_credential_len = value;
         self
     }
@@ -391,7 +441,8 @@ impl Config {
     /// with proof-of-possession resume (`PROOF`). Lets a load balancer send a
     /// resume to the node that holds the session. Default 0. Public: it is
     /// in every hello of the session.
-    pub fn node_id(&mut self, value: u32) -> &mut Self {
+    #[must_use]
+    pub fn node_id(mut self, value: u32) -> Self {
         self.node_id = value;
         self
     }
@@ -400,14 +451,16 @@ impl Config {
     /// for [`StableConduit::secrets_held`](crate::StableConduit::secrets_held).
     /// Defeats the zeroization of old secrets; never use it outside tests.
     #[doc(hidden)]
-    pub fn record_secrets_for_tests(&mut self, value: bool) -> &mut Self {
+    #[must_use]
+    pub fn record_secrets_for_tests(mut self, value: bool) -> Self {
         self.record_secrets = value;
         self
     }
 
     /// Seed for the reconnect jitter, for reproducible tests. Default: drawn
     /// from the operating system.
-    pub fn seed(&mut self, value: u64) -> &mut Self {
+    #[must_use]
+    pub fn seed(mut self, value: u64) -> Self {
         self.seed = Some(value);
         self
     }

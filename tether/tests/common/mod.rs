@@ -15,11 +15,12 @@ pub type Msg = (u32, u64, Vec<u8>);
 /// A test configuration: fast retries, reproducible jitter.
 pub fn config(seed: u64) -> Config {
     let mut c = Config::default();
-    c.seed(seed).handshake_timeout(Duration::from_secs(5));
-    c.reconnect_mut()
-        .min_backoff(Duration::from_millis(1))
-        .max_backoff(Duration::from_millis(20))
-        .give_up_after(Some(Duration::from_secs(30)));
+    c = c.seed(seed).handshake_timeout(Duration::from_secs(5));
+    c = c.reconnect_with(|r| {
+        r.min_backoff(Duration::from_millis(1))
+            .max_backoff(Duration::from_millis(20))
+            .give_up_after(Some(Duration::from_secs(30)))
+    });
     c
 }
 

@@ -234,7 +234,8 @@ impl Tuning {
 
     fn config(self, seed: u64) -> Config {
         let mut c = Config::default();
-        c.seed(seed)
+        c = c
+            .seed(seed)
             .handshake_timeout(HANDSHAKE_TIMEOUT)
             .keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
             .close_timeout(CLOSE_TIMEOUT)
@@ -244,10 +245,11 @@ impl Tuning {
             .extensions(self.extensions)
             .initial_seq(self.initial_seq)
             .fragment_size(self.fragment_size);
-        c.reconnect_mut()
-            .min_backoff(Duration::from_millis(5))
-            .max_backoff(Duration::from_millis(500))
-            .give_up_after(Some(self.patience));
+        c = c.reconnect_with(|r| {
+            r.min_backoff(Duration::from_millis(5))
+                .max_backoff(Duration::from_millis(500))
+                .give_up_after(Some(self.patience))
+        });
         c
     }
 }
