@@ -1182,6 +1182,53 @@ mod tests {
         );
     }
 
+    /// The windows run on tokio's clock: a paused clock holds them open and `advance` ends them;
+    /// a new mode replaces the old one and `restore` ends either.
+    #[tokio::test(start_paused = true)]
+    async fn modes_follow_tokio_time_and_replace_each_other() {
+        let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
+        let proxy = FaultProxy::start(upstream, FaultConfig::default())
+            .await
+            .unwrap();
+        let mode = || *proxy.shared.mode_tx.borrow();
+        let mut rx = proxy.shared.mode_tx.subscribe();
+
+        proxy.outage(Duration::from_secs(10));
+        assert!(mode().outage_active(Instant::now()));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(mode().outage_active(Instant::now()));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!mode().outage_active(Instant::now()), "{:?}", mode());
+
+        proxy.black_hole(Duration::from_secs(10));
+        let start = Instant::now();
+        assert!(mode().black_hole(start).is_some());
+        // Forwarding waits for exactly the window on the paused clock.
+        until_forwarding(&mut rx).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert_eq!(mode().black_hole(Instant::now()), None);
+
+        // A black hole replaced by an outage is over; restore ends the outage.
+        proxy.black_hole(Duration::from_secs(10));
+        proxy.outage(Duration::from_secs(10));
+        assert_eq!(mode().black_hole(Instant::now()), None);
+        assert!(mode().outage_active(Instant::now()));
+        proxy.restore();
+        assert_eq!(mode(), Mode::Normal);
+
+        // An endless black hole ends with restore, not with time.
+        proxy.black_hole(Duration::MAX);
+        assert_eq!(mode(), Mode::BlackHole { until: None });
+        let wait = tokio::spawn({
+            let mut rx = proxy.shared.mode_tx.subscribe();
+            async move { until_forwarding(&mut rx).await }
+        });
+        tokio::time::advance(Duration::from_secs(1 << 30)).await;
+        assert!(!wait.is_finished());
+        proxy.restore();
+        tokio::time::timeout(WAIT, wait).await.unwrap().unwrap();
+    }
+
     #[tokio::test]
     async fn failed_upstream_connect_closes_client_without_counting_a_cut() {
         // Reserve a port, then free it so that nothing listens there.
