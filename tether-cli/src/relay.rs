@@ -92,6 +92,8 @@ impl UnixFaultRelay {
             handshake_cuts: c.handshake_cuts.load(Ordering::Relaxed),
             mid_frame_cuts: c.mid_frame_cuts.load(Ordering::Relaxed),
             bytes_forwarded: c.bytes_forwarded.load(Ordering::Relaxed),
+            // The relay has no outage or black-hole mode.
+            ..ProxyStats::default()
         }
     }
 

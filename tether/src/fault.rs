@@ -1,7 +1,8 @@
 //! A fault-injecting TCP proxy.
 //!
-//! [`FaultProxy`] listens on an ephemeral loopback port and forwards every accepted connection to
-//! a fixed upstream address, copying bytes in both directions. Each connection is cut — both TCP
+//! [`FaultProxy`] listens on a TCP address ([`FaultProxy::bind`]; [`FaultProxy::start`] takes an
+//! ephemeral loopback port) and forwards every accepted connection to a fixed upstream address,
+//! copying bytes in both directions. Each connection is cut — both TCP
 //! streams are closed abruptly with `SO_LINGER` set to zero, so both peers see a reset just as
 //! they would on a real link failure — after a randomly drawn number of bytes, and optionally
 //! during the handshake phase or after a maximum age. It exists so that `tether demo` can show
@@ -34,6 +35,9 @@
 //! A budget is only consumed by the direction that exhausts it; if the other direction is in the
 //! middle of writing an earlier chunk at that moment, that write is abandoned by the cut.
 //!
+//! [`FaultConfig::default`] plans no cuts at all: such a proxy forwards faithfully until it is told
+//! otherwise (by [`FaultProxy::cut_all`] or one of the modes below).
+//!
 //! # Other cuts and closes
 //!
 //! * [`FaultProxy::cut_all`] cuts every live connection, [`FaultProxy::shutdown`] (also run on
@@ -47,12 +51,43 @@
 //! * If connecting to the upstream fails, the client connection is closed abruptly. Such a
 //!   connection is counted in [`ProxyStats::connections`] but not in any cut counter.
 //!
+//! # Outage and black hole
+//!
+//! Two modes imitate a path or a server that is down for a while. At most one mode is active at a
+//! time: starting a mode while another one (or the same one) is active replaces it, with the new
+//! duration counted from the new call, and [`FaultProxy::restore`] ends either mode early. The
+//! window is measured on tokio's clock (`tokio::time::Instant`), so a paused test clock controls
+//! it. Connections are sorted into "new" and "live" when the accept loop accepts them: a
+//! connection that is still in the kernel's accept queue when a mode starts is a new one.
+//!
+//! * **Outage** ([`FaultProxy::outage`]): every live connection is cut at once, exactly as by
+//!   [`FaultProxy::cut_all`] (counted in [`ProxyStats::cuts`]), including connections held by a
+//!   black hole that the outage replaces. Until the outage ends, every new connection is accepted
+//!   and immediately closed with a reset, without connecting upstream: a client sees its connect
+//!   succeed and then a reset. These connections are counted in [`ProxyStats::connections`] and
+//!   [`ProxyStats::outage_refused`], not in any cut counter, and take no connection index (the
+//!   cut plans of later connections are the same as without the outage). When the outage ends,
+//!   new connections are served normally; nothing else happens at that moment.
+//! * **Black hole** ([`FaultProxy::black_hole`]): nothing is forwarded in either direction, and
+//!   the proxy stops reading from both sides of every live connection, so the kernels' buffers
+//!   fill and the senders' writes eventually block, as on a path that drops every packet. At most
+//!   one read chunk per direction (16 KiB), read before the black hole began, is held back in the
+//!   proxy; no end of stream is forwarded either. New connections are accepted (the client's
+//!   connect succeeds) but held silent: no upstream connection is made and nothing is read until
+//!   the black hole ends; they are counted in [`ProxyStats::black_hole_held`]. When the black
+//!   hole ends, forwarding resumes on every live connection where it stopped, and held
+//!   connections connect upstream and are served normally, as if the path came back and TCP
+//!   retransmission recovered them. A peer that gave up during the black hole (closed or reset
+//!   its side) is seen only then. Cuts still happen during a black hole: [`FaultProxy::cut_all`],
+//!   an outage, [`FaultProxy::shutdown`] and [`FaultConfig::max_connection_age`] cut live and held
+//!   connections alike; byte budgets do not run down, since nothing is forwarded.
+//!
 //! The proxy never panics on IO errors; it logs them through `tracing` at debug level (accept
 //! errors at warn level).
 
 use std::future::{self, Future};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +107,16 @@ const BUF_SIZE: usize = 16 * 1024;
 const HANDSHAKE_MAX_BYTES: u64 = 32;
 
 /// How faults are injected. See the [module documentation](self) for the exact semantics.
+///
+/// The [`Default`] is a proxy that forwards faithfully: no budget cuts, no handshake cuts, no
+/// maximum age, seed 0. Set the fields you need and take the rest from it:
+///
+/// ```
+/// use tether::fault::FaultConfig;
+///
+/// let config = FaultConfig { mean_bytes_between_cuts: 4096, ..Default::default() };
+/// assert_eq!(config.handshake_cut_probability, 0.0);
+/// ```
 #[derive(Clone, Debug)]
 pub struct FaultConfig {
     /// Seed of the per-connection random generators (combined with the connection index).
@@ -88,13 +133,25 @@ pub struct FaultConfig {
     pub max_connection_age: Option<Duration>,
 }
 
+impl Default for FaultConfig {
+    fn default() -> Self {
+        FaultConfig {
+            seed: 0,
+            mean_bytes_between_cuts: 0,
+            handshake_cut_probability: 0.0,
+            max_connection_age: None,
+        }
+    }
+}
+
 /// A snapshot of a [`FaultProxy`]'s counters, taken with [`FaultProxy::stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProxyStats {
-    /// Connections accepted from clients (including those whose upstream connect failed).
+    /// Connections accepted from clients (including those whose upstream connect failed and
+    /// those refused by an outage).
     pub connections: u64,
     /// Connections cut by the proxy, for any reason: byte budget, handshake cut,
-    /// [`FaultProxy::cut_all`], [`FaultProxy::shutdown`] or maximum age.
+    /// [`FaultProxy::cut_all`], [`FaultProxy::outage`], [`FaultProxy::shutdown`] or maximum age.
     pub cuts: u64,
     /// Cuts made by the handshake budget (a subset of `cuts`).
     pub handshake_cuts: u64,
@@ -104,6 +161,12 @@ pub struct ProxyStats {
     pub mid_frame_cuts: u64,
     /// Bytes written to the peers, both directions together, over all connections.
     pub bytes_forwarded: u64,
+    /// New connections closed with a reset, without connecting upstream, because an outage was
+    /// active ([`FaultProxy::outage`]). Not counted as cuts.
+    pub outage_refused: u64,
+    /// New connections accepted while a black hole was active ([`FaultProxy::black_hole`]) and
+    /// held silent, without connecting upstream, until it ended (or they were cut).
+    pub black_hole_held: u64,
 }
 
 /// A running fault-injecting proxy. Dropping it shuts it down (see [`FaultProxy::shutdown`]).
@@ -116,20 +179,36 @@ pub struct FaultProxy {
 }
 
 impl FaultProxy {
-    /// Binds 127.0.0.1:0 and forwards every accepted connection to `upstream`.
+    /// Binds 127.0.0.1:0 and forwards every accepted connection to `upstream`: the same as
+    /// [`FaultProxy::bind`] on an ephemeral loopback port.
     ///
     /// Must be called within a tokio runtime; the proxy runs on tasks spawned there.
     pub async fn start(upstream: SocketAddr, config: FaultConfig) -> io::Result<FaultProxy> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let loopback = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        FaultProxy::bind(loopback, upstream, config).await
+    }
+
+    /// Binds `listen` (any address; port 0 picks a free port, see
+    /// [`local_addr`](Self::local_addr)) and forwards every accepted connection to `upstream`.
+    ///
+    /// Must be called within a tokio runtime; the proxy runs on tasks spawned there.
+    pub async fn bind(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        config: FaultConfig,
+    ) -> io::Result<FaultProxy> {
+        let listener = TcpListener::bind(listen).await?;
         let local_addr = listener.local_addr()?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (cut_tx, _) = watch::channel(0u64);
+        let (mode_tx, _) = watch::channel(Mode::Normal);
         let shared = Arc::new(Shared {
             upstream,
             config,
             counters: Counters::default(),
             shutdown_tx,
             cut_tx,
+            mode_tx,
         });
         // Detached: it ends by itself once shutdown is requested.
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), shutdown_rx));
@@ -151,7 +230,36 @@ impl FaultProxy {
             handshake_cuts: c.handshake_cuts.load(Ordering::Relaxed),
             mid_frame_cuts: c.mid_frame_cuts.load(Ordering::Relaxed),
             bytes_forwarded: c.bytes_forwarded.load(Ordering::Relaxed),
+            outage_refused: c.outage_refused.load(Ordering::Relaxed),
+            black_hole_held: c.black_hole_held.load(Ordering::Relaxed),
         }
+    }
+
+    /// Starts an outage of `duration`: cuts every live connection now, and until it ends closes
+    /// every new connection at once with a reset, without connecting upstream. Replaces an
+    /// active outage or black hole. See the [module documentation](self#outage-and-black-hole).
+    pub fn outage(&self, duration: Duration) {
+        // Mode first, then the cut: the accept loop subscribes to cuts before it reads the mode,
+        // so a connection accepted concurrently is either refused or cut.
+        self.shared.mode_tx.send_replace(Mode::Outage {
+            until: deadline(duration),
+        });
+        self.cut_all();
+    }
+
+    /// Starts a black hole of `duration`: nothing is forwarded and nothing read on live
+    /// connections, and new connections are held silent, until it ends; then forwarding resumes
+    /// where it stopped. Replaces an active outage or black hole. See the
+    /// [module documentation](self#outage-and-black-hole).
+    pub fn black_hole(&self, duration: Duration) {
+        self.shared.mode_tx.send_replace(Mode::BlackHole {
+            until: deadline(duration),
+        });
+    }
+
+    /// Ends an active outage or black hole now; does nothing if neither is active.
+    pub fn restore(&self) {
+        self.shared.mode_tx.send_replace(Mode::Normal);
     }
 
     /// Cuts every live connection now. The proxy keeps accepting new connections.
@@ -190,6 +298,76 @@ struct Shared {
     shutdown_tx: watch::Sender<bool>,
     /// Cut generation: every change cuts all live connections.
     cut_tx: watch::Sender<u64>,
+    /// The outage or black hole, if any.
+    mode_tx: watch::Sender<Mode>,
+}
+
+/// An outage or a black hole, with its end (`None`: beyond what `Instant` can represent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Normal,
+    Outage { until: Option<Instant> },
+    BlackHole { until: Option<Instant> },
+}
+
+impl Mode {
+    fn outage_active(self, now: Instant) -> bool {
+        matches!(self, Mode::Outage { until } if until.is_none_or(|until| now < until))
+    }
+
+    /// The end of the black hole if one is active at `now`.
+    fn black_hole(self, now: Instant) -> Option<Option<Instant>> {
+        match self {
+            Mode::BlackHole { until } if until.is_none_or(|until| now < until) => Some(until),
+            _ => None,
+        }
+    }
+}
+
+/// The end of a window of `duration` starting now.
+fn deadline(duration: Duration) -> Option<Instant> {
+    Instant::now().checked_add(duration)
+}
+
+/// Resolves once no black hole is active (at once if none is).
+async fn until_forwarding(mode_rx: &mut watch::Receiver<Mode>) {
+    loop {
+        let mode = *mode_rx.borrow_and_update();
+        let Some(until) = mode.black_hole(Instant::now()) else {
+            return;
+        };
+        let end = async move {
+            match until {
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = end => {}
+            res = mode_rx.changed() => {
+                if res.is_err() {
+                    // The proxy is gone; nothing can end the black hole but shutdown's cut.
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once a black hole is active.
+async fn black_hole_started(mode_rx: &mut watch::Receiver<Mode>) {
+    loop {
+        if mode_rx
+            .borrow_and_update()
+            .black_hole(Instant::now())
+            .is_some()
+        {
+            return;
+        }
+        if mode_rx.changed().await.is_err() {
+            future::pending::<()>().await;
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -199,6 +377,8 @@ struct Counters {
     handshake_cuts: AtomicU64,
     mid_frame_cuts: AtomicU64,
     bytes_forwarded: AtomicU64,
+    outage_refused: AtomicU64,
+    black_hole_held: AtomicU64,
 }
 
 /// Why the proxy cut a connection.
@@ -206,7 +386,7 @@ struct Counters {
 enum CutReason {
     /// The byte budget ran out; `partial` if part of the last read chunk was withheld.
     Budget { partial: bool },
-    /// `cut_all` or `shutdown`.
+    /// `cut_all`, `outage` or `shutdown`.
     Requested,
     /// `max_connection_age` elapsed.
     Age,
@@ -322,6 +502,18 @@ async fn accept_loop(
                         reset(client);
                         break;
                     }
+                    let mode = *shared.mode_tx.borrow();
+                    let now = Instant::now();
+                    if mode.outage_active(now) {
+                        shared.counters.outage_refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "fault proxy refused connection: outage");
+                        reset(client);
+                        continue;
+                    }
+                    if mode.black_hole(now).is_some() {
+                        shared.counters.black_hole_held.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, index, "fault proxy holds connection: black hole");
+                    }
                     tracing::debug!(%peer, index, "fault proxy accepted connection");
                     tasks.spawn(serve_connection(client, index, Arc::clone(&shared), cut_rx));
                     index += 1;
@@ -377,6 +569,19 @@ async fn serve_connection(
     tracing::debug!(index, ?plan, "fault proxy connection plan");
     let age = age_limit(shared.config.max_connection_age);
     tokio::pin!(age);
+    let mut mode_rx = shared.mode_tx.subscribe();
+
+    // A black hole holds a new connection before it connects upstream.
+    let held = tokio::select! {
+        () = until_forwarding(&mut mode_rx) => None,
+        _ = cut_rx.changed() => Some(CutReason::Requested),
+        () = &mut age => Some(CutReason::Age),
+    };
+    if let Some(reason) = held {
+        shared.record_cut(&plan, reason);
+        reset(client);
+        return;
+    }
 
     let connected = tokio::select! {
         res = TcpStream::connect(shared.upstream) => match res {
@@ -415,8 +620,8 @@ async fn serve_connection(
         let (client_r, client_w) = client.split();
         let (server_r, server_w) = server.split();
         let counters = &shared.counters;
-        let c2s = pump(client_r, server_w, c2s_budget, counters);
-        let s2c = pump(server_r, client_w, s2c_budget, counters);
+        let c2s = pump(client_r, server_w, c2s_budget, counters, mode_rx.clone());
+        let s2c = pump(server_r, client_w, s2c_budget, counters, mode_rx);
         tokio::pin!(c2s, s2c);
         let mut c2s_open = true;
         let mut s2c_open = true;
@@ -475,12 +680,13 @@ fn age_limit(max_age: Option<Duration>) -> impl Future<Output = ()> {
 }
 
 /// Copies `reader` to `writer` until end of stream or until `budget` (shared with the other
-/// direction when both count) runs out.
+/// direction when both count) runs out. While a black hole is active it neither reads nor writes.
 async fn pump<R, W>(
     mut reader: R,
     mut writer: W,
     budget: Option<&AtomicU64>,
     counters: &Counters,
+    mut mode_rx: watch::Receiver<Mode>,
 ) -> io::Result<PumpEnd>
 where
     R: AsyncRead + Unpin,
@@ -488,8 +694,14 @@ where
 {
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
-        let n = reader.read(&mut buf).await?;
+        until_forwarding(&mut mode_rx).await;
+        // Reading a TCP stream is cancel-safe: a read abandoned for a black hole loses nothing.
+        let n = tokio::select! {
+            res = reader.read(&mut buf) => res?,
+            () = black_hole_started(&mut mode_rx) => continue,
+        };
         if n == 0 {
+            until_forwarding(&mut mode_rx).await;
             // The peer may already be gone; the other direction will notice.
             let _ = writer.shutdown().await;
             return Ok(PumpEnd::Eof);
@@ -510,16 +722,42 @@ where
                 (allowed, before <= read)
             }
         };
-        writer.write_all(&buf[..allowed]).await?;
-        counters
-            .bytes_forwarded
-            .fetch_add(allowed as u64, Ordering::Relaxed);
+        write_forwarding(&mut writer, &buf[..allowed], counters, &mut mode_rx).await?;
         if exhausted {
             return Ok(PumpEnd::Exhausted {
                 partial: allowed < n,
             });
         }
     }
+}
+
+/// Writes all of `data`, pausing while a black hole is active, and counts what was written.
+async fn write_forwarding<W>(
+    writer: &mut W,
+    data: &[u8],
+    counters: &Counters,
+    mode_rx: &mut watch::Receiver<Mode>,
+) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut written = 0;
+    while written < data.len() {
+        until_forwarding(mode_rx).await;
+        // Writing a TCP stream is cancel-safe: an abandoned write has written nothing.
+        tokio::select! {
+            res = writer.write(&data[written..]) => {
+                let n = res?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                written += n;
+                counters.bytes_forwarded.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            () = black_hole_started(mode_rx) => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -942,6 +1180,53 @@ mod tests {
             (stats.cuts, stats.handshake_cuts, stats.mid_frame_cuts),
             (1, 0, 0)
         );
+    }
+
+    /// The windows run on tokio's clock: a paused clock holds them open and `advance` ends them;
+    /// a new mode replaces the old one and `restore` ends either.
+    #[tokio::test(start_paused = true)]
+    async fn modes_follow_tokio_time_and_replace_each_other() {
+        let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
+        let proxy = FaultProxy::start(upstream, FaultConfig::default())
+            .await
+            .unwrap();
+        let mode = || *proxy.shared.mode_tx.borrow();
+        let mut rx = proxy.shared.mode_tx.subscribe();
+
+        proxy.outage(Duration::from_secs(10));
+        assert!(mode().outage_active(Instant::now()));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(mode().outage_active(Instant::now()));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!mode().outage_active(Instant::now()), "{:?}", mode());
+
+        proxy.black_hole(Duration::from_secs(10));
+        let start = Instant::now();
+        assert!(mode().black_hole(start).is_some());
+        // Forwarding waits for exactly the window on the paused clock.
+        until_forwarding(&mut rx).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert_eq!(mode().black_hole(Instant::now()), None);
+
+        // A black hole replaced by an outage is over; restore ends the outage.
+        proxy.black_hole(Duration::from_secs(10));
+        proxy.outage(Duration::from_secs(10));
+        assert_eq!(mode().black_hole(Instant::now()), None);
+        assert!(mode().outage_active(Instant::now()));
+        proxy.restore();
+        assert_eq!(mode(), Mode::Normal);
+
+        // An endless black hole ends with restore, not with time.
+        proxy.black_hole(Duration::MAX);
+        assert_eq!(mode(), Mode::BlackHole { until: None });
+        let wait = tokio::spawn({
+            let mut rx = proxy.shared.mode_tx.subscribe();
+            async move { until_forwarding(&mut rx).await }
+        });
+        tokio::time::advance(Duration::from_secs(1 << 30)).await;
+        assert!(!wait.is_finished());
+        proxy.restore();
+        tokio::time::timeout(WAIT, wait).await.unwrap().unwrap();
     }
 
     #[tokio::test]
