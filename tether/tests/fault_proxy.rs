@@ -469,15 +469,15 @@ const MESSAGES: u64 = 600;
 /// The one place these tests configure conduits: fast keepalive, fast
 /// reconnects, handshakes that outlast a held connection.
 fn conduit_config(seed: u64) -> Config {
-    let mut c = Config::default();
-    c.seed(seed)
+    Config::default()
+        .seed(seed)
         .keepalive(Duration::from_millis(200), Duration::from_secs(1))
-        .handshake_timeout(Duration::from_secs(10));
-    c.reconnect_mut()
-        .min_backoff(Duration::from_millis(5))
-        .max_backoff(Duration::from_millis(100))
-        .give_up_after(Some(Duration::from_secs(60)));
-    c
+        .handshake_timeout(Duration::from_secs(10))
+        .reconnect_with(|r| {
+            r.min_backoff(Duration::from_millis(5))
+                .max_backoff(Duration::from_millis(100))
+                .give_up_after(Some(Duration::from_secs(60)))
+        })
 }
 
 /// A server behind a default (faithful) proxy.
