@@ -5,7 +5,14 @@
 //! [`Error::Encode`] and [`Error::Decode`] concern one message and leave the
 //! conduit usable. Link failures never reach a stable conduit's user: the
 //! conduit replaces the link and carries on.
+//!
+//! Each error's text says everything once, its causes included, and
+//! `source()` returns `None`: so `{}`, `{:#}` in `anyhow` and error-chain
+//! printers all show each cause exactly once. To act on a cause, match the
+//! variant (for example [`AttemptError::kind`]).
 
+use std::fmt;
+use std::io;
 use std::time::Duration;
 
 use tether_proto::{FrameError, HelloError, Seq};
@@ -26,15 +33,18 @@ pub enum SessionLost {
     /// The client could not get a working link back before its give-up
     /// deadline.
     #[error(
-        "gave up reconnecting after {attempts} attempts over {elapsed:?}; last error: {last_error}"
+        "gave up reconnecting after {attempts} attempt{} over {}; last error: {last_error}",
+        if *attempts == 1 { "" } else { "s" },
+        Human(*elapsed)
     )]
     GaveUp {
-        /// Connection attempts made since the link was lost.
+        /// Connection attempts made since the link was lost (or, on the
+        /// first connect, since `connect` was called).
         attempts: u32,
         /// Time spent trying.
         elapsed: Duration,
-        /// The last attempt's error, as text.
-        last_error: String,
+        /// Why the last attempt failed.
+        last_error: AttemptError,
     },
     /// The peer broke the protocol (a malformed frame, a gap in sequence
     /// numbers, an ack for data never sent, an impossible resume point).
@@ -65,7 +75,7 @@ pub enum Refusal {
     /// The server is at capacity (sessions, handshakes or memory). The
     /// client retries with backoff, waiting at least `retry_after`, and
     /// returns this only when its give-up deadline passed.
-    #[error("the server is busy ({reason}); retry after {retry_after:?}")]
+    #[error("the server is busy ({reason}); retry after {}", Human(*retry_after))]
     Busy {
         /// The server's hint: the least time to wait before trying again.
         retry_after: Duration,
@@ -88,6 +98,61 @@ pub enum Refusal {
     },
 }
 
+/// Why one attempt to get a link and complete the handshake failed: its
+/// [`kind`](Self::kind) for code, its text for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AttemptError {
+    kind: io::ErrorKind,
+    message: String,
+}
+
+impl AttemptError {
+    pub(crate) fn new(kind: io::ErrorKind, message: impl Into<String>) -> AttemptError {
+        AttemptError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// What kind of failure: `ConnectionRefused` (nothing listening),
+    /// `TimedOut` (no answer within the handshake timeout), the I/O error's
+    /// own kind for other socket errors, `InvalidData` for a server that
+    /// does not speak the protocol or failed its proof, `ConnectionReset`
+    /// for a link that ended during the handshake, and `Other` for TLS and
+    /// WebSocket failures and a busy server.
+    pub fn kind(&self) -> io::ErrorKind {
+        self.kind
+    }
+}
+
+/// A duration for people: `850 µs`, `12 ms`, `1.5 s`, `2 min 5 s`.
+pub(crate) struct Human(pub(crate) Duration);
+
+impl fmt::Display for Human {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        if d < Duration::from_millis(1) {
+            write!(f, "{} µs", d.as_micros())
+        } else if d < Duration::from_secs(1) {
+            write!(f, "{} ms", d.as_millis())
+        } else if d < Duration::from_secs(60) {
+            let tenths = (d.as_millis() + 50) / 100;
+            if tenths % 10 == 0 {
+                write!(f, "{} s", tenths / 10)
+            } else {
+                write!(f, "{}.{} s", tenths / 10, tenths % 10)
+            }
+        } else if d < Duration::from_secs(3600) {
+            let s = d.as_secs();
+            write!(f, "{} min {} s", s / 60, s % 60)
+        } else {
+            let m = d.as_secs() / 60;
+            write!(f, "{} h {} min", m / 60, m % 60)
+        }
+    }
+}
+
 impl Refusal {
     pub(crate) fn from_wire(refusal: tether_proto::Refusal) -> Refusal {
         let reason = refusal.reason;
@@ -108,15 +173,15 @@ impl Refusal {
 pub enum Error {
     /// The stable session is gone; see [`SessionLost`]. Terminal.
     #[error("session lost: {0}")]
-    SessionLost(#[from] SessionLost),
+    SessionLost(SessionLost),
     /// The underlying link failed (bare conduits, and the first connection
     /// of a client that is not allowed to retry).
     #[error("link failed: {0}")]
-    Link(#[from] LinkError),
+    Link(LinkError),
     /// A message could not be serialized. Nothing was sent; the conduit is
     /// still usable.
     #[error("could not encode message: {0}")]
-    Encode(#[source] FrameError),
+    Encode(FrameError),
     /// A received message was not a valid encoding of the expected type. The
     /// message is consumed; the conduit is still usable.
     ///
@@ -125,7 +190,7 @@ pub enum Error {
     /// alloc::string::String: frame item decoded but 5 trailing byte(s)
     /// were left over`.
     #[error(
-        "could not decode message{} as {expected}: {source}",
+        "could not decode message{} as {expected}: {error}",
         seq.map(|s| format!(" {s}")).unwrap_or_default()
     )]
     #[non_exhaustive]
@@ -136,12 +201,11 @@ pub enum Error {
         /// [`std::any::type_name`]: meant for people, not for matching.
         expected: &'static str,
         /// What failed.
-        #[source]
-        source: FrameError,
+        error: FrameError,
     },
     /// The peer's handshake message was malformed.
     #[error("bad handshake from peer: {0}")]
-    Handshake(#[from] HelloError),
+    Handshake(HelloError),
     /// The message is larger than the conduit accepts
     /// ([`Config::max_message_size`](crate::Config::max_message_size)).
     /// Nothing was sent; the conduit is still usable.
@@ -168,16 +232,40 @@ pub enum Error {
     /// The server refused to open a session (busy, denied or policy); see
     /// [`Refusal`]. Only from [`StableConduit::connect`](crate::StableConduit::connect).
     #[error("session refused: {0}")]
-    Refused(#[from] Refusal),
+    Refused(Refusal),
+}
+
+impl From<SessionLost> for Error {
+    fn from(reason: SessionLost) -> Error {
+        Error::SessionLost(reason)
+    }
+}
+
+impl From<LinkError> for Error {
+    fn from(err: LinkError) -> Error {
+        Error::Link(err)
+    }
+}
+
+impl From<HelloError> for Error {
+    fn from(err: HelloError) -> Error {
+        Error::Handshake(err)
+    }
+}
+
+impl From<Refusal> for Error {
+    fn from(refusal: Refusal) -> Error {
+        Error::Refused(refusal)
+    }
 }
 
 impl Error {
     /// A message that did not decode as a `T`.
-    pub(crate) fn decode<T: ?Sized>(seq: Option<Seq>, source: FrameError) -> Error {
+    pub(crate) fn decode<T: ?Sized>(seq: Option<Seq>, error: FrameError) -> Error {
         Error::Decode {
             seq,
             expected: std::any::type_name::<T>(),
-            source,
+            error,
         }
     }
 

@@ -27,12 +27,12 @@ pub mod throttle;
 pub use bare::{BareConduit, BareReceiver, BareSender};
 pub use borrowed::{Borrowed, BorrowedMessage};
 pub use bytebuf::ByteBuf;
-pub use error::{Error, Refusal, SessionLost};
+pub use error::{AttemptError, Error, Refusal, SessionLost};
 pub use link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener};
 pub use stable::{
-    Admission, Authorize, ConduitState, Config, Denied, Grant, ReconnectPolicy, Server,
-    ServerStats, SessionInfo, SessionSummary, ShutdownReport, StableConduit, StableReceiver,
-    StableSender, Stats,
+    Admission, Authorize, ConduitEvent, ConduitState, Config, Denied, Events, Grant, LinkLoss,
+    ReconnectPolicy, Server, ServerStats, SessionInfo, SessionSummary, ShutdownReport,
+    StableConduit, StableReceiver, StableSender, Stats,
 };
 pub use tether_proto as proto;
 

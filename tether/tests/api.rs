@@ -153,7 +153,7 @@ async fn decode_error_names_the_expected_type() {
     let tether::Error::Decode {
         seq: Some(seq),
         expected,
-        source: tether::proto::FrameError::TrailingBytes(5),
+        error: tether::proto::FrameError::TrailingBytes(5),
         ..
     } = &err
     else {
@@ -180,7 +180,7 @@ async fn decode_error_names_the_expected_type() {
     let tether::Error::Decode {
         seq: Some(_),
         expected,
-        source: tether::proto::FrameError::Decode(_),
+        error: tether::proto::FrameError::Decode(_),
         ..
     } = &err
     else {

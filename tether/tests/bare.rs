@@ -692,7 +692,7 @@ async fn wrong_type_over<A: Link, B: Link>(a: A, b: B) {
             Error::Decode {
                 seq: None,
                 expected: "u64",
-                source: FrameError::TrailingBytes(5),
+                error: FrameError::TrailingBytes(5),
                 ..
             }
         ),
@@ -711,7 +711,7 @@ async fn wrong_type_over<A: Link, B: Link>(a: A, b: B) {
             Error::Decode {
                 seq: None,
                 expected: "u64",
-                source: FrameError::TrailingBytes(200),
+                error: FrameError::TrailingBytes(200),
                 ..
             }
         ),
@@ -796,7 +796,7 @@ async fn garbage_is_typed_decode_error_and_conduit_survives() {
                 Ok(m) => panic!("{what}: decoded as {m:?}"),
             };
             let Error::Decode {
-                seq: None, source, ..
+                seq: None, error: source, ..
             } = &err
             else {
                 panic!("{what}: expected Decode {{ seq: None, .. }}, got {err:?}");
@@ -869,7 +869,7 @@ async fn borrowed_decode_error_keeps_conduit_usable() {
             Err(Error::Decode {
                 seq: None,
                 expected: "&str",
-                source: FrameError::Decode(postcard::Error::DeserializeBadUtf8),
+                error: FrameError::Decode(postcard::Error::DeserializeBadUtf8),
                 ..
             }) => {}
             other => panic!("expected a bad-utf-8 Decode error, got {other:?}"),
@@ -886,7 +886,7 @@ async fn borrowed_decode_error_keeps_conduit_usable() {
             Err(Error::Decode {
                 seq: None,
                 expected: "&[u8]",
-                source: FrameError::Decode(postcard::Error::DeserializeUnexpectedEnd),
+                error: FrameError::Decode(postcard::Error::DeserializeUnexpectedEnd),
                 ..
             }) => {}
             other => panic!("expected an unexpected-end Decode error, got {other:?}"),

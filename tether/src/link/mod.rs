@@ -310,7 +310,7 @@ impl<L: Link> PendingLink for Ready<L> {
 pub enum LinkError {
     /// The underlying transport failed.
     #[error("link i/o error: {0}")]
-    Io(#[source] std::io::Error),
+    Io(std::io::Error),
     /// TLS failed: the handshake (a certificate not valid for the name, an
     /// unknown issuer, a peer that does not speak TLS, a refused client
     /// certificate) or, later, a record that does not decrypt or an alert

@@ -1,5 +1,6 @@
 //! The client side: connect, handshake, and reconnect with backoff.
 
+use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +17,11 @@ use tokio::time::{timeout, Instant};
 
 use super::attach::{endpoint, run_attachment, AttachEnd, Endpoint};
 use super::config::Config;
-use super::shared::{Role, Shared};
+use super::events::{ConduitEvent, LinkLoss};
+use super::shared::{lock, Role, Shared};
 use super::{ConduitState, StableConduit};
-use crate::error::{Error, Refusal, SessionLost};
-use crate::link::{Connector, Link, LinkRx, LinkTx};
+use crate::error::{AttemptError, Error, Human, Refusal, SessionLost};
+use crate::link::{Connector, Link, LinkError, LinkRx, LinkTx};
 
 type Halves<C> = (
     <<C as Connector>::Link as Link>::Tx,
@@ -54,12 +56,28 @@ enum Attempt<C: Connector> {
     Restart,
     /// The server answered that the session's close already completed.
     Closed,
-    Failed(String),
+    Failed(AttemptError),
+}
+
+/// An attempt that failed on a link error, its kind taken from the error.
+fn link_failed<C: Connector>(context: &str, e: &LinkError) -> Attempt<C> {
+    let kind = match e {
+        LinkError::Io(io) => io.kind(),
+        LinkError::Truncated { .. } => ErrorKind::ConnectionReset,
+        LinkError::TooLarge { .. } => ErrorKind::InvalidData,
+        _ => ErrorKind::Other,
+    };
+    Attempt::Failed(AttemptError::new(kind, format!("{context}: {e}")))
+}
+
+fn failed<C: Connector>(kind: ErrorKind, message: impl Into<String>) -> Attempt<C> {
+    Attempt::Failed(AttemptError::new(kind, message))
 }
 
 /// What getting a link back can end in, short of losing the session.
 enum Reconnected<C: Connector> {
-    Attached(Halves<C>, ServerHello),
+    /// With the number of attempts it took.
+    Attached(Halves<C>, ServerHello, u32),
     Closed,
 }
 
@@ -68,12 +86,14 @@ impl<S, R> StableConduit<S, R> {
     /// conduit; a driver task keeps it connected from then on, replacing the
     /// link whenever it fails.
     ///
-    /// The first connection is retried under the same policy as later ones,
-    /// and so is a server that answers busy (waiting at least as long as it
-    /// asks); this fails with [`Error::Refused`] if the server refuses the
-    /// client (or is still busy at the give-up deadline), and with
-    /// [`Error::SessionLost`] if it rejects the session or the deadline
-    /// passes without a link.
+    /// The first connection is retried with backoff for
+    /// [`ReconnectPolicy::connect_give_up_after`](crate::ReconnectPolicy::connect_give_up_after)
+    /// (10 s by default), each failed attempt logged, and so is a server
+    /// that answers busy (waiting at least as long as it asks). This fails
+    /// with [`Error::Refused`] if the server refuses the client (or is
+    /// still busy at the deadline), and with [`Error::SessionLost`] if it
+    /// rejects the session or the deadline passes without a link
+    /// ([`SessionLost::GaveUp`], whose `last_error` says why).
     pub async fn connect<C: Connector>(connector: C, config: Config) -> Result<Self, Error> {
         let shared = Shared::new(&config, Role::Client, ConduitState::Connecting, None);
         let mut rng = match config.seed {
@@ -81,8 +101,17 @@ impl<S, R> StableConduit<S, R> {
             None => SmallRng::from_os_rng(),
         };
         let mut cred = Cred::New;
-        let Reconnected::Attached(halves, hello) =
-            reconnect(&connector, &shared, &mut cred, None, &config, &mut rng).await?
+        let first = Retry {
+            give_up_after: Some(match config.reconnect.give_up_after {
+                Some(later) => later.min(config.reconnect.connect_give_up_after),
+                None => config.reconnect.connect_give_up_after,
+            }),
+            started: Instant::now(),
+        };
+        let Reconnected::Attached(halves, hello, _) = reconnect(
+            &connector, &shared, &mut cred, None, &config, &mut rng, first,
+        )
+        .await?
         else {
             unreachable!("a session that never closed is not answered closed");
         };
@@ -119,33 +148,52 @@ struct ClientDriver<C> {
 
 impl<C: Connector> ClientDriver<C> {
     async fn run(mut self, mut halves: Halves<C>) {
+        let mut attached = ConduitState::Connected;
         loop {
             let (tx, rx) = &mut halves;
-            let end = run_attachment(
-                &self.shared,
-                &mut self.endpoint,
-                tx,
-                rx,
-                std::future::pending::<()>(),
-                || {},
-            )
-            .await;
-            match end {
+            let preempt = async {
+                tokio::select! {
+                    () = self.shared.reconnect_request.notified() => {}
+                    () = watch_stall(&self.shared, attached) => {}
+                }
+            };
+            let end =
+                run_attachment(&self.shared, &mut self.endpoint, tx, rx, preempt, || {}).await;
+            let cause = match end {
                 AttachEnd::Finished => {
                     let _ = timeout(self.config.handshake_timeout, tx.close()).await;
                     return self.shared.finish();
                 }
                 AttachEnd::CloseTimedOut => return self.shared.fail(SessionLost::CloseTimedOut),
                 AttachEnd::Protocol(msg) => return self.shared.fail(SessionLost::Protocol(msg)),
-                AttachEnd::Link(e) => tracing::debug!(error = %e, "link failed"),
-                AttachEnd::Eof => tracing::debug!("link ended by peer"),
-                AttachEnd::Timeout => tracing::debug!("keepalive timeout"),
-                AttachEnd::Preempted(()) => unreachable!("pending() never resolves"),
-            }
+                AttachEnd::Link(e) => LinkLoss::Error {
+                    kind: match &e {
+                        LinkError::Io(io) => io.kind(),
+                        _ => ErrorKind::Other,
+                    },
+                    message: e.to_string(),
+                },
+                AttachEnd::Eof => LinkLoss::PeerEnded,
+                AttachEnd::Timeout if self.shared.acks_negotiated() => {
+                    if self.shared.extensions() & ext::KEEPALIVE != 0 {
+                        LinkLoss::KeepaliveTimeout
+                    } else {
+                        LinkLoss::IdleTimeout
+                    }
+                }
+                AttachEnd::Timeout => LinkLoss::IdleTimeout,
+                AttachEnd::Preempted(()) => LinkLoss::Requested,
+            };
             drop(halves);
+            let lost_at = Instant::now();
             self.shared.set_state(ConduitState::Reconnecting);
+            self.shared.emit(ConduitEvent::LinkLost { cause });
             // A close that began (or begins now) goes on over the next link,
             // within its own deadline.
+            let retry = Retry {
+                give_up_after: self.config.reconnect.give_up_after,
+                started: lost_at,
+            };
             let attempt = tokio::select! {
                 biased;
                 () = self.shared.close_expired() => {
@@ -158,12 +206,13 @@ impl<C: Connector> ClientDriver<C> {
                     self.endpoint.last_received(),
                     &self.config,
                     &mut self.rng,
+                    retry,
                 ) => r,
             };
-            let hello = match attempt {
-                Ok(Reconnected::Attached(h, hello)) => {
+            let (hello, attempts) = match attempt {
+                Ok(Reconnected::Attached(h, hello, attempts)) => {
                     halves = h;
-                    hello
+                    (hello, attempts)
                 }
                 Ok(Reconnected::Closed) => {
                     tracing::debug!("the server had completed the close");
@@ -186,15 +235,73 @@ impl<C: Connector> ClientDriver<C> {
                 .counters
                 .reconnects
                 .fetch_add(1, Ordering::Relaxed);
+            attached = ConduitState::Resumed;
             self.shared.set_state(ConduitState::Resumed);
-            tracing::debug!("stable conduit resumed");
+            self.shared.emit(ConduitEvent::Resumed {
+                attempts,
+                outage: lost_at.elapsed(),
+            });
         }
     }
 }
 
+/// Watches an attached link for a stall: nothing arrived for the stall
+/// timeout while the client waits for an answer (a frame written and not
+/// acknowledged, or a ping not answered). Reports it, and its end, as a
+/// state and an event; never returns.
+async fn watch_stall(shared: &Shared, attached: ConduitState) {
+    let stall_us = u64::try_from(shared.stall_timeout.as_micros()).unwrap_or(u64::MAX);
+    let tick = shared.stall_timeout / 4;
+    // Since when (µs since the session's epoch) the client has waited.
+    let mut waiting_since: Option<u64> = None;
+    let mut stalled = false;
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = shared.now_us();
+        let last_rx = shared.last_rx_us.load(Ordering::Acquire);
+        if stalled {
+            if now.saturating_sub(last_rx) < stall_us {
+                stalled = false;
+                waiting_since = None;
+                shared.set_state(attached);
+                shared.emit(ConduitEvent::Unstalled);
+            }
+            continue;
+        }
+        let waiting = shared.ping_outstanding() || {
+            let s = lock(&shared.send);
+            let oldest = s.replay.iter().next().map(|(seq, _)| seq);
+            oldest.is_some_and(|seq| seq.is_before(s.cursor))
+        };
+        if !waiting {
+            waiting_since = None;
+            continue;
+        }
+        let since = *waiting_since.get_or_insert(now.saturating_sub(tick.as_micros() as u64));
+        let quiet = now.saturating_sub(last_rx.max(since));
+        if quiet >= stall_us {
+            stalled = true;
+            shared.set_state(ConduitState::Stalled);
+            shared.emit(ConduitEvent::Stalled {
+                quiet: Duration::from_micros(now.saturating_sub(last_rx)),
+            });
+        }
+    }
+}
+
+/// How long a round of attempts may go on, from when.
+#[derive(Clone, Copy)]
+struct Retry {
+    give_up_after: Option<Duration>,
+    started: Instant,
+}
+
 /// Gets a link and completes a handshake, retrying with exponential backoff
-/// and full jitter until the give-up deadline. `cred` is what the hellos
-/// present; on success, what the next resume will.
+/// and full jitter until the give-up deadline, which is kept: an attempt's
+/// handshake is cut short by it, and the client gives up when it passes.
+/// `cred` is what the hellos present; on success, what the next resume
+/// will. [`StableConduit::reconnect_now`] cuts a wait short and starts the
+/// backoff over.
 async fn reconnect<C: Connector>(
     connector: &C,
     shared: &Shared,
@@ -202,31 +309,38 @@ async fn reconnect<C: Connector>(
     last_received: Option<Seq>,
     config: &Config,
     rng: &mut SmallRng,
+    retry: Retry,
 ) -> Result<Reconnected<C>, Error> {
     let policy = &config.reconnect;
-    let started = Instant::now();
+    let deadline = retry.give_up_after.map(|limit| retry.started + limit);
     let mut attempts: u32 = 0;
     let mut bound = policy.min_backoff;
     loop {
         attempts += 1;
-        let mut at_least = Duration::ZERO;
-        let mut busy = None;
+        let budget = match deadline {
+            Some(at) => config
+                .handshake_timeout
+                .min(at.saturating_duration_since(Instant::now())),
+            None => config.handshake_timeout,
+        };
         let outcome = match timeout(
-            config.handshake_timeout,
+            budget,
             attempt::<C>(connector, shared, cred, last_received, config),
         )
         .await
         {
             Ok(outcome) => outcome,
-            Err(_) => Attempt::Failed(format!(
-                "connect and handshake timed out after {:?}",
-                config.handshake_timeout
-            )),
+            Err(_) => failed(
+                ErrorKind::TimedOut,
+                format!("no link and handshake within {}", Human(budget)),
+            ),
         };
+        let mut at_least = Duration::ZERO;
+        let mut busy = None;
         let last_error = match outcome {
             Attempt::Attached(halves, hello, next) => {
                 *cred = next;
-                return Ok(Reconnected::Attached(halves, hello));
+                return Ok(Reconnected::Attached(halves, hello, attempts));
             }
             Attempt::Closed => return Ok(Reconnected::Closed),
             Attempt::Rejected => return Err(SessionLost::Rejected.into()),
@@ -237,7 +351,7 @@ async fn reconnect<C: Connector>(
                 // A full server: back off as after a failure, but never
                 // sooner than the server asked.
                 at_least = retry_after;
-                let error = format!("server busy: {reason}");
+                let error = AttemptError::new(ErrorKind::Other, format!("server busy: {reason}"));
                 busy = Some(Refusal::Busy {
                     retry_after,
                     reason,
@@ -253,33 +367,53 @@ async fn reconnect<C: Connector>(
             Attempt::Restart if !matches!(cred, Cred::New) && last_received.is_none() => {
                 tracing::debug!("the server never heard from this session: starting over");
                 *cred = Cred::New;
+                attempts -= 1;
                 continue;
             }
             Attempt::Restart => return Err(SessionLost::Rejected.into()),
             Attempt::Failed(e) => e,
         };
-        tracing::debug!(attempts, error = %last_error, "connection attempt failed");
-        let elapsed = started.elapsed();
+        let now = Instant::now();
         let delay = if bound.is_zero() {
             Duration::ZERO
         } else {
             rng.random_range(Duration::ZERO..=bound)
         }
         .max(at_least);
-        if let Some(limit) = policy.give_up_after {
-            if elapsed + delay >= limit {
-                if let Some(busy) = busy {
-                    return Err(busy.into());
-                }
-                return Err(SessionLost::GaveUp {
-                    attempts,
-                    elapsed,
-                    last_error,
-                }
-                .into());
+        // With no time left for another attempt, wait out the deadline
+        // (or an application's request for one more) and give up.
+        let last = deadline.is_some_and(|at| now + delay >= at);
+        shared.emit(ConduitEvent::AttemptFailed {
+            attempt: attempts,
+            error: last_error.clone(),
+            next_retry: (!last).then_some(delay),
+        });
+        let wake = match (last, deadline) {
+            (true, Some(at)) => at,
+            _ => now + delay,
+        };
+        let requested = tokio::select! {
+            () = tokio::time::sleep_until(wake) => false,
+            () = shared.reconnect_request.notified() => true,
+        };
+        if requested {
+            tracing::debug!("reconnect requested: trying at once");
+            bound = policy.min_backoff;
+            if deadline.is_none_or(|at| Instant::now() < at) {
+                continue;
             }
         }
-        tokio::time::sleep(delay).await;
+        if last || deadline.is_some_and(|at| Instant::now() >= at) {
+            if let Some(busy) = busy {
+                return Err(busy.into());
+            }
+            return Err(SessionLost::GaveUp {
+                attempts,
+                elapsed: retry.started.elapsed(),
+                last_error,
+            }
+            .into());
+        }
         bound = (bound * 2).min(policy.max_backoff);
     }
 }
@@ -329,7 +463,7 @@ async fn attempt<C: Connector>(
             let new = if offered & ext::PROOF != 0 {
                 match Ephemeral::generate() {
                     Ok(eph) => Some(ClientNew::new(&payload, eph)),
-                    Err(e) => return Attempt::Failed(format!("no randomness: {e}")),
+                    Err(e) => return failed(ErrorKind::Other, format!("no randomness: {e}")),
                 }
             } else {
                 None
@@ -352,7 +486,7 @@ async fn attempt<C: Connector>(
             *counter += 1;
             let eph = match Ephemeral::generate() {
                 Ok(eph) => eph,
-                Err(e) => return Attempt::Failed(format!("no randomness: {e}")),
+                Err(e) => return failed(ErrorKind::Other, format!("no randomness: {e}")),
             };
             let resume = ClientResume::new(id, last_received, offered, *counter, eph, secret);
             let payload = Bytes::copy_from_slice(resume.request());
@@ -361,7 +495,7 @@ async fn attempt<C: Connector>(
     };
     let link = match connector.connect().await {
         Ok(link) => link,
-        Err(e) => return Attempt::Failed(format!("connect: {e}")),
+        Err(e) => return link_failed("connect", &e),
     };
     let (mut tx, mut rx) = link.split();
     // A send error does not end the attempt: the hello may have been
@@ -370,27 +504,38 @@ async fn attempt<C: Connector>(
     let sent = tx.send(payload).await;
     let reply = match (rx.recv().await, sent) {
         (Ok(Some(reply)), _) => reply,
-        (_, Err(e)) => return Attempt::Failed(format!("sending hello: {e}")),
+        (_, Err(e)) => return link_failed("sending hello", &e),
         (Ok(None), Ok(())) => {
-            return Attempt::Failed("link closed before the server's hello".into())
+            return failed(
+                ErrorKind::ConnectionReset,
+                "link closed before the server's hello",
+            )
         }
-        (Err(e), Ok(())) => return Attempt::Failed(format!("waiting for the server's hello: {e}")),
+        (Err(e), Ok(())) => return link_failed("waiting for the server's hello", &e),
     };
     let head = match reply.get(..HELLO_LEN).map(ServerHello::decode) {
         Some(Ok(head)) => head,
-        Some(Err(e)) => return Attempt::Failed(format!("bad server hello: {e}")),
-        None => return Attempt::Failed(format!("server hello of {} bytes", reply.len())),
+        Some(Err(e)) => return failed(ErrorKind::InvalidData, format!("bad server hello: {e}")),
+        None => {
+            return failed(
+                ErrorKind::InvalidData,
+                format!("server hello of {} bytes", reply.len()),
+            )
+        }
     };
     if head.rejected {
         if reply.len() > HELLO_LEN && offered & ext::ADMISSION != 0 {
             return match WireRefusal::decode(&reply) {
                 Ok(refusal) if refusal.kind == RefusalKind::Restart => Attempt::Restart,
                 Ok(refusal) => Attempt::Refused(Refusal::from_wire(refusal)),
-                Err(e) => Attempt::Failed(format!("bad server refusal: {e}")),
+                Err(e) => failed(ErrorKind::InvalidData, format!("bad server refusal: {e}")),
             };
         }
         if reply.len() != HELLO_LEN {
-            return Attempt::Failed(format!("server hello of {} bytes", reply.len()));
+            return failed(
+                ErrorKind::InvalidData,
+                format!("server hello of {} bytes", reply.len()),
+            );
         }
         // "Closed" completes a close this side began with the close
         // handshake; any other time it is a rejection like any other.
@@ -405,7 +550,9 @@ async fn attempt<C: Connector>(
         Pending::New(Some(new)) if proof => {
             let session = match new.finish(&reply) {
                 Ok(session) => session,
-                Err(e) => return Attempt::Failed(format!("bad server key share: {e}")),
+                Err(e) => {
+                    return failed(ErrorKind::InvalidData, format!("bad server key share: {e}"))
+                }
             };
             record_secret(shared, &session.secret);
             *shared
@@ -424,7 +571,7 @@ async fn attempt<C: Connector>(
             // The key share goes first, before any frame: it is what
             // proves to the server that this client has its hello.
             if let Err(e) = tx.send(Bytes::copy_from_slice(&session.key_share)).await {
-                return Attempt::Failed(format!("sending the key share: {e}"));
+                return link_failed("sending the key share", &e);
             }
             let next = Cred::Proof {
                 id: session.session_id,
@@ -435,13 +582,19 @@ async fn attempt<C: Connector>(
         }
         Pending::New(_) | Pending::Bearer => {
             if reply.len() != HELLO_LEN {
-                return Attempt::Failed(format!("server hello of {} bytes", reply.len()));
+                return failed(
+                    ErrorKind::InvalidData,
+                    format!("server hello of {} bytes", reply.len()),
+                );
             }
             Attempt::Attached((tx, rx), head, Cred::Bearer(head.resume_key))
         }
         Pending::Resume(resume, id, counter) => {
             if !proof {
-                return Attempt::Failed("the server answered a proof resume without one".into());
+                return failed(
+                    ErrorKind::InvalidData,
+                    "the server answered a proof resume without one",
+                );
             }
             // A reply that does not prove the server holds the secret is a
             // failed attempt, not a lost session: it may be forged.
@@ -459,7 +612,7 @@ async fn attempt<C: Connector>(
                     };
                     Attempt::Attached((tx, rx), hello, next)
                 }
-                Err(e) => Attempt::Failed(format!("the server's proof: {e}")),
+                Err(e) => failed(ErrorKind::InvalidData, format!("the server's proof: {e}")),
             }
         }
     }

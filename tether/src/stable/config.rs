@@ -4,24 +4,42 @@ use std::time::Duration;
 
 use tether_proto::{ext, Seq};
 
-/// How a client retries after losing its link.
+/// How a client retries after losing its link, and how long its first
+/// connect may take.
 ///
 /// Delays grow exponentially from `min_backoff` to `max_backoff`, and each
 /// actual delay is drawn uniformly from zero to the current bound ("full
 /// jitter"), so that many clients cut at once do not reconnect in lockstep.
+/// Each failed attempt is reported as a
+/// [`ConduitEvent::AttemptFailed`](crate::ConduitEvent::AttemptFailed)
+/// (and logged), with the delay until the next one.
+///
+/// ```
+/// use std::time::Duration;
+/// use tether::{Config, ReconnectPolicy};
+///
+/// let policy = ReconnectPolicy::default()
+///     .max_backoff(Duration::from_millis(500))
+///     .give_up_after(Some(Duration::from_secs(600)))
+///     .connect_give_up_after(Duration::from_secs(3));
+/// let config = Config::default().reconnect(policy);
+/// # let _ = config;
+/// ```
 #[derive(Clone, Debug)]
 pub struct ReconnectPolicy {
     pub(crate) min_backoff: Duration,
     pub(crate) max_backoff: Duration,
     pub(crate) give_up_after: Option<Duration>,
+    pub(crate) connect_give_up_after: Duration,
 }
 
 impl Default for ReconnectPolicy {
     fn default() -> Self {
         ReconnectPolicy {
             min_backoff: Duration::from_millis(10),
-            max_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(1),
             give_up_after: Some(Duration::from_secs(120)),
+            connect_give_up_after: Duration::from_secs(10),
         }
     }
 }
@@ -35,7 +53,12 @@ impl ReconnectPolicy {
         self
     }
 
-    /// Largest retry delay bound. Default 5 s.
+    /// Largest retry delay bound. Default 1 s: after an outage of any
+    /// length the conduit is back within about a second of the network
+    /// (half that on average), at the cost of up to two attempts a second
+    /// per client while the server is unreachable. For an immediate
+    /// attempt, on a network change say, call
+    /// [`reconnect_now`](crate::StableConduit::reconnect_now).
     #[must_use]
     pub fn max_backoff(mut self, value: Duration) -> Self {
         self.max_backoff = value;
@@ -44,10 +67,26 @@ impl ReconnectPolicy {
 
     /// How long to keep trying after the link is lost before the session is
     /// declared lost ([`SessionLost::GaveUp`](crate::SessionLost::GaveUp)).
-    /// Default 120 s; `None` retries forever.
+    /// Default 120 s; `None` retries forever. The deadline is kept: the
+    /// last attempt's handshake is cut short by it, and the client gives up
+    /// when it passes, not an attempt early.
     #[must_use]
     pub fn give_up_after(mut self, value: Option<Duration>) -> Self {
         self.give_up_after = value;
+        self
+    }
+
+    /// How long [`StableConduit::connect`](crate::StableConduit::connect)
+    /// keeps trying to get its first link before it fails with
+    /// [`SessionLost::GaveUp`](crate::SessionLost::GaveUp) (whose
+    /// `last_error` says why, e.g. `ConnectionRefused` when nothing
+    /// listens). Default 10 s: a wrong address or a server that is down
+    /// fails fast, while a server that is restarting or busy gets a few
+    /// seconds. A shorter [`give_up_after`](Self::give_up_after) applies
+    /// to the first connect too; later reconnects use only that.
+    #[must_use]
+    pub fn connect_give_up_after(mut self, value: Duration) -> Self {
+        self.connect_give_up_after = value;
         self
     }
 }
@@ -82,6 +121,7 @@ pub struct Config {
     pub(crate) ack_delay: Duration,
     pub(crate) keepalive_interval: Duration,
     pub(crate) keepalive_timeout: Duration,
+    pub(crate) stall_timeout: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) resume_window: Duration,
     pub(crate) max_sessions: usize,
@@ -117,6 +157,7 @@ impl Default for Config {
             ack_delay: Duration::from_millis(5),
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(15),
+            stall_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(300),
             resume_window: Duration::from_secs(120),
             max_sessions: 100_000,
@@ -288,6 +329,22 @@ impl Config {
     pub fn keepalive_timeout(self, timeout: Duration) -> Self {
         let interval = self.keepalive_interval;
         self.keepalive(interval, timeout)
+    }
+
+    /// Client: an attached link on which nothing arrives for this long while
+    /// the client waits for an answer (its data unacknowledged, or a ping
+    /// unanswered) makes the conduit report itself
+    /// [`Stalled`](crate::ConduitState::Stalled), with a
+    /// [`ConduitEvent::Stalled`](crate::ConduitEvent::Stalled); it reports
+    /// [`Unstalled`](crate::ConduitEvent::Unstalled) when something
+    /// arrives. Only a signal: the keepalive timeout still decides when the
+    /// link is replaced, and the application may call
+    /// [`reconnect_now`](crate::StableConduit::reconnect_now) sooner.
+    /// Checked four times per timeout. Default 3 s.
+    #[must_use]
+    pub fn stall_timeout(mut self, value: Duration) -> Self {
+        self.stall_timeout = value.max(Duration::from_millis(4));
+        self
     }
 
     /// Server: how long a session whose link was lost waits for its client

@@ -17,6 +17,7 @@ mod attach;
 pub(crate) mod budget;
 mod client;
 mod config;
+mod events;
 mod inbox;
 mod recv;
 mod send;
@@ -34,6 +35,7 @@ use tokio::sync::watch;
 
 use self::attach::Handles;
 pub use self::config::{Config, ReconnectPolicy};
+pub use self::events::{ConduitEvent, Events, LinkLoss};
 use self::inbox::{Delivered, Taken};
 pub use self::server::{
     Admission, Authorize, Denied, Grant, Server, ServerStats, SessionInfo, SessionSummary,
@@ -56,6 +58,11 @@ pub enum ConduitState {
     /// The link was lost; the client is getting a new one, or the server is
     /// waiting for the client to resume.
     Reconnecting,
+    /// Client: a link is attached, but nothing has arrived on it for the
+    /// [stall timeout](crate::Config::stall_timeout) while the client
+    /// waits for an answer. The state goes back to what it was when
+    /// something arrives, or to `Reconnecting` when the link is replaced.
+    Stalled,
     /// The session is lost for good (see [`SessionLost`](crate::SessionLost)).
     Lost,
     /// The session ended gracefully: closed by this side or by the peer.
@@ -203,9 +210,66 @@ impl<S, R> StableConduit<S, R> {
         self.tx.stats()
     }
 
-    /// Watches state changes (connected, reconnecting, lost, closed).
+    /// Watches state changes (connected, reconnecting, stalled, lost,
+    /// closed).
     pub fn state_changes(&self) -> watch::Receiver<ConduitState> {
         self.tx.state_changes()
+    }
+
+    /// The conduit's events from now on: each lost link with its cause,
+    /// each failed reconnect attempt with its number, error and next retry
+    /// delay, each resume, stall, and the end. See [`ConduitEvent`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tether::{link::mem, Config, ConduitEvent, Server, StableConduit};
+    ///
+    /// let (listener, connector) = mem::listener(16);
+    /// let server = Server::<String>::new(listener, Config::default());
+    /// let client = StableConduit::<String>::connect(connector, Config::default()).await?;
+    /// let mut events = client.events();
+    /// tokio::spawn(async move {
+    ///     while let Some(event) = events.next().await {
+    ///         match event {
+    ///             ConduitEvent::AttemptFailed { attempt, error, next_retry, .. } => {
+    ///                 eprintln!("attempt {attempt} failed ({error}); next in {next_retry:?}")
+    ///             }
+    ///             other => eprintln!("{other:?}"),
+    ///         }
+    ///     }
+    /// });
+    /// client.send("hello").await?;
+    /// # drop(server);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn events(&self) -> Events {
+        self.tx.events()
+    }
+
+    /// Client: drops the current link and gets a new one at once, or cuts
+    /// the wait before the next attempt short and starts the backoff over.
+    /// Nothing is lost: the new link resumes the session. Call it when the
+    /// network changed (a new interface, a wake from sleep) or the conduit
+    /// is [`Stalled`](ConduitState::Stalled). No effect on a server's
+    /// session (only the client can dial) or once the session ended.
+    pub fn reconnect_now(&self) {
+        self.tx.reconnect_now();
+    }
+
+    /// Once the session is lost: the messages the peer never acknowledged,
+    /// raw; see [`StableSender::take_undelivered_raw`].
+    pub fn take_undelivered_raw(&self) -> Vec<bytes::Bytes> {
+        self.tx.take_undelivered_raw()
+    }
+}
+
+impl<S: DeserializeOwned, R> StableConduit<S, R> {
+    /// Once the session is lost: the messages the peer never acknowledged,
+    /// decoded; see [`StableSender::take_undelivered`].
+    pub fn take_undelivered(&self) -> Result<Vec<S>, Error> {
+        self.tx.take_undelivered()
     }
 }
 
@@ -302,6 +366,66 @@ impl<S> StableSender<S> {
     /// Watches state changes.
     pub fn state_changes(&self) -> watch::Receiver<ConduitState> {
         self.shared.subscribe()
+    }
+
+    /// The conduit's events from now on; see [`StableConduit::events`].
+    pub fn events(&self) -> Events {
+        self.shared.events.subscribe()
+    }
+
+    /// Client: a new link now; see [`StableConduit::reconnect_now`].
+    pub fn reconnect_now(&self) {
+        self.shared.reconnect_request.notify_waiters();
+    }
+
+    /// Once the session is lost: the messages this side's `send` accepted
+    /// that the peer never acknowledged, oldest first, as raw encodings
+    /// (each decodes as an `S`). [`Stats::undelivered`] counts them. Every
+    /// message before them reached the peer's application; these may or may
+    /// not have (a peer can consume a message and lose the link before its
+    /// acknowledgement arrives), so resend them only where that is safe, or
+    /// where the application can tell.
+    ///
+    /// Empty while the session lives, after a graceful close, and after
+    /// the first call. Kept until taken or every handle is dropped (at most
+    /// the replay bound).
+    pub fn take_undelivered_raw(&self) -> Vec<bytes::Bytes> {
+        self.shared.take_undelivered()
+    }
+
+    /// Once the session is lost: the messages the peer never acknowledged,
+    /// decoded, to resend on a new session; see
+    /// [`take_undelivered_raw`](Self::take_undelivered_raw).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tether::{link::mem, Config, Server, StableConduit};
+    ///
+    /// let (listener, connector) = mem::listener(16);
+    /// let server = Server::<String>::new(listener, Config::default());
+    /// let client = StableConduit::<String>::connect(connector, Config::default()).await?;
+    /// let (tx, _rx) = client.split();
+    /// tx.send("queued").await?;
+    /// server.shutdown(std::time::Duration::ZERO).await; // the session is lost
+    /// # use tether::ConduitState::{Closed, Lost};
+    /// # while !matches!(tx.stats().state, Lost | Closed) {
+    /// #     tokio::task::yield_now().await;
+    /// # }
+    /// for msg in tx.take_undelivered()? {
+    ///     println!("not acknowledged: {msg}"); // resend it on a new session
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn take_undelivered(&self) -> Result<Vec<S>, Error>
+    where
+        S: DeserializeOwned,
+    {
+        self.take_undelivered_raw()
+            .iter()
+            .map(|item| decode_item(item).map_err(|e| Error::decode::<S>(None, e)))
+            .collect()
     }
 
     /// Closes the session gracefully, and waits until the close is

@@ -180,7 +180,9 @@ pub(super) async fn read_loop<Rx: crate::link::LinkRx, P>(
     let acks = extensions & ext::ACKS != 0;
     // Without keepalive the watchdog drops a link on which nothing arrives
     // for the idle timeout: note when something does, once per batch.
-    let track_idle = extensions & ext::KEEPALIVE == 0;
+    // The idle timeout (no keepalive) and a client's stall check read when
+    // something last arrived: one clock read per batch.
+    let track_idle = extensions & ext::KEEPALIVE == 0 || shared.role == Role::Client;
     let RecvSide {
         state: recv,
         batch,

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use super::budget::MemoryBudget;
 use super::config::Config;
+use super::events::{ConduitEvent, EventHub};
 use super::inbox::Inbox;
 use super::{ConduitState, Stats};
 use crate::bare::Arena;
@@ -201,6 +202,15 @@ pub(crate) struct Shared {
     handles: AtomicUsize,
     terminal: OnceLock<Terminal>,
     state: watch::Sender<ConduitState>,
+    pub(crate) events: EventHub,
+    /// Client: how long an attached link may stay silent while this side
+    /// waits for an answer before the conduit reports itself stalled.
+    pub(super) stall_timeout: Duration,
+    /// Client: the application asked for a new link now.
+    pub(crate) reconnect_request: Notify,
+    /// Once the session is lost: the messages the peer never acknowledged,
+    /// encoded, oldest first, until the application takes them.
+    undelivered_items: Mutex<Vec<bytes::Bytes>>,
     pub(crate) counters: Counters,
 }
 
@@ -306,6 +316,10 @@ impl Shared {
             handles: AtomicUsize::new(0),
             terminal: OnceLock::new(),
             state: watch::Sender::new(initial),
+            events: EventHub::default(),
+            stall_timeout: config.stall_timeout,
+            reconnect_request: Notify::new(),
+            undelivered_items: Mutex::new(Vec::new()),
             counters: Counters::default(),
         })
     }
@@ -453,11 +467,16 @@ impl Shared {
             tracing::debug!(%reason, "session ends with everything delivered: closed");
             return self.finish();
         }
-        let undelivered = self.undelivered_messages();
+        let items = self.undelivered_messages();
+        let undelivered = items.len() as u64;
         if self.terminal.set(Terminal::Lost(reason.clone())).is_ok() {
             self.counters
                 .undelivered
                 .store(undelivered, Ordering::Relaxed);
+            *self
+                .undelivered_items
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = items;
             if warn {
                 throttled!(
                     tracing::Level::WARN,
@@ -469,8 +488,24 @@ impl Shared {
             }
             self.release_buffers();
             self.set_state(ConduitState::Lost);
+            self.emit(ConduitEvent::Lost(reason));
         }
         self.space_wake.notify_waiters();
+    }
+
+    /// Logs `event` and hands it to the session's listeners.
+    pub(crate) fn emit(&self, event: ConduitEvent) {
+        self.events.emit(event, self.role == Role::Server);
+    }
+
+    /// Takes the messages a lost session's peer never acknowledged.
+    pub(crate) fn take_undelivered(&self) -> Vec<bytes::Bytes> {
+        std::mem::take(
+            &mut *self
+                .undelivered_items
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// Ends the session gracefully.
@@ -478,20 +513,44 @@ impl Shared {
         if self.terminal.set(Terminal::Closed).is_ok() {
             self.release_buffers();
             self.set_state(ConduitState::Closed);
+            self.emit(ConduitEvent::Closed);
         }
         self.space_wake.notify_waiters();
     }
 
-    /// Messages accepted by `send` whose frames the peer has not
-    /// acknowledged (the last pieces of data messages in the replay buffer).
-    fn undelivered_messages(&self) -> u64 {
+    /// Messages accepted by `send` whose last frame the peer has not
+    /// acknowledged, encoded, oldest first.
+    ///
+    /// Acks report consumption, and a message is consumed whole, so the
+    /// replay buffer always starts at a message's first piece: every
+    /// message in it can be put back together. A message of one frame is
+    /// a slice of it; only a fragmented one is copied.
+    fn undelivered_messages(&self) -> Vec<bytes::Bytes> {
         let s = lock(&self.send);
-        s.replay
-            .iter()
-            .filter(|(_, frame)| {
-                matches!(decode_payload(frame, ext::ALL), Ok(Incoming::Data { .. }))
-            })
-            .count() as u64
+        let mut out = Vec::new();
+        let mut pieces: Vec<bytes::Bytes> = Vec::new();
+        for (_, frame) in s.replay.iter() {
+            match decode_payload(frame, ext::ALL) {
+                Ok(Incoming::Fragment { item_offset, .. }) => {
+                    pieces.push(frame.slice(item_offset..));
+                }
+                Ok(Incoming::Data { item_offset, .. }) => {
+                    let last = frame.slice(item_offset..);
+                    if pieces.is_empty() {
+                        out.push(last);
+                    } else {
+                        let mut whole = BytesMut::new();
+                        for piece in pieces.drain(..) {
+                            whole.extend_from_slice(&piece);
+                        }
+                        whole.extend_from_slice(&last);
+                        out.push(whole.freeze());
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
     }
 
     /// Frees the replay buffer and the encode arena of a session that ended:

@@ -146,22 +146,20 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 #[non_exhaustive]
 pub enum TlsConfigError {
     /// A file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// PEM text that does not parse.
-    #[error("bad PEM in {what}: {source}")]
+    #[error("bad PEM in {what}: {error}")]
     Pem {
         /// What was being read ("certificate chain", "private key", a path).
         what: String,
         /// Why.
-        #[source]
-        source: rustls::pki_types::pem::Error,
+        error: rustls::pki_types::pem::Error,
     },
     /// No certificate where at least one is needed.
     #[error("no certificate found in {0}")]
@@ -176,10 +174,22 @@ pub enum TlsConfigError {
     /// rustls refused the configuration (a key that does not match its
     /// certificate, an unsupported key type).
     #[error("tls configuration: {0}")]
-    Rustls(#[from] rustls::Error),
+    Rustls(rustls::Error),
     /// The client-certificate verifier could not be built.
     #[error("client certificate verifier: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    Verifier(rustls::server::VerifierBuilderError),
+}
+
+impl From<rustls::Error> for TlsConfigError {
+    fn from(err: rustls::Error) -> TlsConfigError {
+        TlsConfigError::Rustls(err)
+    }
+}
+
+impl From<rustls::server::VerifierBuilderError> for TlsConfigError {
+    fn from(err: rustls::server::VerifierBuilderError) -> TlsConfigError {
+        TlsConfigError::Verifier(err)
+    }
 }
 
 /// A set of trusted CA certificates: what a client checks servers against,
@@ -253,9 +263,9 @@ impl From<RootCertStore> for TrustRoots {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsConfigError> {
-    std::fs::read(path).map_err(|source| TlsConfigError::Read {
+    std::fs::read(path).map_err(|error| TlsConfigError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -263,9 +273,9 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsConfigError> {
 fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsConfigError::Pem {
+        .map_err(|error| TlsConfigError::Pem {
             what: what.into(),
-            source,
+            error,
         })?;
     if certs.is_empty() {
         return Err(TlsConfigError::NoCertificates(what.into()));
@@ -275,8 +285,8 @@ fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>
 
 /// The first private key in `pem` (PKCS#8, PKCS#1 or SEC1).
 fn key_from_pem(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
-    PrivateKeyDer::from_pem_slice(pem).map_err(|source| TlsConfigError::Pem {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|error| TlsConfigError::Pem {
         what: "private key".into(),
-        source,
+        error,
     })
 }
