@@ -30,9 +30,9 @@ pub use bytebuf::ByteBuf;
 pub use error::{Error, Refusal, SessionLost};
 pub use link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener};
 pub use stable::{
-    Admission, Authorize, ConduitState, Config, Denied, Grant, ReconnectPolicy, Server,
-    ServerStats, SessionInfo, SessionSummary, ShutdownReport, StableConduit, StableReceiver,
-    StableSender, Stats,
+    Admission, Authorize, ConduitState, Config, Denied, Grant, LiveSessions, ReconnectPolicy,
+    Server, ServerSnapshot, ServerStats, SessionInfo, SessionSummary, SessionTotals,
+    ShutdownReport, StableConduit, StableReceiver, StableSender, Stats,
 };
 pub use tether_proto as proto;
 

@@ -36,8 +36,8 @@ use self::attach::Handles;
 pub use self::config::{Config, ReconnectPolicy};
 use self::inbox::{Delivered, Taken};
 pub use self::server::{
-    Admission, Authorize, Denied, Grant, Server, ServerStats, SessionInfo, SessionSummary,
-    ShutdownReport,
+    Admission, Authorize, Denied, Grant, LiveSessions, Server, ServerSnapshot, ServerStats,
+    SessionInfo, SessionSummary, SessionTotals, ShutdownReport,
 };
 use self::shared::{Shared, Terminal};
 use crate::borrowed::{Borrowed, BorrowedMessage};
