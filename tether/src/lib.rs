@@ -21,6 +21,8 @@ pub mod bytebuf;
 pub mod error;
 pub mod fault;
 pub mod link;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod stable;
 pub mod throttle;
 
