@@ -1,7 +1,7 @@
 //! `tether echo --metrics ADDR`: the server's metrics in the Prometheus text
 //! format at `GET /metrics`.
 //!
-//! Each scrape records a fresh [`Server::snapshot`] through
+//! Each scrape records a fresh [`Server::snapshot`](tether::Server::snapshot) through
 //! `tether::metrics` into a Prometheus recorder (local to this endpoint:
 //! nothing is installed process-wide), and answers with its rendering.
 //!

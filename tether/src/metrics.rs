@@ -1,4 +1,4 @@
-//! Records tether's counters through the [`metrics`](::metrics) facade
+//! Records tether's counters through the [`metrics`](https://docs.rs/metrics) facade
 //! (the `metrics` feature), for whatever recorder the application installed
 //! (Prometheus, StatsD, ...). Every metric is listed, with its type and
 //! meaning, in `docs/METRICS.md`.
