@@ -18,6 +18,7 @@ use tether::link::{ServerTls, StreamConfig, TcpListener, TlsListener, UnixListen
 use tether::throttle::Throttle;
 use tether::{Config, Listener, Server, StableConduit};
 
+use crate::metrics::MetricsEndpoint;
 use crate::transport::{Endpoint, Transport, WsBind};
 use crate::Bytes;
 
@@ -67,6 +68,8 @@ pub struct EchoOptions {
     pub config: Config,
     /// How long a shutdown waits for sessions to close.
     pub shutdown_timeout: Duration,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Serves stable conduits on `listener`, echoing every byte-string message
@@ -78,7 +81,19 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()>,
     shutdown_timeout: Duration,
 ) -> anyhow::Result<tether::ShutdownReport> {
+    serve_with_metrics(listener, config, stop, shutdown_timeout, None).await
+}
+
+/// [`serve`], and serves the server's metrics on `metrics` meanwhile.
+pub async fn serve_with_metrics(
+    listener: impl Listener,
+    config: Config,
+    stop: impl std::future::Future<Output = ()>,
+    shutdown_timeout: Duration,
+    metrics: Option<MetricsEndpoint>,
+) -> anyhow::Result<tether::ShutdownReport> {
     let server = Arc::new(Server::<Bytes>::new(listener, config));
+    let metrics = metrics.map(|m| m.spawn(&server));
     let acceptor = {
         let server = server.clone();
         tokio::spawn(async move {
@@ -92,6 +107,9 @@ pub async fn serve(
     eprintln!("tether echo: shutting down, closing {open} sessions");
     let report = server.shutdown(shutdown_timeout).await;
     acceptor.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     eprintln!(
         "tether echo: {} sessions closed, {} lost",
         report.closed, report.lost
@@ -262,7 +280,8 @@ fn load_tls(opts: &EchoOptions) -> anyhow::Result<Option<ServerTls>> {
 
 /// Binds every listener of `opts` and serves until Ctrl-C or SIGTERM.
 /// Announces each listener on stderr (`tether echo listening on URL`,
-/// plain TCP as `host:port`) and logs it at info.
+/// plain TCP as `host:port`), then the metrics endpoint if any (`tether
+/// echo metrics on http://HOST:PORT/metrics`), and logs them at info.
 pub async fn run(opts: EchoOptions) -> anyhow::Result<()> {
     if opts.listen.is_empty() {
         anyhow::bail!("nothing to listen on");
@@ -277,21 +296,29 @@ pub async fn run(opts: EchoOptions) -> anyhow::Result<()> {
         bound.push(listener);
         urls.push(url);
     }
+    let metrics = match opts.metrics {
+        Some(addr) => Some(MetricsEndpoint::bind(addr).await?),
+        None => None,
+    };
     for url in urls {
         eprintln!("tether echo listening on {url}");
         tracing::info!(%url, "listening");
+    }
+    if let Some(m) = &metrics {
+        eprintln!("tether echo metrics on {}", m.url());
+        tracing::info!(url = m.url(), "serving metrics");
     }
     let (config, stop, timeout) = (opts.config, stop_signal(), opts.shutdown_timeout);
     // One listener is served as it is; several through one AnyListener.
     let mut files = Vec::new();
     if bound.len() == 1 {
         match bound.pop().expect("one listener") {
-            Bound::Tcp(l) => serve(l, config, stop, timeout).await?,
-            Bound::Tls(l) => serve(l, config, stop, timeout).await?,
-            Bound::Ws(l) => serve(l, config, stop, timeout).await?,
+            Bound::Tcp(l) => serve_with_metrics(l, config, stop, timeout, metrics).await?,
+            Bound::Tls(l) => serve_with_metrics(l, config, stop, timeout, metrics).await?,
+            Bound::Ws(l) => serve_with_metrics(l, config, stop, timeout, metrics).await?,
             Bound::Unix(l, file) => {
                 files.push(file);
-                serve(l, config, stop, timeout).await?
+                serve_with_metrics(l, config, stop, timeout, metrics).await?
             }
         };
         return Ok(());
@@ -308,6 +335,6 @@ pub async fn run(opts: EchoOptions) -> anyhow::Result<()> {
             }
         };
     }
-    serve(any, config, stop, timeout).await?;
+    serve_with_metrics(any, config, stop, timeout, metrics).await?;
     Ok(())
 }

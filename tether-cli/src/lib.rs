@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod demo;
 pub mod echo;
+pub mod metrics;
 pub mod pki;
 pub mod relay;
 pub mod transport;

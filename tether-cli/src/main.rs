@@ -221,7 +221,8 @@ enum Command {
     /// TLS, WebSocket, secure WebSocket and Unix sockets, several at once,
     /// all sharing one session table. Ctrl-C (or SIGTERM) closes every
     /// session gracefully, then exits. With RUST_LOG=info it logs each
-    /// session's start and end, with the peer's address.
+    /// session's start and end, with the peer's address. With --metrics
+    /// ADDR it serves Prometheus metrics at http://ADDR/metrics.
     Echo(Box<EchoArgs>),
     /// Benchmark tether against tokio-util's Framed: throughput, round
     /// trips, resume latency, allocations, idle-session memory and a
@@ -351,6 +352,12 @@ struct EchoArgs {
     /// How long Ctrl-C waits for sessions to close before exiting.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     shutdown_timeout: Duration,
+    /// Serve the server's metrics (sessions, resumes, refusals, replayed
+    /// bytes, buffers, round-trip times; see docs/METRICS.md) in the
+    /// Prometheus text format at http://ADDR/metrics, fresh on every
+    /// scrape. Port 0 picks a free port; the URL is announced on stderr.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 impl EchoArgs {
@@ -424,6 +431,7 @@ impl EchoArgs {
             backlog: self.backlog,
             config: c,
             shutdown_timeout: self.shutdown_timeout,
+            metrics: self.metrics,
         }
     }
 }

@@ -21,6 +21,8 @@ pub mod bytebuf;
 pub mod error;
 pub mod fault;
 pub mod link;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod stable;
 pub mod throttle;
 
@@ -31,8 +33,9 @@ pub use error::{AttemptError, Error, Refusal, SessionLost};
 pub use link::{Connector, Link, LinkError, LinkRx, LinkTx, Listener};
 pub use stable::{
     Admission, Authorize, ConduitEvent, ConduitState, Config, Denied, Events, Grant, LinkLoss,
-    ReconnectPolicy, Server, ServerStats, SessionInfo, SessionSummary, ShutdownReport,
-    StableConduit, StableReceiver, StableSender, Stats,
+    LiveSessions, ReconnectPolicy, Server, ServerSnapshot, ServerStats, SessionInfo,
+    SessionSummary, SessionTotals, ShutdownReport, StableConduit, StableReceiver, StableSender,
+    Stats,
 };
 pub use tether_proto as proto;
 

@@ -796,7 +796,9 @@ async fn garbage_is_typed_decode_error_and_conduit_survives() {
                 Ok(m) => panic!("{what}: decoded as {m:?}"),
             };
             let Error::Decode {
-                seq: None, error: source, ..
+                seq: None,
+                error: source,
+                ..
             } = &err
             else {
                 panic!("{what}: expected Decode {{ seq: None, .. }}, got {err:?}");

@@ -14,8 +14,7 @@ use std::time::Duration;
 use tether::fault::{FaultConfig, FaultProxy};
 use tether::link::{mem, Connector, TcpConnector, TcpListener};
 use tether::{
-    ConduitEvent, ConduitState, Config, Error, Events, LinkLoss, Server, SessionLost,
-    StableConduit,
+    ConduitEvent, ConduitState, Config, Error, Events, LinkLoss, Server, SessionLost, StableConduit,
 };
 use tokio::time::{timeout, Instant};
 
@@ -76,7 +75,11 @@ async fn first_connect_with_nothing_listening_fails_at_its_own_deadline() {
         "gave up after {elapsed:?}"
     );
     assert!(*attempts > 5, "only {attempts} attempts");
-    assert_eq!(last_error.kind(), ErrorKind::ConnectionRefused, "{last_error}");
+    assert_eq!(
+        last_error.kind(),
+        ErrorKind::ConnectionRefused,
+        "{last_error}"
+    );
     let text = err.to_string();
     assert!(text.contains("over 10 s"), "{text}");
     assert!(err.source().is_none(), "the text says it all: {text}");
@@ -160,8 +163,7 @@ async fn give_up_deadlines_are_kept_whatever_the_handshake_timeout() {
 async fn reconnect_deadline_is_kept_and_each_attempt_is_an_event() {
     let (listener, connector) = mem::listener(16);
     let server = Server::<String>::new(listener, config(3));
-    let cfg =
-        config(4).reconnect_with(|r| r.give_up_after(Some(Duration::from_millis(2_500))));
+    let cfg = config(4).reconnect_with(|r| r.give_up_after(Some(Duration::from_millis(2_500))));
     let client = StableConduit::<String>::connect(connector.clone(), cfg)
         .await
         .unwrap();
@@ -240,8 +242,12 @@ async fn a_black_holed_path_is_reported_stalled_and_reconnect_now_moves_to_the_n
         .keepalive(Duration::from_secs(10), Duration::from_secs(30))
         .stall_timeout(Duration::from_millis(400));
     let (server, addr) = tcp_server(cfg.clone()).await;
-    let old = FaultProxy::start(addr, FaultConfig::default()).await.unwrap();
-    let new = FaultProxy::start(addr, FaultConfig::default()).await.unwrap();
+    let old = FaultProxy::start(addr, FaultConfig::default())
+        .await
+        .unwrap();
+    let new = FaultProxy::start(addr, FaultConfig::default())
+        .await
+        .unwrap();
     let current = Arc::new(AtomicUsize::new(0));
     let connector = Switching {
         addrs: [old.local_addr(), new.local_addr()],
@@ -285,7 +291,10 @@ async fn a_black_holed_path_is_reported_stalled_and_reconnect_now_moves_to_the_n
     })
     .await;
     let took = asked.elapsed();
-    assert!(took < Duration::from_secs(5), "resumed {took:?} after the request");
+    assert!(
+        took < Duration::from_secs(5),
+        "resumed {took:?} after the request"
+    );
     println!("resumed over the new path {took:?} after reconnect_now");
     for i in 1..=100u64 {
         let got = timeout(WAIT, session.recv()).await.unwrap().unwrap();
@@ -300,7 +309,9 @@ async fn a_black_holed_path_is_reported_stalled_and_reconnect_now_moves_to_the_n
 async fn recovery_after_outage(outage: Duration, nudge: bool, seed: u64) -> Duration {
     let cfg = Config::default().seed(seed);
     let (server, addr) = tcp_server(cfg.clone()).await;
-    let proxy = FaultProxy::start(addr, FaultConfig::default()).await.unwrap();
+    let proxy = FaultProxy::start(addr, FaultConfig::default())
+        .await
+        .unwrap();
     let client = StableConduit::<u64>::connect(TcpConnector::new(proxy.local_addr()), cfg)
         .await
         .unwrap();
@@ -318,7 +329,10 @@ async fn recovery_after_outage(outage: Duration, nudge: bool, seed: u64) -> Dura
     .await;
     let took = back.elapsed();
     client.send(&7).await.unwrap();
-    assert_eq!(timeout(WAIT, session.recv()).await.unwrap().unwrap(), Some(7));
+    assert_eq!(
+        timeout(WAIT, session.recv()).await.unwrap().unwrap(),
+        Some(7)
+    );
     took
 }
 
@@ -354,7 +368,10 @@ async fn a_lost_session_gives_back_what_the_peer_never_acknowledged() {
         assert_eq!(session.recv().await.unwrap().as_ref(), Some(msg));
     }
     tokio::time::sleep(Duration::from_secs(1)).await; // acks go out
-    assert!(client.take_undelivered().unwrap().is_empty(), "not lost yet");
+    assert!(
+        client.take_undelivered().unwrap().is_empty(),
+        "not lost yet"
+    );
     // The server goes away with the session.
     drop(session);
     server.shutdown(Duration::ZERO).await;
@@ -387,6 +404,9 @@ fn error_texts_say_each_cause_once_with_durations_for_people() {
         ErrorKind::ConnectionReset,
         "reset by peer",
     )));
-    assert_eq!(link.to_string(), "link failed: link i/o error: reset by peer");
+    assert_eq!(
+        link.to_string(),
+        "link failed: link i/o error: reset by peer"
+    );
     assert!(link.source().is_none());
 }

@@ -38,8 +38,8 @@ pub use self::config::{Config, ReconnectPolicy};
 pub use self::events::{ConduitEvent, Events, LinkLoss};
 use self::inbox::{Delivered, Taken};
 pub use self::server::{
-    Admission, Authorize, Denied, Grant, Server, ServerStats, SessionInfo, SessionSummary,
-    ShutdownReport,
+    Admission, Authorize, Denied, Grant, LiveSessions, Server, ServerSnapshot, ServerStats,
+    SessionInfo, SessionSummary, SessionTotals, ShutdownReport,
 };
 use self::shared::{Shared, Terminal};
 use crate::borrowed::{Borrowed, BorrowedMessage};

@@ -9,7 +9,8 @@ use tether_proto::proof::{ServerNew, KEY_SHARE_LEN};
 use tether_proto::{ext, ResumeKey, ServerHello};
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::registry::{AttachRx, Tomb};
+use super::registry::{AttachRx, Registry, Tomb};
+use super::snapshot::Outcome;
 use super::{Attach, Cred, Inner, SessionInfo};
 use crate::error::SessionLost;
 use crate::link::{Link, LinkRx, LinkTx};
@@ -297,9 +298,12 @@ impl<L: Link> SessionDriver<L> {
             .counters
             .unproven_dropped
             .fetch_add(1, Ordering::Relaxed);
+        let stats = self.shared.stats();
+        let mut registry = inner.registry();
+        registry.fold(self.id, &stats, Outcome::Unproven);
         // Nothing reached the application: a client that comes back is
         // told to start over rather than that its session is lost.
-        self.bury(&inner, Tomb::Unproven);
+        self.bury(&inner, &mut registry, Tomb::Unproven);
     }
 
     /// Ends the session: closed (then a tombstone answers late resumes for
@@ -314,20 +318,24 @@ impl<L: Link> SessionDriver<L> {
         let Some(inner) = self.weak.upgrade() else {
             return;
         };
-        if matches!(self.shared.terminal(), Some(Terminal::Closed)) {
-            self.bury(&inner, Tomb::Closed);
+        // The session's final counters join the server's totals in the
+        // same lock as it leaves the live table (`Registry::fold`).
+        let stats = self.shared.stats();
+        let closed = matches!(self.shared.terminal(), Some(Terminal::Closed));
+        let mut registry = inner.registry();
+        if closed {
+            registry.fold(self.id, &stats, Outcome::Closed);
+            self.bury(&inner, &mut registry, Tomb::Closed);
         } else {
-            inner.registry().remove(self.id);
+            registry.fold(self.id, &stats, Outcome::Lost);
+            registry.remove(self.id);
         }
     }
 
     /// Leaves a tombstone for the resume window (if there is room for one;
     /// otherwise the session is forgotten at once).
-    fn bury(&self, inner: &Inner<L>, tomb: Tomb) {
-        if inner
-            .registry()
-            .tombstone(self.id, tomb, inner.config.max_sessions)
-        {
+    fn bury(&self, inner: &Inner<L>, registry: &mut Registry<L>, tomb: Tomb) {
+        if registry.tombstone(self.id, tomb, inner.config.max_sessions) {
             let (weak, id, window) = (self.weak.clone(), self.id, inner.config.resume_window);
             tokio::spawn(async move {
                 tokio::time::sleep(window).await;
@@ -336,7 +344,7 @@ impl<L: Link> SessionDriver<L> {
                 }
             });
         } else {
-            inner.registry().remove(self.id);
+            registry.remove(self.id);
         }
     }
 }

@@ -29,6 +29,7 @@
 mod admission;
 mod driver;
 mod registry;
+mod snapshot;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -50,6 +51,8 @@ pub use self::admission::{Admission, Authorize, Denied, Grant};
 use self::admission::{DynAuthorize, Pending, PendingSlot, Source};
 use self::driver::SessionDriver;
 use self::registry::{First, Full, ProofRoute, Registry, Route, Tomb};
+use self::snapshot::Ended;
+pub use self::snapshot::{LiveSessions, ServerSnapshot, SessionTotals};
 use super::attach::{endpoint, Handles};
 use super::budget::MemoryBudget;
 use super::config::Config;
@@ -73,6 +76,14 @@ pub struct ServerStats {
     pub sessions_created: u64,
     /// Sessions currently registered (alive or waiting for a resume).
     pub sessions_open: u64,
+    /// Sessions that ended with their close completed.
+    pub sessions_closed: u64,
+    /// Sessions that ended lost (expired, close timed out, protocol error,
+    /// shut down), including sessions nobody saw that ended so before their
+    /// proof deadline. Those dropped at it count in `unproven_dropped`:
+    /// once every driver is done, `sessions_created` is `sessions_open +
+    /// sessions_closed + sessions_lost + unproven_dropped`.
+    pub sessions_lost: u64,
     /// Closed sessions remembered for the resume window, so that a late
     /// resume is answered "closed".
     pub tombstones: u64,
@@ -284,23 +295,10 @@ pub struct Server<S, R = S> {
     _msg: std::marker::PhantomData<fn(&S) -> R>,
 }
 
-/// The untyped part of a server the handle needs (so `Server` does not carry
-/// the link type).
-trait ServerShared: Send + Sync {
-    fn stats(&self) -> ServerStats;
-    fn sessions(&self) -> Vec<SessionSummary>;
-    /// Refuses new sessions from now on, and returns the live ones:
-    /// those handed to `accept`, and those never proven (nobody saw them).
-    fn begin_shutdown(&self) -> (Vec<Arc<Shared>>, Vec<Arc<Shared>>);
-}
-
-impl<L: Link> ServerShared for Inner<L> {
-    fn stats(&self) -> ServerStats {
+impl<L: Link> Inner<L> {
+    /// [`ServerStats`], with what was read from the registry.
+    fn stats_with(&self, sessions_open: u64, tombstones: u64, ended: &Ended) -> ServerStats {
         let c = &self.counters;
-        let (sessions_open, tombstones) = {
-            let registry = self.registry();
-            (registry.live() as u64, registry.tombstones as u64)
-        };
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         ServerStats {
             links_accepted: n(&c.links_accepted),
@@ -308,6 +306,8 @@ impl<L: Link> ServerShared for Inner<L> {
             pending_handshakes: self.pending.count() as u64,
             sessions_created: n(&c.sessions_created),
             sessions_open,
+            sessions_closed: ended.closed,
+            sessions_lost: ended.lost,
             tombstones,
             resumes: n(&c.resumes),
             rejected: n(&c.rejected),
@@ -319,6 +319,51 @@ impl<L: Link> ServerShared for Inner<L> {
             proof_resumes: n(&c.proof_resumes),
             bad_proofs: n(&c.bad_proofs),
             memory_used: self.budget.used() as u64,
+        }
+    }
+}
+
+/// The untyped part of a server the handle needs (so `Server` does not carry
+/// the link type).
+trait ServerShared: Send + Sync {
+    fn stats(&self) -> ServerStats;
+    fn snapshot(&self) -> ServerSnapshot;
+    fn sessions(&self) -> Vec<SessionSummary>;
+    /// Refuses new sessions from now on, and returns the live ones:
+    /// those handed to `accept`, and those never proven (nobody saw them).
+    fn begin_shutdown(&self) -> (Vec<Arc<Shared>>, Vec<Arc<Shared>>);
+}
+
+impl<L: Link> ServerShared for Inner<L> {
+    fn stats(&self) -> ServerStats {
+        let (sessions_open, tombstones, ended) = {
+            let registry = self.registry();
+            let (open, tombs) = (registry.live() as u64, registry.tombstones as u64);
+            (open, tombs, registry.ended.clone())
+        };
+        self.stats_with(sessions_open, tombstones, &ended)
+    }
+
+    fn snapshot(&self) -> ServerSnapshot {
+        // One look at the registry: the live sessions and what the ended
+        // ones left, consistent with each other (`Registry::fold`). Each
+        // session's counters are read outside the registry's lock.
+        let (live, sessions_open, tombstones, ended) = {
+            let registry = self.registry();
+            let live: Vec<Arc<Shared>> = registry
+                .live_entries()
+                .filter_map(|e| e.shared.upgrade())
+                .collect();
+            let (open, tombs) = (registry.live() as u64, registry.tombstones as u64);
+            (live, open, tombs, registry.ended.clone())
+        };
+        let live: Vec<Stats> = live.iter().map(|shared| shared.stats()).collect();
+        let (totals, live) = snapshot::summarize(&ended.totals, &live);
+        ServerSnapshot {
+            stats: self.stats_with(sessions_open, tombstones, &ended),
+            totals,
+            live,
+            memory_budget: self.budget.limit() as u64,
         }
     }
 
@@ -450,6 +495,22 @@ impl<S, R> Server<S, R> {
     /// A snapshot of the server's counters.
     pub fn stats(&self) -> ServerStats {
         self.inner.stats()
+    }
+
+    /// Everything an operator monitors, in one snapshot: [`stats`](Self::stats),
+    /// counters summed over every session (live and ended: frames sent,
+    /// received, replayed...), what the live sessions hold now (replay
+    /// buffers, receive queues) and their round-trip times.
+    ///
+    /// It walks the live sessions and reads each one's counters (briefly
+    /// taking its send lock, as [`sessions`](Self::sessions) does): call it
+    /// when a scraper asks, not per message. Nothing is added to the
+    /// sessions' own paths for it: a session's counters join the server's
+    /// totals once, when it ends. Totals never go down from one snapshot
+    /// to the next. With the `metrics` feature, `tether::metrics::record_server`
+    /// records it through the `metrics` facade (`docs/METRICS.md`).
+    pub fn snapshot(&self) -> ServerSnapshot {
+        self.inner.snapshot()
     }
 
     /// Every live session (not the tombstones), with its counters.

@@ -21,6 +21,7 @@ use tether_proto::{ResumeKey, ResumeSecret};
 use tokio::sync::mpsc;
 
 use super::admission::{PerSource, Source};
+use super::snapshot::{Ended, Outcome};
 use super::SessionInfo;
 use crate::link::Link;
 use crate::stable::shared::Shared;
@@ -107,6 +108,8 @@ pub(super) struct Registry<L: Link> {
     next_id: u64,
     pub(super) tombstones: usize,
     per_source: PerSource,
+    /// What the sessions that ended left behind, for the server's totals.
+    pub(super) ended: Ended,
 }
 
 impl<L: Link> Registry<L> {
@@ -117,6 +120,7 @@ impl<L: Link> Registry<L> {
             next_id: 1,
             tombstones: 0,
             per_source: PerSource::default(),
+            ended: Ended::default(),
         }
     }
 
@@ -295,6 +299,23 @@ impl<L: Link> Registry<L> {
             }
         }
         true
+    }
+
+    /// Live session `id` ended (with `outcome`) with `stats`, its final
+    /// counters: they join the server's totals. Call it in the same lock as
+    /// the [`tombstone`](Self::tombstone) or [`remove`](Self::remove) that
+    /// takes the session out of the live table, so that a snapshot counts
+    /// it either live or ended, never both nor neither. Once per session.
+    pub(super) fn fold(&mut self, id: u64, stats: &crate::stable::Stats, outcome: Outcome) {
+        if self.sessions.get(&id).is_some_and(|e| e.tomb.is_none()) {
+            self.ended.totals.add(stats);
+            match outcome {
+                Outcome::Closed => self.ended.closed += 1,
+                Outcome::Lost => self.ended.lost += 1,
+                // Counted in `unproven_dropped` where it happens.
+                Outcome::Unproven => {}
+            }
+        }
     }
 
     pub(super) fn remove(&mut self, id: u64) {
