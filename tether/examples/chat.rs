@@ -90,6 +90,8 @@ async fn serve(server: Arc<Server<Down, Up>>) {
         tokio::spawn(async move {
             let (tx, mut rx) = session.split();
             // Relay what the others say to this member (never its own lines).
+            // A member so far behind that the room's buffer overflowed for it
+            // (`Lagged`) stops hearing the room; a real server would drop it.
             let relay = tokio::spawn({
                 let tx = tx.clone();
                 async move {
@@ -101,22 +103,19 @@ async fn serve(server: Arc<Server<Down, Up>>) {
                 }
             });
             // Each message once, in order, until the member closes (`Ok(None)`).
-            let mut name = String::new();
-            while let Ok(Some(up)) = rx.recv().await {
-                let said = match up {
-                    Up::Join(who) => {
-                        name = who;
-                        let _ = tx.send(&Down::Welcome).await;
-                        continue;
-                    }
-                    Up::Line(text) => Down::Said {
-                        from: name.clone(),
-                        text,
-                    },
-                    Up::Leave => Down::Left(name.clone()),
-                    Up::Presence => continue, // a real server would note "last seen"
-                };
-                let _ = room.send((id, said));
+            if let Ok(Some(Up::Join(name))) = rx.recv().await {
+                let _ = tx.send(&Down::Welcome).await;
+                while let Ok(Some(up)) = rx.recv().await {
+                    let said = match up {
+                        Up::Line(text) => Down::Said {
+                            from: name.clone(),
+                            text,
+                        },
+                        Up::Leave => Down::Left(name.clone()),
+                        Up::Presence | Up::Join(_) => continue, // a real server notes "last seen"
+                    };
+                    let _ = room.send((id, said));
+                }
             }
             relay.abort();
         });
