@@ -14,17 +14,32 @@ use tether_proto::{ext, Seq};
 /// [`ConduitEvent::AttemptFailed`](crate::ConduitEvent::AttemptFailed)
 /// (and logged), with the delay until the next one.
 ///
+/// Start from the default (10 ms, 1 s, give up after 120 s, the first
+/// connect after 10 s) and set what differs; [`Config::reconnect`] takes
+/// the policy, and [`Config::reconnect_with`] changes the config's own in
+/// place:
+///
 /// ```
 /// use std::time::Duration;
 /// use tether::{Config, ReconnectPolicy};
 ///
+/// // A client on a flaky mobile link: retry at once, wait at most 2 s
+/// // between tries, never declare the session lost for want of a link,
+/// // but fail fast when the server is not there at all.
 /// let policy = ReconnectPolicy::default()
-///     .max_backoff(Duration::from_millis(500))
-///     .give_up_after(Some(Duration::from_secs(600)))
+///     .min_backoff(Duration::ZERO)
+///     .max_backoff(Duration::from_secs(2))
+///     .give_up_after(None)
 ///     .connect_give_up_after(Duration::from_secs(3));
 /// let config = Config::default().reconnect(policy);
-/// # let _ = config;
+///
+/// // The same, in place: only the give-up deadline changes.
+/// let patient = Config::default().reconnect_with(|r| r.give_up_after(None));
+/// # let _ = (config, patient);
 /// ```
+///
+/// A server waits for a resume only [`Config::resume_window`] long (120 s
+/// by default): a client that keeps trying longer finds its session gone.
 #[derive(Clone, Debug)]
 pub struct ReconnectPolicy {
     pub(crate) min_backoff: Duration,
@@ -98,15 +113,32 @@ impl ReconnectPolicy {
 /// straight on.
 ///
 /// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tether::Error> {
 /// use std::time::Duration;
-/// use tether::{Config, ReconnectPolicy};
+/// use tether::{link::mem, Config, ReconnectPolicy, Server, StableConduit};
 ///
+/// let (listener, connector) = mem::listener(16);
+/// // A server that keeps a silent client's session for 10 minutes.
+/// let server = Server::<String>::new(
+///     listener,
+///     Config::default().resume_window(Duration::from_secs(600)),
+/// );
+/// // A client that pings every 2 s, replaces a link silent for 6 s, and
+/// // keeps reconnecting for up to 10 minutes, with a 1 MiB replay buffer.
 /// let config = Config::default()
 ///     .keepalive(Duration::from_secs(2), Duration::from_secs(6))
-///     .reconnect(ReconnectPolicy::default().give_up_after(Some(Duration::from_secs(30))))
+///     .reconnect(ReconnectPolicy::default().give_up_after(Some(Duration::from_secs(600))))
 ///     .max_replay_bytes(1 << 20);
-/// # let _ = config;
+/// let client = StableConduit::<String>::connect(connector, config).await?;
+/// # drop((client, server));
+/// # Ok(())
+/// # }
 /// ```
+///
+/// Or change one setting of the reconnect policy and pass the result
+/// straight on: `connect(connector, Config::default().reconnect_with(|r|
+/// r.give_up_after(None)))`.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub(crate) handshake_timeout: Duration,

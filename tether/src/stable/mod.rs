@@ -127,6 +127,42 @@ pub struct Stats {
 ///
 /// Use it directly, or [`split`](Self::split) it into a clonable sender and a
 /// receiver for separate tasks.
+///
+/// A client gets one from [`connect`](Self::connect), a server one per
+/// session from [`Server::accept`]. Here over memory; a
+/// [`TcpConnector`](crate::link::TcpConnector) (or any other
+/// [`Connector`](crate::link::Connector)) works the same:
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tether::Error> {
+/// use tether::{link::mem, Config, Server, StableConduit};
+///
+/// let (listener, connector) = mem::listener(16);
+/// let server = Server::<String>::new(listener, Config::default());
+/// let mut client =
+///     StableConduit::<String>::connect(connector.clone(), Config::default()).await?;
+/// let mut session = server.accept().await.expect("a session");
+///
+/// client.send("ping").await?; // a &str for a conduit of String
+/// connector.kill_all(); // the link dies: the client reconnects and resumes
+/// assert_eq!(session.recv().await?.as_deref(), Some("ping"));
+/// session.send("pong").await?;
+/// assert_eq!(client.recv().await?.as_deref(), Some("pong"));
+///
+/// // Split: the sender is Clone (one per task), the receiver lives on one.
+/// let (tx, mut rx) = client.split();
+/// let tx2 = tx.clone();
+/// tokio::spawn(async move { tx2.send("from a task").await });
+/// assert_eq!(session.recv().await?.as_deref(), Some("from a task"));
+/// session.send("to the receiver").await?;
+/// assert_eq!(rx.recv().await?.as_deref(), Some("to the receiver"));
+///
+/// tx.close().await?; // graceful: the session reads `Ok(None)` at the end
+/// assert_eq!(session.recv().await?, None);
+/// # Ok(())
+/// # }
+/// ```
 pub struct StableConduit<S, R = S> {
     tx: StableSender<S>,
     rx: StableReceiver<R>,

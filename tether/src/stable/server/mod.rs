@@ -286,6 +286,48 @@ impl<L: Link> Inner<L> {
 /// [`shutdown`](Self::shutdown) closes every session gracefully. Dropping
 /// the server stops accepting; sessions with a live link go on, and fail
 /// with [`SessionLost::ServerShutdown`] when they would need a resume.
+///
+/// An echo server with its accept loop, one task per session, and a
+/// graceful shutdown (over memory here; a
+/// [`TcpListener`](crate::link::TcpListener) or any other [`Listener`]
+/// works the same):
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tether::Error> {
+/// use std::{sync::Arc, time::Duration};
+/// use tether::{link::mem, Config, Server, StableConduit};
+///
+/// let (listener, connector) = mem::listener(16);
+/// let server = Arc::new(Server::<String>::new(listener, Config::default()));
+/// let accepting = tokio::spawn({
+///     let server = Arc::clone(&server);
+///     async move {
+///         while let Some(mut session) = server.accept().await {
+///             tokio::spawn(async move {
+///                 // Each message once, in order, until the client closes.
+///                 while let Ok(Some(msg)) = session.recv().await {
+///                     if session.send(&msg).await.is_err() {
+///                         break;
+///                     }
+///                 }
+///             });
+///         }
+///     }
+/// });
+///
+/// let mut client = StableConduit::<String>::connect(connector, Config::default()).await?;
+/// client.send("echo?").await?;
+/// assert_eq!(client.recv().await?.as_deref(), Some("echo?"));
+///
+/// // Close every session, waiting up to 5 s; then `accept` returns `None`.
+/// let report = server.shutdown(Duration::from_secs(5)).await;
+/// assert_eq!((report.closed, report.lost), (1, 0));
+/// assert_eq!(client.recv().await?, None); // the client saw the close
+/// accepting.await.unwrap();
+/// # Ok(())
+/// # }
+/// ```
 pub struct Server<S, R = S> {
     inner: Arc<dyn ServerShared>,
     accepted: tokio::sync::Mutex<mpsc::Receiver<Accepted>>,
