@@ -169,7 +169,7 @@ async fn reconnect_deadline_is_kept_and_each_attempt_is_an_event() {
         .unwrap();
     let _session = server.accept().await.unwrap();
     let mut events = client.events();
-    connector.refuse(true);
+    connector.set_refuse(true);
     connector.kill_all();
     let lost_at = Instant::now();
     let cause = next_matching(&mut events, "LinkLost", |e| match e {
@@ -227,9 +227,7 @@ impl Connector for Switching {
 }
 
 async fn tcp_server(cfg: Config) -> (Server<u64>, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     (Server::new(listener, cfg), addr)
 }
@@ -352,10 +350,16 @@ async fn after_an_outage_the_client_is_back_within_a_second_or_at_once_when_told
 async fn a_lost_session_gives_back_what_the_peer_never_acknowledged() {
     let (listener, connector) = mem::listener(16);
     let server = Server::<Vec<u8>>::new(listener, config(8).fragment_size(1000));
-    let client = StableConduit::<Vec<u8>>::connect(connector, config(9).fragment_size(1000))
-        .await
-        .unwrap();
+    let client = StableConduit::<Vec<u8>>::connect(
+        connector.clone(),
+        config(9)
+            .fragment_size(1000)
+            .reconnect_with(|r| r.give_up_after(Some(Duration::from_secs(2)))),
+    )
+    .await
+    .unwrap();
     let mut session = server.accept().await.unwrap();
+    let _server = server;
     // Messages 0..10 are read and acknowledged; 10..30 are not read, one
     // of them fragmented.
     let sent: Vec<Vec<u8>> = (0..30u8)
@@ -372,10 +376,9 @@ async fn a_lost_session_gives_back_what_the_peer_never_acknowledged() {
         client.take_undelivered().unwrap().is_empty(),
         "not lost yet"
     );
-    // The server goes away with the session.
-    drop(session);
-    server.shutdown(Duration::ZERO).await;
-    drop(server);
+    // The network goes away for longer than the client waits.
+    connector.set_refuse(true);
+    connector.kill_all();
     let mut states = client.state_changes();
     timeout(WAIT, states.wait_for(|s| *s == ConduitState::Lost))
         .await
