@@ -22,11 +22,13 @@ mod recv;
 mod send;
 mod server;
 mod shared;
+mod sink;
 
 use std::borrow::Borrow;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use serde::{de::DeserializeOwned, Serialize};
 use tether_proto::frame::decode_item;
@@ -40,6 +42,7 @@ pub use self::server::{
     ShutdownReport,
 };
 use self::shared::{Shared, Terminal};
+use self::sink::SinkState;
 use crate::borrowed::{Borrowed, BorrowedMessage};
 use crate::error::Error;
 
@@ -141,11 +144,13 @@ impl<S, R> StableConduit<S, R> {
         StableConduit {
             tx: StableSender {
                 shared: shared.clone(),
+                sink: SinkState::default(),
                 _msg: PhantomData,
             },
             rx: StableReceiver {
                 shared,
                 ready: VecDeque::new(),
+                stream_ended: false,
                 _msg: PhantomData,
             },
             info: None,
@@ -266,6 +271,8 @@ impl<S, R: DeserializeOwned> StableConduit<S, R> {
 /// tasks; messages from one task keep their order.
 pub struct StableSender<S> {
     shared: Arc<Shared>,
+    /// This handle's `Sink` state (each clone has its own).
+    sink: SinkState,
     _msg: PhantomData<fn(&S)>,
 }
 
@@ -274,6 +281,7 @@ impl<S> Clone for StableSender<S> {
         self.shared.handle_added();
         StableSender {
             shared: self.shared.clone(),
+            sink: SinkState::default(),
             _msg: PhantomData,
         }
     }
@@ -385,6 +393,9 @@ pub struct StableReceiver<R> {
     shared: Arc<Shared>,
     /// Items taken from the inbox in one batch, not yet returned.
     ready: VecDeque<Delivered>,
+    /// The `Stream` returned its end (`None`), or the error that ended the
+    /// session, once: from then on it returns `None`.
+    stream_ended: bool,
     _msg: PhantomData<fn() -> R>,
 }
 
@@ -409,27 +420,29 @@ impl<R> std::fmt::Debug for StableReceiver<R> {
 }
 
 impl<R> StableReceiver<R> {
-    async fn next_item(&mut self) -> Result<Option<Delivered>, Error> {
+    /// The next item, consumed only when it is returned: what `recv` and
+    /// the `Stream` both wait on. No allocation, no lock when a batch
+    /// taken earlier still holds items.
+    fn poll_next_item(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Delivered>, Error>> {
         loop {
             if let Some((seq, bytes)) = self.ready.pop_front() {
                 self.shared.consumed(seq, bytes.len());
-                return Ok(Some((seq, bytes)));
+                return Poll::Ready(Ok(Some((seq, bytes))));
             }
-            let inbox = &self.shared.inbox;
-            let ready = inbox.ready();
-            tokio::pin!(ready);
-            ready.as_mut().enable();
-            match inbox.take(&mut self.ready) {
-                Taken::Items => {}
-                Taken::Empty => ready.await,
+            match std::task::ready!(self.shared.inbox.poll_take(cx, &mut self.ready)) {
+                Taken::Items | Taken::Empty => {}
                 Taken::Ended => {
-                    return match self.shared.terminal() {
+                    return Poll::Ready(match self.shared.terminal() {
                         Some(Terminal::Lost(reason)) => Err(Error::SessionLost(reason.clone())),
                         Some(Terminal::Closed) | None => Ok(None),
-                    }
+                    })
                 }
             }
         }
+    }
+
+    async fn next_item(&mut self) -> Result<Option<Delivered>, Error> {
+        std::future::poll_fn(|cx| self.poll_next_item(cx)).await
     }
 
     /// Receives a message that borrows from the received buffer without
