@@ -440,3 +440,76 @@ async fn forward_both_ways_under_cuts() {
         within("a run under cuts", forward_under_cuts(seed)).await;
     }
 }
+
+// ---- bare conduits ----
+
+type Bare<S, R = S> = tether::BareConduit<mem::MemLink, S, R>;
+
+#[tokio::test]
+async fn bare_sink_and_stream_both_ways_then_the_end() {
+    let (a, b) = mem::pair(64);
+    let mut a = Bare::<String>::new(a);
+    let mut b = Bare::<String>::new(b);
+    SinkExt::send(&mut a, "ping".to_string()).await.unwrap();
+    assert_eq!(b.next().await.unwrap().unwrap(), "ping");
+    SinkExt::send(&mut b, "pong".to_string()).await.unwrap();
+    assert_eq!(a.next().await.unwrap().unwrap(), "pong");
+    // The async methods and the sink keep one order.
+    a.feed("one").await.unwrap();
+    SinkExt::feed(&mut a, "two".to_string()).await.unwrap();
+    a.send("three").await.unwrap();
+    for want in ["one", "two", "three"] {
+        assert_eq!(b.next().await.unwrap().unwrap(), want);
+    }
+    SinkExt::close(&mut a).await.unwrap();
+    assert!(b.next().await.is_none());
+    assert!(b.next().await.is_none(), "fused");
+}
+
+/// Many fed, one flush; a decode error is an item and the next message
+/// still arrives; `forward` of one bare stream into another conduit ends
+/// (and closes the sink) when the first peer closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_feed_flush_decode_error_and_forward() {
+    const N: u64 = 5_000;
+    let (a, b) = mem::pair(16);
+    let (c, d) = mem::pair(16);
+    let a = Bare::<u64>::new(a);
+    let b = Bare::<u64>::new(b);
+    let c = Bare::<u64>::new(c);
+    let mut d = Bare::<String, u64>::new(d);
+    let (_b_tx, b_rx) = b.split();
+    let (c_tx, _c_rx) = c.split();
+    let pipe = tokio::spawn(b_rx.forward(c_tx));
+    let (mut a_tx, _a_rx) = a.split();
+    let feeder = tokio::spawn(async move {
+        for i in 0..N {
+            SinkExt::feed(&mut a_tx, i).await.unwrap();
+        }
+        SinkExt::flush(&mut a_tx).await.unwrap();
+        SinkExt::close(&mut a_tx).await.unwrap();
+    });
+    for want in 0..N {
+        assert_eq!(within("read", d.next()).await.unwrap().unwrap(), want);
+    }
+    assert!(within("end", d.next()).await.is_none());
+    within("pipe", pipe).await.unwrap().unwrap();
+    within("feeder", feeder).await.unwrap();
+
+    let (e, f) = mem::pair(16);
+    let mut e = Bare::<String>::new(e);
+    let mut f = Bare::<u64>::new(f);
+    SinkExt::send(&mut e, "not a u64".to_string())
+        .await
+        .unwrap();
+    SinkExt::send(&mut e, String::new()).await.unwrap();
+    assert!(matches!(f.next().await, Some(Err(Error::Decode { .. }))));
+    assert_eq!(f.next().await.unwrap().unwrap(), 0);
+    // A dead link: the error once, then the end.
+    drop(e);
+    match f.next().await {
+        None | Some(Err(_)) => {}
+        other => panic!("expected the end of a dropped link, got {other:?}"),
+    }
+    assert!(f.next().await.is_none());
+}
