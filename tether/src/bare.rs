@@ -291,7 +291,7 @@ impl<T: LinkTx, S: Serialize> BareSender<T, S> {
     /// [`StableSender::send`](crate::StableSender::send).
     ///
     /// A message over the link's maximum payload is a link error
-    /// ([`LinkError::TooLarge`](crate::link::LinkError::TooLarge)) and, as
+    /// ([`LinkError::TooLarge`]) and, as
     /// every link error, leaves the link dead: a bare conduit has no way to
     /// recover. The stable conduit refuses such messages before they reach
     /// the link.

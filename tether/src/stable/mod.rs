@@ -12,6 +12,17 @@
 //! The sending half ([`StableSender`]) is `Clone` and can be used from many
 //! tasks; the receiving half ([`StableReceiver`]) lives on one task. Sending
 //! never waits on receiving or the other way round.
+//!
+//! Both halves, and the conduit itself, are also a `futures`
+//! [`Sink`](futures_util::Sink) and [`Stream`](futures_util::Stream), for
+//! `SinkExt` and `StreamExt` (`send_all`, `forward`, combinators) with the
+//! guarantees of `send` and `recv`: the stream yields each message once,
+//! in order, a decode error as an item, the loss of the session once and
+//! then `None`; a flushed sink means every message given is in the replay
+//! buffer (delivered unless the session is lost), not acknowledged; closing
+//! the sink is the graceful close. See the
+//! [`Sink`](StableSender#impl-Sink%3CS%3E-for-StableSender%3CS%3E) for an
+//! example.
 
 mod attach;
 pub(crate) mod budget;
