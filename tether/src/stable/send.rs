@@ -57,6 +57,8 @@ pub(super) struct SpaceWait {
     /// room, so that they cover it; stale ones are replaced before use.
     space_armed: bool,
     budget_armed: bool,
+    /// The base format's stall watchdog was told of this wait.
+    stall_noted: bool,
 }
 
 impl SpaceWait {
@@ -76,6 +78,7 @@ impl SpaceWait {
     fn disarm(&mut self) {
         self.space_armed = false;
         self.budget_armed = false;
+        self.stall_noted = false;
     }
 
     /// Whether an armed registration fired; registers `cx` with the others.
@@ -280,6 +283,13 @@ impl Shared {
                 // ack that lands in between is not missed.
                 SpaceWait::arm(&mut wait.space, self.space_wake.clone().notified_owned());
                 wait.space_armed = true;
+                continue;
+            }
+            // Still no room with the registration in place: this send
+            // waits for an ack (once per wake-up, as the ack that frees
+            // room clears the mark).
+            if !wait.stall_noted {
+                wait.stall_noted = true;
                 if !self.acks_negotiated()
                     && self
                         .send_stalled_us
@@ -294,7 +304,6 @@ impl Shared {
                     // The watchdog ends a link on which no ack comes.
                     self.stall_wake.notify_one();
                 }
-                continue;
             }
             // Memory other sessions free wakes this one too, while the
             // budget is over; registered before looking again, like
