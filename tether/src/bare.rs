@@ -410,8 +410,9 @@ impl<T: LinkRx, R: DeserializeOwned> BareReceiver<T, R> {
 /// one (the link's backpressure), `poll_flush` is
 /// [`flush`](Self::flush) (the messages are written to the transport, not
 /// acknowledged by anyone) and `poll_close` is [`close`](Self::close).
-/// The sender's own `send`, `flush` and `close` come before `SinkExt`'s
-/// in method calls: call those by path (`SinkExt::send(&mut tx, msg)`).
+/// The sender's own `send`, `feed`, `flush` and `close` come before
+/// `SinkExt`'s in method calls: call those by path
+/// (`SinkExt::send(&mut tx, msg)`).
 ///
 /// Every error is the link's, and fatal to the conduit, except
 /// [`Error::Encode`], which concerns one message. A message given and not

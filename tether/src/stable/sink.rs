@@ -75,10 +75,11 @@ impl<S> StableSender<S> {
 ///   [`StableSender::close`] and is ready once the close is complete on
 ///   both sides.
 ///
-/// The sender's own `send` and `close` (which take `&self`) come before
-/// `SinkExt`'s in method calls: call those by path,
-/// `SinkExt::send(&mut tx, msg)`, or use `feed`, `send_all` and `forward`,
-/// which have no namesake.
+/// `send` and `close` have namesakes in `SinkExt`: on a `StableSender`
+/// (or `&StableSender`), `tx.send(&msg)` is the sender's own, but on a
+/// `&mut StableSender` with `SinkExt` in scope it is `SinkExt::send`,
+/// which takes the message by value. Call them by path when in doubt:
+/// `SinkExt::send(&mut tx, msg)`, `StableSender::send(&tx, &msg)`.
 ///
 /// Errors are those of `send` ([`Error::Encode`] and [`Error::TooLarge`]
 /// concern one message; the sink stays usable). A message the sink holds
