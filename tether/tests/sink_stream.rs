@@ -356,6 +356,126 @@ async fn a_cancelled_send_all_loses_and_duplicates_nothing_accepted() {
     );
 }
 
+// ---- no allocation per message ----
+
+/// Counts the allocations of the current thread (a test's current-thread
+/// runtime runs every task of its conduits there).
+struct Counting;
+
+thread_local! {
+    static ALLOCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn allocs() -> u64 {
+    ALLOCS.with(|c| c.get())
+}
+
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        std::alloc::System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        std::alloc::System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        std::alloc::System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+/// The same 20,000 messages through `send`/`recv`, then through
+/// `SinkExt::send`/`StreamExt::next`, on both kinds of conduit: the
+/// `Sink` and `Stream` allocate no more per message than the methods
+/// (what a future boxed per call would add is one per message).
+#[test]
+fn sink_and_stream_allocate_no_more_per_message_than_send_and_recv() {
+    const N: u64 = 20_000;
+    const BATCH: u64 = 100;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (_server, _c, client, session) = mem_pair::<u64, u64>(config(13, None, None)).await;
+        let (mut tx, _crx) = client.split();
+        let (_stx, mut rx) = session.split();
+        let mut stable = [0u64; 2];
+        for (round, count) in stable.iter_mut().enumerate() {
+            for warm_up in [true, false] {
+                let before = allocs();
+                for batch in 0..N / BATCH {
+                    for i in batch * BATCH..(batch + 1) * BATCH {
+                        if round == 0 {
+                            tx.send(&i).await.unwrap();
+                        } else {
+                            SinkExt::send(&mut tx, i).await.unwrap();
+                        }
+                    }
+                    for want in batch * BATCH..(batch + 1) * BATCH {
+                        let got = if round == 0 {
+                            rx.recv().await.unwrap()
+                        } else {
+                            rx.next().await.transpose().unwrap()
+                        };
+                        assert_eq!(got, Some(want));
+                    }
+                }
+                if !warm_up {
+                    *count = allocs() - before;
+                }
+            }
+        }
+        let (a, b) = mem::pair(1024);
+        let mut a = Bare::<u64>::new(a);
+        let mut b = Bare::<u64>::new(b);
+        let mut bare = [0u64; 2];
+        for (round, count) in bare.iter_mut().enumerate() {
+            for warm_up in [true, false] {
+                let before = allocs();
+                for batch in 0..N / BATCH {
+                    for i in batch * BATCH..(batch + 1) * BATCH {
+                        if round == 0 {
+                            a.feed(&i).await.unwrap();
+                        } else {
+                            SinkExt::feed(&mut a, i).await.unwrap();
+                        }
+                    }
+                    if round == 0 {
+                        a.flush().await.unwrap();
+                    } else {
+                        SinkExt::flush(&mut a).await.unwrap();
+                    }
+                    for want in batch * BATCH..(batch + 1) * BATCH {
+                        let got = if round == 0 {
+                            b.recv().await.unwrap()
+                        } else {
+                            b.next().await.transpose().unwrap()
+                        };
+                        assert_eq!(got, Some(want));
+                    }
+                }
+                if !warm_up {
+                    *count = allocs() - before;
+                }
+            }
+        }
+        eprintln!(
+            "allocations for {N} messages: stable {stable:?}, bare {bare:?} (methods, Sink/Stream)"
+        );
+        for (what, [methods, sink_stream]) in [("stable", stable), ("bare", bare)] {
+            assert!(
+                sink_stream <= methods + N / 50,
+                "{what}: {sink_stream} allocations through the Sink and Stream, \
+                 {methods} through the methods, for {N} messages"
+            );
+        }
+    });
+}
+
 // ---- under cuts ----
 
 /// 20,000 messages from the client through `send_all`, echoed by the
