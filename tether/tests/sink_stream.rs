@@ -48,6 +48,13 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("stuck: {what}"))
 }
 
+/// [`within`], naming the seed of the run.
+async fn within_seed<T>(seed: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    timeout(LONG, f)
+        .await
+        .unwrap_or_else(|_| panic!("seed {seed}: stuck: {what}"))
+}
+
 /// A server, a client conduit and its session over an in-memory link.
 async fn mem_pair<S, R>(
     client_cfg: Config,
@@ -485,7 +492,9 @@ fn sink_and_stream_allocate_no_more_per_message_than_send_and_recv() {
 /// ways, then the close ends both streams.
 async fn forward_under_cuts(seed: u64) {
     const N: u64 = 20_000;
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let listener = TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: bind: {e}"));
     let addr = listener.local_addr().unwrap();
     let server = Server::<(u64, Vec<u8>)>::new(listener, config(seed, None, None));
     let faults = FaultConfig {
@@ -494,7 +503,9 @@ async fn forward_under_cuts(seed: u64) {
         handshake_cut_probability: 0.05,
         max_connection_age: None,
     };
-    let proxy = FaultProxy::start(addr, faults).await.unwrap();
+    let proxy = FaultProxy::start(addr, faults)
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: proxy: {e}"));
     let connector = TcpConnector::new(proxy.local_addr());
     let client = StableConduit::<(u64, Vec<u8>)>::connect(connector, config(seed, None, None))
         .await
@@ -505,7 +516,9 @@ async fn forward_under_cuts(seed: u64) {
     let created = server.stats().sessions_created;
     let mut taken = 0;
     let session = loop {
-        let s = within("accept", server.accept()).await.unwrap();
+        let s = within_seed(seed, "accept", server.accept())
+            .await
+            .unwrap_or_else(|| panic!("seed {seed}: the server stopped"));
         taken += 1;
         if taken == created {
             break s;
@@ -521,7 +534,7 @@ async fn forward_under_cuts(seed: u64) {
         tx.send_all(&mut items).await.map(|()| tx)
     });
     for want in 0..N {
-        match within("echo", rx.next()).await {
+        match within_seed(seed, "echo", rx.next()).await {
             Some(Ok((i, p))) => {
                 assert_eq!(i, want, "seed {seed}: echo {i} where {want} was due");
                 assert_eq!(p, payload(i), "seed {seed}: echo {i} corrupted");
@@ -529,18 +542,18 @@ async fn forward_under_cuts(seed: u64) {
             other => panic!("seed {seed}: echo {want}: {other:?}"),
         }
     }
-    let mut tx = within("sender", sender)
+    let mut tx = within_seed(seed, "sender", sender)
         .await
         .unwrap()
         .unwrap_or_else(|e| panic!("seed {seed}: send_all: {e}"));
-    within("close", SinkExt::close(&mut tx))
+    within_seed(seed, "close", SinkExt::close(&mut tx))
         .await
         .unwrap_or_else(|e| panic!("seed {seed}: close: {e}"));
     assert!(
-        within("end", rx.next()).await.is_none(),
+        within_seed(seed, "end", rx.next()).await.is_none(),
         "seed {seed}: more after the echoes"
     );
-    within("echo task", echo)
+    within_seed(seed, "echo task", echo)
         .await
         .unwrap()
         .unwrap_or_else(|e| panic!("seed {seed}: forward: {e}"));
@@ -557,7 +570,9 @@ async fn forward_under_cuts(seed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_both_ways_under_cuts() {
     for seed in [31, 32] {
-        within("a run under cuts", forward_under_cuts(seed)).await;
+        // Whatever fails in the run (an unwrap too) names the seed.
+        let run = tokio::spawn(within_seed(seed, "the run", forward_under_cuts(seed)));
+        run.await.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
 }
 
