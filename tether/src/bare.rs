@@ -7,11 +7,12 @@
 //! fails. Use a stable conduit (`crate::stable`) when the link may drop.
 //!
 //! Both halves are also a `futures` `Sink` and `Stream`. Links offer only
-//! async methods, and their futures borrow the link, so the `Sink` and the
-//! `Stream` hand the link half to one of them for an operation that does
-//! not complete at once and take it back when it does; that future lives in
-//! a box allocated once per handle and reused for every operation
-//! (tokio-util's `ReusableBoxFuture`).
+//! async methods, whose futures borrow the link and must be kept across
+//! polls, so each operation of the `Sink` and the `Stream` runs in a future
+//! that owns the link half and hands it back when it completes; that
+//! future lives in a box allocated once per handle and reused for every
+//! operation (tokio-util's `ReusableBoxFuture`). The async methods call the
+//! link directly, as before.
 
 use std::borrow::Borrow;
 use std::marker::PhantomData;
@@ -139,8 +140,8 @@ impl<L: Link, S, R: DeserializeOwned> BareConduit<L, S, R> {
 
 /// The sending half of a [`BareConduit`].
 pub struct BareSender<T, S> {
-    /// `None` while a `Sink` operation that did not complete at once holds
-    /// it (`op`).
+    /// `None` while a `Sink` operation holds it (`op`): from `start_send`,
+    /// or a poll that returned `Pending`, to the poll that completes it.
     tx: Option<T>,
     arena: Arena,
     /// The `Sink`'s link operation in flight, if `in_flight`; boxed once.
@@ -310,8 +311,8 @@ impl<T: LinkTx, S: Serialize> BareSender<T, S> {
 
 /// The receiving half of a [`BareConduit`].
 pub struct BareReceiver<T, R> {
-    /// `None` while the `Stream`'s receive that did not complete at once
-    /// holds it (`recv`).
+    /// `None` while the `Stream`'s receive holds it (`recv`): after a
+    /// `poll_next` that returned `Pending`.
     rx: Option<T>,
     /// The `Stream`'s receive in flight, if `receiving`; boxed once.
     recv: Option<ReusableBoxFuture<'static, RecvOutput<T>>>,
@@ -416,8 +417,8 @@ impl<T: LinkRx, R: DeserializeOwned> BareReceiver<T, R> {
 ///
 /// Every error is the link's, and fatal to the conduit, except
 /// [`Error::Encode`], which concerns one message. A message given and not
-/// yet flushed is lost if the handle is dropped. The link operation that
-/// does not complete at once is kept in a box allocated once per handle.
+/// yet flushed is lost if the handle is dropped. Each link operation runs
+/// in a future kept in a box allocated once per handle and reused.
 impl<T: LinkTx, S: Serialize> Sink<S> for BareSender<T, S> {
     type Error = Error;
 
@@ -474,8 +475,8 @@ impl<T: LinkTx, S: Serialize> Sink<S> for BareSender<T, S> {
 /// `Some(Ok(message))`; `Some(Err(Error::Decode))` for a message that does
 /// not decode, after which the stream goes on; `None` once the peer closed
 /// the link; a link error once (it ends the link), then `None`. Fused.
-/// A receive that does not complete at once is kept in a box allocated
-/// once per handle.
+/// Each receive runs in a future kept in a box allocated once per handle
+/// and reused.
 impl<T: LinkRx, R: DeserializeOwned> Stream for BareReceiver<T, R> {
     type Item = Result<R, Error>;
 
