@@ -180,7 +180,9 @@ impl Endpoint {
             }
             Endpoint::Stable { tx, .. } => {
                 for _ in 0..n {
-                    tx.send(msg).await?;
+                    // By path: with SinkExt in scope, `.send` on a
+                    // `&mut StableSender` is the Sink's, which takes an owned message.
+                    StableSender::send(tx, msg).await?;
                 }
             }
         }
@@ -194,7 +196,7 @@ impl Endpoint {
             Endpoint::FramedTls(f) => framed_send_one(f, msg).await?,
             Endpoint::Ws(ws) => ws.send(ws_message(msg)?).await?,
             Endpoint::Bare(tx, _) => tx.send(msg).await?,
-            Endpoint::Stable { tx, .. } => tx.send(msg).await?,
+            Endpoint::Stable { tx, .. } => StableSender::send(tx, msg).await?,
         }
         Ok(())
     }

@@ -15,7 +15,9 @@
 //! bound. The server can also refuse new sessions while it is over.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
 /// See the module documentation.
@@ -24,7 +26,8 @@ pub(crate) struct MemoryBudget {
     limit: usize,
     used: AtomicUsize,
     /// Woken when `used` drops from over the limit to at most the limit.
-    freed: Notify,
+    /// In an `Arc` so that a sender's registration can outlive one poll.
+    freed: Arc<Notify>,
 }
 
 // `new` and `limit` are for the server, which creates the budget from its
@@ -35,7 +38,7 @@ impl MemoryBudget {
         MemoryBudget {
             limit,
             used: AtomicUsize::new(0),
-            freed: Notify::new(),
+            freed: Arc::new(Notify::new()),
         }
     }
 
@@ -73,6 +76,13 @@ impl MemoryBudget {
     /// Whether more than the limit is held.
     pub(crate) fn is_over(&self) -> bool {
         self.used() > self.limit
+    }
+
+    /// A registration for the next time the budget comes back within its
+    /// limit, to be enabled before looking at [`is_over`](Self::is_over)
+    /// (as [`wait_below`](Self::wait_below) does) and kept across polls.
+    pub(crate) fn freed_owned(&self) -> OwnedNotified {
+        self.freed.clone().notified_owned()
     }
 
     /// Resolves once the budget is within its limit (at once if it is).

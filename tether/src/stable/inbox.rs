@@ -8,10 +8,11 @@
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use tether_proto::Seq;
-use tokio::sync::Notify;
 
 /// A received item on its way to the application.
 pub(crate) type Delivered = (Seq, Bytes);
@@ -29,15 +30,16 @@ struct State {
 #[derive(Default)]
 pub(crate) struct Inbox {
     state: Mutex<State>,
-    /// Wakes the receiver: items arrived or the driver ended.
-    ready: Notify,
+    /// Wakes the receiver: items arrived or the driver ended. There is one
+    /// receiver, so one waker is enough: no lock, no waiter list.
+    ready: AtomicWaker,
 }
 
 /// What [`Inbox::take`] found.
 pub(crate) enum Taken {
     /// Items were moved into the caller's buffer.
     Items,
-    /// Nothing yet; wait for [`Inbox::ready`].
+    /// Nothing yet ([`poll_take`](Inbox::poll_take) never returns it).
     Empty,
     /// Nothing, and nothing more will come.
     Ended,
@@ -62,7 +64,7 @@ impl Inbox {
             }
             s.items.extend(batch.drain(..));
         }
-        self.ready.notify_one();
+        self.ready.wake();
         true
     }
 
@@ -81,17 +83,31 @@ impl Inbox {
         }
     }
 
-    /// A future that resolves on the next push or end; create and enable it
-    /// before [`take`](Self::take) so that no wake-up is missed.
-    pub(crate) fn ready(&self) -> tokio::sync::futures::Notified<'_> {
-        self.ready.notified()
+    /// [`take`](Self::take), or `Pending` with the task registered for the
+    /// next push or end when there is nothing yet. The receiver's only
+    /// wait: it registers before it looks a second time, so no push is
+    /// missed, and costs nothing more than `take` when items are there.
+    pub(crate) fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        into: &mut VecDeque<Delivered>,
+    ) -> Poll<Taken> {
+        match self.take(into) {
+            Taken::Empty => {}
+            found => return Poll::Ready(found),
+        }
+        self.ready.register(cx.waker());
+        match self.take(into) {
+            Taken::Empty => Poll::Pending,
+            found => Poll::Ready(found),
+        }
     }
 
     /// Nothing more will be pushed (the driver ended, or the peer closed
     /// its side): the receiver gets what is queued, then the end.
     pub(crate) fn close_driver(&self) {
         self.lock().driver_done = true;
-        self.ready.notify_one();
+        self.ready.wake();
     }
 
     /// The receiver was dropped: nothing more is queued. Returns what was,

@@ -12,6 +12,17 @@
 //! The sending half ([`StableSender`]) is `Clone` and can be used from many
 //! tasks; the receiving half ([`StableReceiver`]) lives on one task. Sending
 //! never waits on receiving or the other way round.
+//!
+//! Both halves, and the conduit itself, are also a `futures`
+//! [`Sink`](futures_util::Sink) and [`Stream`](futures_util::Stream), for
+//! `SinkExt` and `StreamExt` (`send_all`, `forward`, combinators) with the
+//! guarantees of `send` and `recv`: the stream yields each message once,
+//! in order, a decode error as an item, the loss of the session once and
+//! then `None`; a flushed sink means every message given is in the replay
+//! buffer (delivered unless the session is lost), not acknowledged; closing
+//! the sink is the graceful close. See the
+//! [`Sink`](StableSender#impl-Sink%3CS%3E-for-StableSender%3CS%3E) for an
+//! example.
 
 mod attach;
 pub(crate) mod budget;
@@ -23,11 +34,13 @@ mod recv;
 mod send;
 mod server;
 mod shared;
+mod sink;
 
 use std::borrow::Borrow;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use serde::{de::DeserializeOwned, Serialize};
 use tether_proto::frame::decode_item;
@@ -42,6 +55,7 @@ pub use self::server::{
     SessionInfo, SessionSummary, SessionTotals, ShutdownReport,
 };
 use self::shared::{Shared, Terminal};
+use self::sink::SinkState;
 use crate::borrowed::{Borrowed, BorrowedMessage};
 use crate::error::Error;
 
@@ -184,11 +198,13 @@ impl<S, R> StableConduit<S, R> {
         StableConduit {
             tx: StableSender {
                 shared: shared.clone(),
+                sink: SinkState::default(),
                 _msg: PhantomData,
             },
             rx: StableReceiver {
                 shared,
                 ready: VecDeque::new(),
+                stream_ended: false,
                 _msg: PhantomData,
             },
             info: None,
@@ -366,6 +382,8 @@ impl<S, R: DeserializeOwned> StableConduit<S, R> {
 /// tasks; messages from one task keep their order.
 pub struct StableSender<S> {
     shared: Arc<Shared>,
+    /// This handle's `Sink` state (each clone has its own).
+    sink: SinkState,
     _msg: PhantomData<fn(&S)>,
 }
 
@@ -374,6 +392,7 @@ impl<S> Clone for StableSender<S> {
         self.shared.handle_added();
         StableSender {
             shared: self.shared.clone(),
+            sink: SinkState::default(),
             _msg: PhantomData,
         }
     }
@@ -545,6 +564,9 @@ pub struct StableReceiver<R> {
     shared: Arc<Shared>,
     /// Items taken from the inbox in one batch, not yet returned.
     ready: VecDeque<Delivered>,
+    /// The `Stream` returned its end (`None`), or the error that ended the
+    /// session, once: from then on it returns `None`.
+    stream_ended: bool,
     _msg: PhantomData<fn() -> R>,
 }
 
@@ -569,27 +591,29 @@ impl<R> std::fmt::Debug for StableReceiver<R> {
 }
 
 impl<R> StableReceiver<R> {
-    async fn next_item(&mut self) -> Result<Option<Delivered>, Error> {
+    /// The next item, consumed only when it is returned: what `recv` and
+    /// the `Stream` both wait on. No allocation, no lock when a batch
+    /// taken earlier still holds items.
+    fn poll_next_item(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Delivered>, Error>> {
         loop {
             if let Some((seq, bytes)) = self.ready.pop_front() {
                 self.shared.consumed(seq, bytes.len());
-                return Ok(Some((seq, bytes)));
+                return Poll::Ready(Ok(Some((seq, bytes))));
             }
-            let inbox = &self.shared.inbox;
-            let ready = inbox.ready();
-            tokio::pin!(ready);
-            ready.as_mut().enable();
-            match inbox.take(&mut self.ready) {
-                Taken::Items => {}
-                Taken::Empty => ready.await,
+            match std::task::ready!(self.shared.inbox.poll_take(cx, &mut self.ready)) {
+                Taken::Items | Taken::Empty => {}
                 Taken::Ended => {
-                    return match self.shared.terminal() {
+                    return Poll::Ready(match self.shared.terminal() {
                         Some(Terminal::Lost(reason)) => Err(Error::SessionLost(reason.clone())),
                         Some(Terminal::Closed) | None => Ok(None),
-                    }
+                    })
                 }
             }
         }
+    }
+
+    async fn next_item(&mut self) -> Result<Option<Delivered>, Error> {
+        std::future::poll_fn(|cx| self.poll_next_item(cx)).await
     }
 
     /// Receives a message that borrows from the received buffer without

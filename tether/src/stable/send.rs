@@ -12,12 +12,16 @@
 //! buffer before `send` returns, whatever the link is doing, and is written
 //! on this link or a later one: no send can race a reconnect.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use tether_proto::frame::{FrameHeader, RECV_ITEM_COST};
 use tether_proto::{encode_item, encode_item_gapped, ext, Control, Seq, MAX_HEADER_LEN};
+use tokio::sync::futures::OwnedNotified;
 
 use super::attach::AttachEnd;
 use super::shared::{decode_seq, encode_seq, lock, Role, Shared};
@@ -35,6 +39,61 @@ const FLUSH_BYTES: usize = 64 * 1024;
 pub(super) enum TrySend {
     Sent,
     Full,
+}
+
+/// A sender's registrations for room in the replay buffer (and, on a
+/// server, in the memory budget), kept across polls by whoever waits:
+/// [`Shared::send`] for one call, a [`StableSender`](super::StableSender)'s
+/// `Sink` for the handle's whole life. A registration is boxed the first
+/// time one is needed and the box is reused by every later wait: a message
+/// that finds room costs nothing here.
+#[derive(Default)]
+pub(super) struct SpaceWait {
+    /// On `space_wake`.
+    space: Option<Pin<Box<OwnedNotified>>>,
+    /// On the budget's `freed`, made when the budget was over.
+    budget: Option<Pin<Box<OwnedNotified>>>,
+    /// The registrations were made (enabled) before the last look for
+    /// room, so that they cover it; stale ones are replaced before use.
+    space_armed: bool,
+    budget_armed: bool,
+    /// The base format's stall watchdog was told of this wait.
+    stall_noted: bool,
+}
+
+impl SpaceWait {
+    /// Replaces the registration in `slot` by `fresh` (in the same box
+    /// once there is one) and enables it.
+    fn arm(slot: &mut Option<Pin<Box<OwnedNotified>>>, fresh: OwnedNotified) {
+        let boxed = match slot {
+            Some(boxed) => {
+                boxed.set(fresh);
+                boxed
+            }
+            None => slot.insert(Box::pin(fresh)),
+        };
+        boxed.as_mut().enable();
+    }
+
+    fn disarm(&mut self) {
+        self.space_armed = false;
+        self.budget_armed = false;
+        self.stall_noted = false;
+    }
+
+    /// Whether an armed registration fired; registers `cx` with the others.
+    fn poll(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut fired = false;
+        for (armed, slot) in [
+            (self.space_armed, &mut self.space),
+            (self.budget_armed, &mut self.budget),
+        ] {
+            if let (true, Some(notified)) = (armed, slot.as_mut()) {
+                fired |= notified.as_mut().poll(cx).is_ready();
+            }
+        }
+        fired
+    }
 }
 
 impl Shared {
@@ -171,39 +230,96 @@ impl Shared {
     }
 
     /// Sends `msg`, waiting while there is no room for it (`try_push`). It
-    /// is serialized once, whatever the wait.
+    /// is serialized once, whatever the wait. A message that finds room
+    /// allocates nothing beyond its frames; one that has to wait boxes its
+    /// registration once ([`SpaceWait`]).
     pub(crate) async fn send<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(), Error> {
         let (mut item, item_len) = self.encode(msg)?;
+        let mut wait = SpaceWait::default();
+        std::future::poll_fn(|cx| self.poll_push(cx, &mut item, item_len, &mut wait)).await
+    }
+
+    /// Serializes `msg` and queues it if there is room now. `Ok(None)`:
+    /// queued; `Ok(Some(..))`: no room, the encoded item to hand to
+    /// [`poll_push`](Self::poll_push) (never serialized again).
+    pub(super) fn start_push<T: Serialize + ?Sized>(
+        &self,
+        msg: &T,
+    ) -> Result<Option<(BytesMut, usize)>, Error> {
+        let (mut item, item_len) = self.encode(msg)?;
+        match self.try_push(&mut item, item_len)? {
+            TrySend::Sent => Ok(None),
+            TrySend::Full => Ok(Some((item, item_len))),
+        }
+    }
+
+    /// Queues an encoded item (from [`encode`](Self::encode) or
+    /// [`start_push`](Self::start_push)) once there is room for it
+    /// (`try_push`): `Ready(Ok)` when queued, `Pending` with the task
+    /// registered in `wait` for the acknowledgements (or the memory other
+    /// sessions free) that can make room. `item` is left empty once queued
+    /// and as it was otherwise, so the caller can poll again or drop it.
+    pub(super) fn poll_push(
+        &self,
+        cx: &mut Context<'_>,
+        item: &mut BytesMut,
+        item_len: usize,
+        wait: &mut SpaceWait,
+    ) -> Poll<Result<(), Error>> {
         loop {
-            if let TrySend::Sent = self.try_push(&mut item, item_len)? {
-                return Ok(());
+            match self.try_push(item, item_len) {
+                Ok(TrySend::Sent) => {
+                    wait.disarm();
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(TrySend::Full) => {}
+                Err(e) => {
+                    wait.disarm();
+                    return Poll::Ready(Err(e));
+                }
             }
-            // Register for a wake-up before looking again, so an ack that
-            // lands in between is not missed.
-            let notified = self.space_wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let TrySend::Sent = self.try_push(&mut item, item_len)? {
-                return Ok(());
+            if !wait.space_armed {
+                // Register for a wake-up before looking again, so that an
+                // ack that lands in between is not missed.
+                SpaceWait::arm(&mut wait.space, self.space_wake.clone().notified_owned());
+                wait.space_armed = true;
+                continue;
             }
-            if !self.acks_negotiated()
-                && self
-                    .send_stalled_us
-                    .compare_exchange(0, self.now_us().max(1), Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                // The watchdog ends a link on which no ack comes.
-                self.stall_wake.notify_one();
+            // Still no room with the registration in place: this send
+            // waits for an ack (once per wake-up, as the ack that frees
+            // room clears the mark).
+            if !wait.stall_noted {
+                wait.stall_noted = true;
+                if !self.acks_negotiated()
+                    && self
+                        .send_stalled_us
+                        .compare_exchange(
+                            0,
+                            self.now_us().max(1),
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_ok()
+                {
+                    // The watchdog ends a link on which no ack comes.
+                    self.stall_wake.notify_one();
+                }
             }
-            match &self.budget {
-                // Memory other sessions free wakes this one too; the budget
-                // registers before it looks, like `notified`.
-                Some(budget) if budget.is_over() => tokio::select! {
-                    () = &mut notified => {}
-                    () = budget.wait_below() => {}
-                },
-                _ => notified.await,
+            // Memory other sessions free wakes this one too, while the
+            // budget is over; registered before looking again, like
+            // `space`.
+            if let Some(budget) = &self.budget {
+                if !wait.budget_armed && budget.is_over() {
+                    SpaceWait::arm(&mut wait.budget, budget.freed_owned());
+                    wait.budget_armed = true;
+                    continue;
+                }
             }
+            if wait.poll(cx) {
+                wait.disarm();
+                continue;
+            }
+            return Poll::Pending;
         }
     }
 

@@ -103,8 +103,9 @@ pub(crate) struct Shared {
     pub(super) arena: Mutex<Arena>,
     /// Wakes the writer when a frame is pushed (one waiter: `notify_one`).
     pub(super) writer_wake: Notify,
-    /// Wakes senders blocked on a full replay buffer.
-    pub(super) space_wake: Notify,
+    /// Wakes senders blocked on a full replay buffer. In an `Arc` so that a
+    /// sender's registration can outlive one poll (`SpaceWait`).
+    pub(super) space_wake: Arc<Notify>,
     /// Wakes the reader blocked on a full receive queue (base format only).
     pub(super) queue_space: Notify,
     /// Last seq the application consumed, as `1 << 32 | seq`, 0 for none.
@@ -271,7 +272,7 @@ impl Shared {
             }),
             arena: Mutex::new(Arena::new()),
             writer_wake: Notify::new(),
-            space_wake: Notify::new(),
+            space_wake: Arc::new(Notify::new()),
             queue_space: Notify::new(),
             consumed: AtomicU64::new(0),
             ack_told: AtomicU64::new(0),
