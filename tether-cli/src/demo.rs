@@ -16,7 +16,6 @@
 //! against.
 
 use std::collections::BTreeSet;
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,7 +62,7 @@ pub struct DemoOptions {
     pub ca: Option<PathBuf>,
     /// Give up when no echo arrives for this long.
     pub stall_timeout: Duration,
-    /// Print live progress to stderr.
+    /// Redraw a live progress line on stderr (meant for a terminal).
     pub progress: bool,
     /// Stream from client to server only (no echo): the server checks the
     /// messages, and the client's replay buffer shows the bound holding.
@@ -759,7 +758,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     let elapsed = started.elapsed();
     if let Some(t) = ticker {
         t.abort();
-        eprintln!();
+        // Clear the progress line: the report follows.
+        eprint!("\r{:110}\r", "");
     }
     let mut error = error;
     if !sender_ended && error.is_some() {
@@ -861,11 +861,7 @@ fn print_progress(n: u64, sent: &AtomicU64, received: &AtomicU64, s: &Stats, p: 
         plural(s.reconnects, "time", "times"),
         count((s.replay_bytes / 1024) as u64),
     );
-    if std::io::stderr().is_terminal() {
-        eprint!("\r{line:<110}");
-    } else {
-        eprintln!("{line}");
-    }
+    eprint!("\r{line:<110}");
 }
 
 /// The line announcing a run, for people.

@@ -137,7 +137,8 @@ pub async fn echo_session(mut conduit: StableConduit<Bytes>) {
         .map(|s| s.to_string());
     let span = tracing::info_span!("echo_session", id, %peer);
     let session = session.as_deref().unwrap_or("-");
-    tracing::info!(parent: &span, session, "echo session started");
+    // The library logs the session's start, resumes and end at info.
+    tracing::debug!(parent: &span, session, "echo session started");
     let mut echoed: u64 = 0;
     let ended = loop {
         match conduit.recv().await {

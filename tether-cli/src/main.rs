@@ -631,7 +631,9 @@ fn main() -> ExitCode {
                     server,
                     ca,
                     stall_timeout: Duration::from_secs(stall_timeout),
-                    progress: !json,
+                    // A line redrawn in place on a terminal; nothing in a
+                    // pipe or a file, where it would only be noise.
+                    progress: !json && std::io::stderr().is_terminal(),
                     one_way,
                 };
                 if !json {

@@ -331,15 +331,11 @@ fn echo_logs_each_session_with_its_peer() {
     let addr = announce.rsplit(' ').next().expect("an address").to_owned();
     let (report, _) = demo_ok(&["--server", &addr, "--messages", "300", "--cut-every", "0"]);
     assert_eq!(report["messages_received"], 300, "{report}");
+    // The library's line, with the peer and the public session id.
     let started = wait_for(
         &lines,
         &mut seen,
-        &[
-            "echo session started",
-            "peer=127.0.0.1:",
-            "id=1",
-            "session=",
-        ],
+        &["session started", "peer=127.0.0.1:", "session="],
     );
     let ended = wait_for(
         &lines,
@@ -352,6 +348,11 @@ fn echo_logs_each_session_with_its_peer() {
         ],
     );
     assert!(ended.contains("closed by the client"), "{ended}");
+    wait_for(
+        &lines,
+        &mut seen,
+        &["session ended: closed", "peer=127.0.0.1:", "session="],
+    );
     println!("{started}\n{ended}");
     let _ = echo.kill();
     let _ = echo.wait();
@@ -402,4 +403,40 @@ fn the_text_report_speaks_plainly() {
     ] {
         assert!(report.get(field).is_some(), "{field} missing: {report}");
     }
+}
+
+#[test]
+fn the_progress_line_is_redrawn_on_a_terminal_and_absent_in_a_pipe() {
+    // Long enough for several 250 ms ticks on any machine.
+    let args = ["demo", "--messages", "400000", "--seed", "5"];
+    let piped = tether(&args);
+    let stderr = text(&piped.stderr);
+    assert!(piped.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("%] sent"),
+        "a progress line in a pipe:\n{stderr}"
+    );
+    // The same run under a pseudo-terminal (util-linux `script`).
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped the terminal half: no `script` command");
+        return;
+    }
+    let line = format!("{} {}", common::bin(), args.join(" "));
+    let child = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn script");
+    let out = finish(child, Duration::from_secs(120), "the demo on a terminal");
+    let all = text(&out.stdout);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("\r["), "no redrawn progress line:\n{all}");
+    assert!(all.contains("%] sent"), "no progress line:\n{all}");
+    assert!(all.contains("OK: every message"), "{all}");
 }

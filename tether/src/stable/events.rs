@@ -26,8 +26,8 @@ pub enum ConduitEvent {
         /// Why.
         cause: LinkLoss,
     },
-    /// A client's attempt to get a link back failed (logged at info for
-    /// the first attempts, at warn from the fifth on).
+    /// A client's attempt to get a link back failed (logged at info; at
+    /// warn for the last one, when the client gives up).
     AttemptFailed {
         /// Attempts since the link was lost, this one included.
         attempt: u32,
@@ -188,14 +188,12 @@ fn log(event: &ConduitEvent, server: bool) {
             attempt,
             error,
             next_retry,
-        } => {
-            let retry = next_retry.map_or_else(|| "giving up".to_owned(), |d| Human(d).to_string());
-            if *attempt >= 5 {
-                tracing::warn!(attempt, %error, next_retry = %retry, "connection attempt failed");
-            } else {
-                tracing::info!(attempt, %error, next_retry = %retry, "connection attempt failed");
+        } => match next_retry {
+            Some(d) => {
+                tracing::info!(attempt, %error, next_retry = %Human(*d), "connection attempt failed")
             }
-        }
+            None => tracing::warn!(attempt, %error, "connection attempt failed: giving up"),
+        },
         ConduitEvent::Resumed { attempts, outage } => {
             tracing::info!(attempts, outage = %Human(*outage), "link back: resumed");
         }

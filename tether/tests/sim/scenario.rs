@@ -249,6 +249,7 @@ impl Tuning {
             r.min_backoff(Duration::from_millis(5))
                 .max_backoff(Duration::from_millis(500))
                 .give_up_after(Some(self.patience))
+                .connect_give_up_after(self.patience)
         });
         c
     }

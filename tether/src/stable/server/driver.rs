@@ -15,6 +15,7 @@ use super::{Attach, Cred, Inner, SessionInfo};
 use crate::error::SessionLost;
 use crate::link::{Link, LinkRx, LinkTx};
 use crate::stable::attach::{run_attachment, AttachEnd, Endpoint, Handles};
+use crate::stable::events::{ConduitEvent, LinkLoss};
 use crate::stable::shared::{Shared, Terminal};
 use crate::stable::ConduitState;
 
@@ -47,6 +48,19 @@ fn proven(unaccepted: &Mutex<Option<Handles>>) -> bool {
         .is_none()
 }
 
+/// A session's peer address and public id, for its log lines ("-" where
+/// there is none: Unix and in-memory links, bearer sessions).
+fn who(info: &SessionInfo) -> (String, String) {
+    let peer = info
+        .peer()
+        .addr
+        .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let session = info
+        .session_id()
+        .map_or_else(|| "-".to_owned(), |id| id.to_string());
+    (peer, session)
+}
+
 /// Hands the session's handles to `accept`, once.
 fn hand_off<L: Link>(
     weak: &Weak<Inner<L>>,
@@ -59,6 +73,8 @@ fn hand_off<L: Link>(
         .unwrap_or_else(PoisonError::into_inner)
         .take();
     if let (Some(handles), Some(inner)) = (handles, weak.upgrade()) {
+        let (peer, session) = who(info);
+        tracing::info!(%peer, %session, "session started");
         if let Some(entry) = inner.registry().sessions.get_mut(&id) {
             entry.accepted = true;
         }
@@ -76,6 +92,8 @@ impl<L: Link> SessionDriver<L> {
     pub(super) async fn run(mut self, first: Attach<L>, mut attach_rx: AttachRx<L>) {
         let mut next = Some(first);
         let mut attached_before = false;
+        // When the last link was lost, for the resume's event.
+        let mut lost_at = Instant::now();
         loop {
             let attach = match next.take() {
                 Some(a) => a,
@@ -206,6 +224,12 @@ impl<L: Link> SessionDriver<L> {
                     .counters
                     .reconnects
                     .fetch_add(1, Ordering::Relaxed);
+                let (peer, session) = who(&self.info);
+                tracing::info!(%peer, %session, "session resumed");
+                self.shared.emit(ConduitEvent::Resumed {
+                    attempts: 1,
+                    outage: lost_at.elapsed(),
+                });
             }
             self.shared.set_state(if attached_before {
                 ConduitState::Resumed
@@ -262,6 +286,10 @@ impl<L: Link> SessionDriver<L> {
             match end {
                 AttachEnd::Preempted(newer) => {
                     tracing::debug!("session moved to a newer link");
+                    lost_at = Instant::now();
+                    self.shared.emit(ConduitEvent::LinkLost {
+                        cause: LinkLoss::Replaced,
+                    });
                     next = Some(newer);
                 }
                 AttachEnd::Finished => {
@@ -272,11 +300,37 @@ impl<L: Link> SessionDriver<L> {
                 AttachEnd::Protocol(msg) => return self.end(Some(SessionLost::Protocol(msg))),
                 AttachEnd::Link(e) => {
                     tracing::debug!(error = %e, "session link failed; waiting for a resume");
+                    lost_at = Instant::now();
                     self.shared.set_state(ConduitState::Reconnecting);
+                    let kind = match &e {
+                        crate::link::LinkError::Io(io) => io.kind(),
+                        _ => std::io::ErrorKind::Other,
+                    };
+                    self.shared.emit(ConduitEvent::LinkLost {
+                        cause: LinkLoss::Error {
+                            kind,
+                            message: e.to_string(),
+                        },
+                    });
                 }
-                AttachEnd::Eof | AttachEnd::Timeout => {
-                    tracing::debug!("session link lost; waiting for a resume");
+                AttachEnd::Eof => {
+                    tracing::debug!("session link ended; waiting for a resume");
+                    lost_at = Instant::now();
                     self.shared.set_state(ConduitState::Reconnecting);
+                    self.shared.emit(ConduitEvent::LinkLost {
+                        cause: LinkLoss::PeerEnded,
+                    });
+                }
+                AttachEnd::Timeout => {
+                    tracing::debug!("session link timed out; waiting for a resume");
+                    lost_at = Instant::now();
+                    self.shared.set_state(ConduitState::Reconnecting);
+                    let cause = if self.shared.extensions() & ext::KEEPALIVE != 0 {
+                        LinkLoss::KeepaliveTimeout
+                    } else {
+                        LinkLoss::IdleTimeout
+                    };
+                    self.shared.emit(ConduitEvent::LinkLost { cause });
                 }
             }
         }
@@ -309,6 +363,13 @@ impl<L: Link> SessionDriver<L> {
     /// Ends the session: closed (then a tombstone answers late resumes for
     /// the resume window) or lost (its keys are forgotten at once).
     fn end(self, lost: Option<SessionLost>) {
+        if proven(&self.unaccepted) {
+            let (peer, session) = who(&self.info);
+            match &lost {
+                Some(reason) => tracing::info!(%peer, %session, %reason, "session ended: lost"),
+                None => tracing::info!(%peer, %session, "session ended: closed"),
+            }
+        }
         match lost {
             // Nobody saw an unproven session: no warning (see `expire`).
             Some(reason) if !proven(&self.unaccepted) => self.shared.discard(reason),
