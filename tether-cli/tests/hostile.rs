@@ -290,9 +290,16 @@ fn row1_session_flood_from_one_address() {
             during.summary(),
         );
         report.check(
-            &format!("RSS stays under the {BUDGET_MIB} MiB memory budget"),
-            peak_sampled < BUDGET_MIB * 1024,
-            format!("sampled peak {:.1} MiB", mib(peak_sampled)),
+            // The growth, not the whole process: a debug build's binary
+            // and runtime alone are about 23 MiB, which the budget (for
+            // session buffers) has nothing to do with.
+            &format!("RSS grows by less than the {BUDGET_MIB} MiB memory budget"),
+            peak_sampled.saturating_sub(rss0) < BUDGET_MIB * 1024,
+            format!(
+                "grew {:.1} MiB (sampled peak {:.1} MiB)",
+                mib(peak_sampled.saturating_sub(rss0)),
+                mib(peak_sampled)
+            ),
         );
         for k in 0..3 {
             check_served(&mut report, addr, &format!("after the flood (#{})", k + 1)).await;
