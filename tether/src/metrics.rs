@@ -369,6 +369,7 @@ pub fn record_conduit(stats: &Stats, labels: &[Label]) {
         ("connected", ConduitState::Connected),
         ("resumed", ConduitState::Resumed),
         ("reconnecting", ConduitState::Reconnecting),
+        ("stalled", ConduitState::Stalled),
         ("lost", ConduitState::Lost),
         ("closed", ConduitState::Closed),
     ] {
