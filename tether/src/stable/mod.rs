@@ -455,21 +455,24 @@ impl<S> StableSender<S> {
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// use tether::{link::mem, Config, Server, StableConduit};
+    /// use std::time::Duration;
+    /// use tether::{link::mem, ConduitState, Config, Server, StableConduit};
     ///
     /// let (listener, connector) = mem::listener(16);
     /// let server = Server::<String>::new(listener, Config::default());
-    /// let client = StableConduit::<String>::connect(connector, Config::default()).await?;
+    /// let config = Config::default()
+    ///     .reconnect_with(|r| r.give_up_after(Some(Duration::from_millis(100))));
+    /// let client = StableConduit::<String>::connect(connector.clone(), config).await?;
+    /// let _session = server.accept().await.expect("a session"); // never read
     /// let (tx, _rx) = client.split();
-    /// tx.send("queued").await?;
-    /// server.shutdown(std::time::Duration::ZERO).await; // the session is lost
-    /// # use tether::ConduitState::{Closed, Lost};
-    /// # while !matches!(tx.stats().state, Lost | Closed) {
-    /// #     tokio::task::yield_now().await;
-    /// # }
+    /// tx.send("not read").await?;
+    /// connector.set_refuse(true); // the network goes away,
+    /// connector.kill_all(); // for longer than the client waits
+    /// tx.state_changes().wait_for(|s| *s == ConduitState::Lost).await?;
     /// for msg in tx.take_undelivered()? {
     ///     println!("not acknowledged: {msg}"); // resend it on a new session
     /// }
+    /// # assert_eq!(tx.stats().undelivered, 1);
     /// # Ok(())
     /// # }
     /// ```
