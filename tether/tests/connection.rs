@@ -413,3 +413,44 @@ fn error_texts_say_each_cause_once_with_durations_for_people() {
     );
     assert!(link.source().is_none());
 }
+
+#[tokio::test]
+async fn a_slow_reader_is_not_a_stall() {
+    // Acks report consumption, so a peer whose application does not read
+    // withholds them; its reader still answers pings.
+    let cfg = Config::default()
+        .seed(10)
+        .keepalive(Duration::from_secs(10), Duration::from_secs(30))
+        .stall_timeout(Duration::from_millis(400));
+    let (server, addr) = tcp_server(cfg.clone()).await;
+    let client = StableConduit::<u64>::connect(TcpConnector::new(addr), cfg)
+        .await
+        .unwrap();
+    let mut session = timeout(WAIT, server.accept()).await.unwrap().unwrap();
+    let mut events = client.events();
+    for i in 0..100u64 {
+        client.send(&i).await.unwrap();
+    }
+    // Ten stall timeouts with nothing read.
+    let quiet = timeout(Duration::from_secs(4), async {
+        loop {
+            match events.next().await {
+                Some(ConduitEvent::Stalled { quiet }) => return quiet,
+                Some(_) => {}
+                None => std::future::pending().await,
+            }
+        }
+    })
+    .await;
+    if let Ok(quiet) = quiet {
+        panic!("a slow reader was reported as a stall after {quiet:?}");
+    }
+    assert_eq!(client.stats().state, ConduitState::Connected);
+    assert!(
+        client.stats().replay_frames > 0,
+        "the data was acknowledged"
+    );
+    for i in 0..100u64 {
+        assert_eq!(session.recv().await.unwrap(), Some(i));
+    }
+}

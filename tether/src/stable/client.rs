@@ -245,46 +245,64 @@ impl<C: Connector> ClientDriver<C> {
     }
 }
 
-/// Watches an attached link for a stall: nothing arrived for the stall
-/// timeout while the client waits for an answer (a frame written and not
-/// acknowledged, or a ping not answered). Reports it, and its end, as a
+/// Watches an attached link for a stall and reports it, and its end, as a
 /// state and an event; never returns.
+///
+/// With keepalive, the question is whether the peer still answers a ping,
+/// which its reader does whatever its application is doing (a slow
+/// consumer withholds acks, not pongs): when data waits for an ack and
+/// nothing arrived for half the stall timeout, the writer sends a ping at
+/// once (a probe), and a ping unanswered while nothing arrived for half
+/// the stall timeout is a stall. Without keepalive: a
+/// frame written and not acknowledged, and nothing received for the stall
+/// timeout.
 async fn watch_stall(shared: &Shared, attached: ConduitState) {
     let stall_us = u64::try_from(shared.stall_timeout.as_micros()).unwrap_or(u64::MAX);
+    let half_us = stall_us / 2;
     let tick = shared.stall_timeout / 4;
-    // Since when (µs since the session's epoch) the client has waited.
+    let keepalive = shared.extensions() & ext::KEEPALIVE != 0;
+    // Since when (µs since the session's epoch) data has waited for an ack.
     let mut waiting_since: Option<u64> = None;
     let mut stalled = false;
     loop {
         tokio::time::sleep(tick).await;
         let now = shared.now_us();
         let last_rx = shared.last_rx_us.load(Ordering::Acquire);
-        if stalled {
-            if now.saturating_sub(last_rx) < stall_us {
-                stalled = false;
-                waiting_since = None;
-                shared.set_state(attached);
-                shared.emit(ConduitEvent::Unstalled);
-            }
-            continue;
-        }
-        let waiting = shared.ping_outstanding() || {
+        // With a ping outstanding: since when nothing has arrived (its
+        // sending, or the last arrival after it).
+        let unanswered = shared
+            .ping_outstanding()
+            .then(|| shared.ping_sent_us.load(Ordering::Acquire).max(last_rx));
+        let data_waiting = {
             let s = lock(&shared.send);
             let oldest = s.replay.iter().next().map(|(seq, _)| seq);
             oldest.is_some_and(|seq| seq.is_before(s.cursor))
         };
-        if !waiting {
+        if data_waiting {
+            waiting_since.get_or_insert(now.saturating_sub(tick.as_micros() as u64));
+        } else {
             waiting_since = None;
-            continue;
         }
-        let since = *waiting_since.get_or_insert(now.saturating_sub(tick.as_micros() as u64));
-        let quiet = now.saturating_sub(last_rx.max(since));
-        if quiet >= stall_us {
+        let quiet = now.saturating_sub(last_rx.max(waiting_since.unwrap_or(now)));
+        let is_stalled = if keepalive {
+            if unanswered.is_none() && data_waiting && quiet >= half_us {
+                shared.probe_requested.store(true, Ordering::Release);
+                shared.writer_wake.notify_one();
+            }
+            unanswered.is_some_and(|since| now.saturating_sub(since) >= half_us)
+        } else {
+            data_waiting && quiet >= stall_us
+        };
+        if is_stalled && !stalled {
             stalled = true;
             shared.set_state(ConduitState::Stalled);
             shared.emit(ConduitEvent::Stalled {
                 quiet: Duration::from_micros(now.saturating_sub(last_rx)),
             });
+        } else if !is_stalled && stalled {
+            stalled = false;
+            shared.set_state(attached);
+            shared.emit(ConduitEvent::Unstalled);
         }
     }
 }

@@ -363,15 +363,19 @@ impl Config {
         self.keepalive(interval, timeout)
     }
 
-    /// Client: an attached link on which nothing arrives for this long while
-    /// the client waits for an answer (its data unacknowledged, or a ping
-    /// unanswered) makes the conduit report itself
+    /// Client: an attached link that stops answering makes the conduit
+    /// report itself
     /// [`Stalled`](crate::ConduitState::Stalled), with a
     /// [`ConduitEvent::Stalled`](crate::ConduitEvent::Stalled); it reports
     /// [`Unstalled`](crate::ConduitEvent::Unstalled) when something
-    /// arrives. Only a signal: the keepalive timeout still decides when the
-    /// link is replaced, and the application may call
-    /// [`reconnect_now`](crate::StableConduit::reconnect_now) sooner.
+    /// arrives. With keepalive: when data has waited for an ack with
+    /// nothing arriving for half this time, the client pings at once, and
+    /// a ping unanswered while nothing arrives for half this time is a
+    /// stall; so a peer whose application is slow (it withholds acks, not
+    /// pongs) is not one. Without keepalive: data unacknowledged and
+    /// nothing arriving for this long. Only a signal: the keepalive timeout
+    /// still decides when the link is replaced, and the application may
+    /// call [`reconnect_now`](crate::StableConduit::reconnect_now) sooner.
     /// Checked four times per timeout. Default 3 s.
     #[must_use]
     pub fn stall_timeout(mut self, value: Duration) -> Self {

@@ -45,9 +45,9 @@ pub enum ConduitEvent {
         /// How long the conduit was without a link.
         outage: Duration,
     },
-    /// Nothing arrived on an attached link for
-    /// [`Config::stall_timeout`](crate::Config::stall_timeout) while this
-    /// side waits for an answer (unacknowledged data or a ping): the path
+    /// An attached link stopped answering (a ping unanswered, or data
+    /// unacknowledged without keepalive) for about
+    /// [`Config::stall_timeout`](crate::Config::stall_timeout): the path
     /// may be dead (logged at warn). The keepalive timeout replaces the
     /// link later; a client can call
     /// [`reconnect_now`](crate::StableConduit::reconnect_now) sooner, for

@@ -501,7 +501,9 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
         // One ping outstanding at a time, with an unpredictable nonce: only
         // its pong counts, and only a peer that read it can send that. One
         // still unanswered an interval later is left to the watchdog.
-        if keepalive && now >= next_ping {
+        let probe = shared.probe_requested.load(Ordering::Relaxed)
+            && shared.probe_requested.swap(false, Ordering::AcqRel);
+        if keepalive && (now >= next_ping || probe) {
             if !shared.ping_outstanding() {
                 // Recorded before it is written: its pong can come back
                 // before `send` returns.

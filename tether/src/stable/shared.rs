@@ -209,6 +209,9 @@ pub(crate) struct Shared {
     pub(super) stall_timeout: Duration,
     /// Client: the application asked for a new link now.
     pub(crate) reconnect_request: Notify,
+    /// Client: the stall watch wants a ping now, ahead of the keepalive
+    /// schedule, to learn whether a quiet link still answers.
+    pub(super) probe_requested: AtomicBool,
     /// Once the session is lost: the messages the peer never acknowledged,
     /// encoded, oldest first, until the application takes them.
     undelivered_items: Mutex<Vec<bytes::Bytes>>,
@@ -320,6 +323,7 @@ impl Shared {
             events: EventHub::default(),
             stall_timeout: config.stall_timeout,
             reconnect_request: Notify::new(),
+            probe_requested: AtomicBool::new(false),
             undelivered_items: Mutex::new(Vec::new()),
             counters: Counters::default(),
         })
