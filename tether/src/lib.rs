@@ -63,6 +63,7 @@ pub mod link;
 pub mod metrics;
 pub mod stable;
 pub mod throttle;
+pub mod tunnel;
 
 pub use bare::{BareConduit, BareReceiver, BareSender};
 pub use borrowed::{Borrowed, BorrowedMessage};
