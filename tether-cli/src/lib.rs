@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod pki;
 pub mod relay;
 pub mod transport;
+pub mod tunnel;
 
 /// The message type of `tether echo` and `tether demo`: tether's
 /// [`ByteBuf`](tether::ByteBuf), a byte string encoded by postcard as a

@@ -146,6 +146,65 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum TunnelCommand {
+    /// Accept tunnel clients and connect each stream they open to a
+    /// target. Ctrl-C (or SIGTERM) closes the sessions; SIGUSR1 prints the
+    /// sessions held.
+    Serve {
+        /// Where clients connect.
+        #[arg(long, default_value = "127.0.0.1:4100")]
+        listen: SocketAddr,
+        /// A target: HOST:PORT (the default one), or NAME=HOST:PORT for
+        /// clients that ask for NAME (`connect --to NAME`). Repeatable.
+        #[arg(long, required = true, value_parser = tether_cli::tunnel::parse_forward)]
+        forward: Vec<(String, String)>,
+        /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Require client certificates signed by this CA (PEM).
+        #[arg(long, requires = "tls_cert")]
+        client_ca: Option<PathBuf>,
+        /// Admit only clients presenting one of the tokens in this file
+        /// (one per line; `#` comments). Send them over TLS.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// How long a session whose client is away is kept, with its
+        /// target connections open: 500ms, 30s, 10m, 12h, 3d.
+        #[arg(long, default_value = "12h", value_parser = parse_duration)]
+        resume_window: Duration,
+    },
+    /// Connect to a tunnel server and carry stdin/stdout (--stdio) or
+    /// every connection to a local port (--local) to its target.
+    Connect {
+        /// The server: HOST:PORT, tcp://HOST:PORT or tls://HOST:PORT.
+        server: String,
+        /// Join stdin and stdout to one stream (an ssh ProxyCommand).
+        #[arg(long, conflicts_with = "local", required_unless_present = "local")]
+        stdio: bool,
+        /// Listen on this address and carry each connection to the target.
+        #[arg(long, value_name = "ADDR")]
+        local: Option<SocketAddr>,
+        /// The server's target name (default: its default target).
+        #[arg(long, default_value = "")]
+        to: String,
+        /// With tls://: trust the CA certificates in this PEM file instead
+        /// of Mozilla's roots.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// Present the token in this file (its first line); or set
+        /// TETHER_TUNNEL_TOKEN.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Report events as JSON objects, one per line, on stderr.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Stream messages through a proxy that cuts the connection at random,
     /// and check that every one comes back exactly once, in order. Runs
@@ -224,6 +283,19 @@ enum Command {
     /// session's start and end, with the peer's address. With --metrics
     /// ADDR it serves Prometheus metrics at http://ADDR/metrics.
     Echo(Box<EchoArgs>),
+    /// A port forward, or an ssh ProxyCommand, that survives the network:
+    /// `tether tunnel serve` on the server's side, `tether tunnel connect`
+    /// on the client's. Streams are multiplexed over one stable session,
+    /// which survives cuts, sleep and network changes for the server's
+    /// resume window; the server keeps its target connections open
+    /// meanwhile.
+    ///
+    /// ssh through it: `ssh -o ProxyCommand='tether tunnel connect
+    /// SERVER:PORT --stdio' HOST`
+    Tunnel {
+        #[command(subcommand)]
+        command: TunnelCommand,
+    },
     /// Benchmark tether against tokio-util's Framed: throughput, round
     /// trips, resume latency, allocations, idle-session memory and a
     /// reconnect storm, side by side, with targets. See BENCHMARKS.md.
@@ -477,14 +549,86 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         (n, 1.0)
     } else if let Some(n) = s.strip_suffix('m') {
         (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else if let Some(n) = s.strip_suffix('d') {
+        (n, 86400.0)
     } else {
         (s, 1.0)
     };
     let value: f64 = number
         .trim()
         .parse()
-        .map_err(|_| format!("not a duration: {s:?} (use 500ms, 10s, 2m)"))?;
+        .map_err(|_| format!("not a duration: {s:?} (use 500ms, 10s, 2m, 12h, 3d)"))?;
     Duration::try_from_secs_f64(value * scale).map_err(|e| format!("bad duration {s:?}: {e}"))
+}
+
+/// `tether tunnel serve|connect`.
+async fn tunnel_main(command: TunnelCommand) -> anyhow::Result<bool> {
+    use tether_cli::tunnel::{connect, serve, ConnectOptions, Local, ServeOptions};
+    match command {
+        TunnelCommand::Serve {
+            listen,
+            forward,
+            tls_cert,
+            tls_key,
+            client_ca,
+            token_file,
+            resume_window,
+        } => {
+            let tls = tls_cert.zip(tls_key).map(|(c, k)| (c, k, client_ca));
+            serve(ServeOptions {
+                listen,
+                forwards: forward,
+                tls,
+                token_file,
+                resume_window,
+            })
+            .await?;
+            Ok(true)
+        }
+        TunnelCommand::Connect {
+            server,
+            stdio,
+            local,
+            to,
+            ca,
+            token_file,
+            json,
+        } => {
+            let token = match token_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_owned(),
+                ),
+                None => std::env::var("TETHER_TUNNEL_TOKEN").ok(),
+            };
+            let local = match (stdio, local) {
+                (_, Some(addr)) => Local::Listen(addr),
+                _ => Local::Stdio,
+            };
+            let ok = connect(ConnectOptions {
+                server,
+                ca,
+                token,
+                to,
+                local,
+                json,
+            })
+            .await?;
+            if stdio {
+                // Tokio reads stdin on a blocking thread that a runtime
+                // shutdown would wait for: leave at once.
+                std::process::exit(if ok { 0 } else { 1 });
+            }
+            Ok(ok)
+        }
+    }
 }
 
 /// `tether bench`, which builds its own runtimes.
@@ -651,6 +795,7 @@ fn main() -> ExitCode {
                 tether_cli::echo::run(args.options()).await?;
                 Ok(true)
             }
+            Command::Tunnel { command } => tunnel_main(command).await,
             Command::Bench { .. } => unreachable!("handled before the runtime starts"),
         }
     });
@@ -681,6 +826,8 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration("3d"), Ok(Duration::from_secs(3 * 86400)));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("soon").is_err());
     }

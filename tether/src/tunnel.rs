@@ -481,6 +481,13 @@ impl TunnelClient {
         self.mux.ended()
     }
 
+    /// Closes the session gracefully (every stream should have ended):
+    /// the server learns the client is gone for good and closes the
+    /// session at once instead of holding it for the resume window.
+    pub async fn close(&self) -> Result<(), Error> {
+        self.mux.tx.close().await
+    }
+
     /// Opens a stream to `target` (empty: the server's default) and
     /// carries it between `reader`/`writer` and the target until both
     /// directions end.

@@ -1,0 +1,254 @@
+//! `tether tunnel serve` and `tether tunnel connect`, as built, through a
+//! proxy that cuts the link under the session: a local port forward and a
+//! stdio stream carry every byte both ways, a token file admits only
+//! clients with a token, and a refused target is reported with its reason.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tether::fault::{FaultConfig, FaultProxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod common;
+use common::{command, finish, stderr_lines};
+
+/// An echo target on 127.0.0.1: every connection's bytes come back.
+async fn echo_target() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.into_split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A running `tether` child, killed on drop.
+struct Running {
+    child: Child,
+    /// Keeps draining its stderr.
+    _lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    /// Starts `tether ARGS...` and waits for a stderr line starting with
+    /// `prefix`; returns the rest of that line's first word after it.
+    fn spawn(args: &[&str], env: &[(&str, &str)], prefix: &str) -> (Running, String) {
+        let mut cmd = command(args);
+        cmd.stdout(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn tether");
+        let lines = stderr_lines(&mut child);
+        let mut seen = Vec::new();
+        loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("tether {args:?} did not print {prefix:?}: {seen:?}"));
+            if let Some(rest) = line.strip_prefix(prefix) {
+                let word = rest.split_whitespace().next().unwrap_or("").to_owned();
+                return (
+                    Running {
+                        child,
+                        _lines: lines,
+                    },
+                    word,
+                );
+            }
+            seen.push(line);
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u64)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed as u64) as u8
+                ^ (i >> 13) as u8
+        })
+        .collect()
+}
+
+/// A proxy in front of `addr` cutting about every `cut_every` bytes.
+async fn cutting_proxy(addr: &str, cut_every: u64, seed: u64) -> FaultProxy {
+    FaultProxy::start(
+        addr.parse().expect("an address"),
+        FaultConfig {
+            seed,
+            mean_bytes_between_cuts: cut_every,
+            handshake_cut_probability: 0.05,
+            ..FaultConfig::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_forward_carries_every_byte_through_cuts() {
+    let target = echo_target().await;
+    let target = target.to_string();
+    let (_server, served) = Running::spawn(
+        &[
+            "tunnel",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--forward",
+            &target,
+        ],
+        &[],
+        "tether tunnel serving on ",
+    );
+    let proxy = cutting_proxy(&served, 512 * 1024, 7).await;
+    let via = proxy.local_addr().to_string();
+    let (_client, local) = Running::spawn(
+        &["tunnel", "connect", &via, "--local", "127.0.0.1:0"],
+        &[],
+        "tether tunnel forwarding ",
+    );
+    // Three connections at once, 8 MiB each way.
+    let mut runs = Vec::new();
+    for k in 0..3u8 {
+        let local = local.clone();
+        runs.push(tokio::spawn(async move {
+            let data = pattern(k, 8 << 20);
+            let stream = tokio::net::TcpStream::connect(&local).await.unwrap();
+            let (mut r, mut w) = stream.into_split();
+            let sent = data.clone();
+            let writer = tokio::spawn(async move {
+                w.write_all(&sent).await.unwrap();
+                w.shutdown().await.unwrap();
+            });
+            let mut back = Vec::new();
+            tokio::time::timeout(Duration::from_secs(240), r.read_to_end(&mut back))
+                .await
+                .expect("the echo did not end")
+                .unwrap();
+            writer.await.unwrap();
+            assert_eq!(back.len(), data.len(), "connection {k}: length");
+            assert!(back == data, "connection {k}: the bytes differ");
+        }));
+    }
+    for run in runs {
+        run.await.unwrap();
+    }
+    let cuts = proxy.stats().cuts;
+    println!("3 connections x 8 MiB each way through {cuts} cuts");
+    assert!(cuts >= 5, "only {cuts} cuts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_carries_a_stream_and_tokens_admit_only_their_holders() {
+    let target = echo_target().await.to_string();
+    let dir = std::env::temp_dir().join(format!("tether-tunnel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, "# who may connect\nsecret-one\nsecret-two\n").unwrap();
+    let tokens = tokens.to_str().unwrap().to_owned();
+    let forward = format!("echo={target}");
+    let (_server, served) = Running::spawn(
+        &[
+            "tunnel",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--forward",
+            &forward,
+            "--forward",
+            "closed=127.0.0.1:1",
+            "--token-file",
+            &tokens,
+        ],
+        &[],
+        "tether tunnel serving on ",
+    );
+    let proxy = cutting_proxy(&served, 256 * 1024, 9).await;
+    let via = proxy.local_addr().to_string();
+
+    // Without a token: refused, with the reason, at once.
+    let out = finish(
+        command(&["tunnel", "connect", &via, "--stdio", "--to", "echo"])
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(60),
+        "connect without a token",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("no valid token"), "{stderr}");
+
+    // With one: 4 MiB through stdin and back on stdout, through cuts.
+    let data = pattern(3, 4 << 20);
+    let mut child = command(&["tunnel", "connect", &via, "--stdio", "--to", "echo"])
+        .env("TETHER_TUNNEL_TOKEN", "secret-two")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = data.clone();
+    let feeder = std::thread::spawn(move || {
+        stdin.write_all(&input).unwrap();
+        // Dropping stdin is the end of the stream: a half-close.
+    });
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut back = Vec::new();
+        stdout.read_to_end(&mut back).unwrap();
+        back
+    });
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr_pipe.read_to_string(&mut text);
+        text
+    });
+    feeder.join().unwrap();
+    let back = reader.join().unwrap();
+    let mut status = None;
+    for _ in 0..1200 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = status.expect("connect --stdio did not exit within 120 s");
+    let errors = errors.join().unwrap();
+    assert!(status.success(), "{errors}");
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "the bytes differ");
+
+    // A target that refuses: the client says so and fails.
+    let out = finish(
+        command(&["tunnel", "connect", &via, "--stdio", "--to", "closed"])
+            .env("TETHER_TUNNEL_TOKEN", "secret-one")
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(60),
+        "connect to a closed target",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("refused"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
