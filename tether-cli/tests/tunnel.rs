@@ -35,8 +35,8 @@ async fn echo_target() -> SocketAddr {
 /// A running `tether` child, killed on drop.
 struct Running {
     child: Child,
-    /// Keeps draining its stderr.
-    _lines: mpsc::Receiver<String>,
+    /// Its stderr, line by line.
+    lines: mpsc::Receiver<String>,
 }
 
 impl Running {
@@ -57,13 +57,7 @@ impl Running {
                 .unwrap_or_else(|_| panic!("tether {args:?} did not print {prefix:?}: {seen:?}"));
             if let Some(rest) = line.strip_prefix(prefix) {
                 let word = rest.split_whitespace().next().unwrap_or("").to_owned();
-                return (
-                    Running {
-                        child,
-                        _lines: lines,
-                    },
-                    word,
-                );
+                return (Running { child, lines }, word);
             }
             seen.push(line);
         }
@@ -107,7 +101,7 @@ async fn cutting_proxy(addr: &str, cut_every: u64, seed: u64) -> FaultProxy {
 async fn a_local_forward_carries_every_byte_through_cuts() {
     let target = echo_target().await;
     let target = target.to_string();
-    let (_server, served) = Running::spawn(
+    let (server, served) = Running::spawn(
         &[
             "tunnel",
             "serve",
@@ -155,6 +149,27 @@ async fn a_local_forward_carries_every_byte_through_cuts() {
     let cuts = proxy.stats().cuts;
     println!("3 connections x 8 MiB each way through {cuts} cuts");
     assert!(cuts >= 5, "only {cuts} cuts");
+    // SIGUSR1: the server lists the session it holds.
+    let pid = server.child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-USR1", &pid])
+        .status();
+    assert!(sent.is_ok_and(|s| s.success()));
+    let mut seen = Vec::new();
+    let listed = loop {
+        match server.lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line.starts_with("tether tunnel: 1 sessions") => {
+                break server
+                    .lines
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap_or_default()
+            }
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no session list after SIGUSR1: {seen:?}"),
+        }
+    };
+    assert!(listed.contains("reconnects"), "{listed}");
+    println!("{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

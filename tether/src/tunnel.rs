@@ -643,3 +643,44 @@ impl From<StreamError> for io::Error {
         io::Error::new(kind, err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test vectors of `docs/PROTOCOL.md` (the tunnel section).
+    #[test]
+    fn frames_encode_as_documented() {
+        let cases: [(TunnelFrame, &[u8]); 5] = [
+            (
+                TunnelFrame::Open {
+                    id: 1,
+                    target: "ssh".into(),
+                },
+                &[0x00, 0x01, 0x03, b's', b's', b'h'],
+            ),
+            (TunnelFrame::Opened { id: 1 }, &[0x01, 0x01]),
+            (
+                TunnelFrame::Data {
+                    id: 1,
+                    bytes: ByteBuf::from(vec![0xab, 0xcd]),
+                },
+                &[0x03, 0x01, 0x02, 0xab, 0xcd],
+            ),
+            (
+                TunnelFrame::Credit {
+                    id: 1,
+                    bytes: 65_536,
+                },
+                &[0x04, 0x01, 0x80, 0x80, 0x04],
+            ),
+            (TunnelFrame::Fin { id: 300 }, &[0x05, 0xac, 0x02]),
+        ];
+        for (frame, bytes) in cases {
+            let encoded = postcard::to_allocvec(&frame).unwrap();
+            assert_eq!(encoded, bytes, "{frame:?}");
+            let decoded: TunnelFrame = postcard::from_bytes(bytes).unwrap();
+            assert_eq!(decoded, frame);
+        }
+    }
+}
