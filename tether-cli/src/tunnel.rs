@@ -21,7 +21,7 @@ use ring::hmac;
 use tether::link::any::{AnyConnector, AnyListener};
 use tether::link::{TcpListener, TlsListener};
 use tether::tunnel::{serve_session, StreamError, TunnelClient, TunnelFrame};
-use tether::{Admission, ConduitEvent, Config, Denied, Grant, Server, StableConduit};
+use tether::{Admission, ConduitEvent, ConduitState, Config, Denied, Grant, Server, StableConduit};
 
 use crate::echo::stop_signal;
 use crate::transport::{client_tls, server_tls};
@@ -266,9 +266,11 @@ pub async fn connect(opts: ConnectOptions) -> anyhow::Result<bool> {
     let conduit = StableConduit::<TunnelFrame>::connect(connector, config)
         .await
         .with_context(|| format!("cannot reach the tunnel server {}", opts.server))?;
-    let redraw = matches!(opts.local, Local::Listen(_));
+    let listening = matches!(opts.local, Local::Listen(_));
+    let redraw = listening && !opts.json && std::io::stderr().is_terminal();
     let reporter = tokio::spawn(report_events(conduit.events(), opts.json, redraw));
     let client = TunnelClient::new(conduit);
+    let status = redraw.then(|| tokio::spawn(status_line(client.clone())));
     let ok = match &opts.local {
         Local::Stdio => {
             let result = client
@@ -324,6 +326,10 @@ pub async fn connect(opts: ConnectOptions) -> anyhow::Result<bool> {
         }
     };
     reporter.abort();
+    if let Some(status) = status {
+        status.abort();
+        eprintln!();
+    }
     if let Some(why) = client.ended() {
         if !ok {
             eprintln!("tether tunnel: the session ended: {why}");
@@ -342,8 +348,7 @@ async fn ended(client: &TunnelClient) {
 /// Reports the session's events on stderr: one JSON object per event with
 /// `--json`; otherwise a line per change for `--stdio` (whose terminal
 /// belongs to ssh), or a status line redrawn in place on a terminal.
-async fn report_events(mut events: tether::Events, json: bool, listening: bool) {
-    let redraw = !json && listening && std::io::stderr().is_terminal();
+async fn report_events(mut events: tether::Events, json: bool, redraw: bool) {
     let started = Instant::now();
     let mut lost_at: Option<Instant> = None;
     let mut reconnects = 0u64;
@@ -389,10 +394,54 @@ async fn report_events(mut events: tether::Events, json: bool, listening: bool) 
             other => format!("{other:?}"),
         };
         if redraw {
-            eprint!("\r{:<100}", format!("tether tunnel: {line}"));
-        } else {
-            eprintln!("tether tunnel: {line}");
+            // The status line shows the state; the events that change it
+            // are kept above it.
+            eprint!("\r{:<100}\r", "");
         }
+        eprintln!("tether tunnel: {line}");
+    }
+}
+
+/// Redraws a status line on stderr every second: state, RTT, reconnects,
+/// bytes replayed, streams; while reconnecting, how long ago the server
+/// was last heard.
+async fn status_line(client: TunnelClient) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_heard = Instant::now();
+    loop {
+        tick.tick().await;
+        let s = client.stats();
+        let state = match s.state {
+            ConduitState::Reconnecting => {
+                format!(
+                    "reconnecting, last heard {} s ago",
+                    last_heard.elapsed().as_secs()
+                )
+            }
+            ConduitState::Stalled => {
+                format!(
+                    "stalled, last heard {} s ago",
+                    last_heard.elapsed().as_secs()
+                )
+            }
+            other => {
+                last_heard = Instant::now();
+                format!("{other:?}").to_lowercase()
+            }
+        };
+        let rtt = s.rtt.map_or_else(
+            || "-".to_owned(),
+            |r| format!("{:.1} ms", r.as_secs_f64() * 1e3),
+        );
+        eprint!(
+            "\r{:<100}",
+            format!(
+                "tether tunnel: {state} | rtt {rtt} | {} reconnects | {} KiB replayed | {} streams",
+                s.reconnects,
+                s.bytes_replayed / 1024,
+                client.open_streams()
+            )
+        );
     }
 }
 

@@ -481,6 +481,16 @@ impl TunnelClient {
         self.mux.ended()
     }
 
+    /// The session's counters (state, reconnects, RTT, bytes replayed).
+    pub fn stats(&self) -> crate::Stats {
+        self.mux.tx.stats()
+    }
+
+    /// Streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.mux.streams().len()
+    }
+
     /// Closes the session gracefully (every stream should have ended):
     /// the server learns the client is gone for good and closes the
     /// session at once instead of holding it for the resume window.
