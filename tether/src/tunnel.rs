@@ -53,6 +53,10 @@ pub const STREAM_WINDOW: usize = 256 * 1024;
 /// The largest data frame: what one socket read takes.
 pub const MAX_CHUNK: usize = 32 * 1024;
 
+/// The most streams [`serve_session`] keeps open in one session; an open
+/// beyond it is refused ("too many streams").
+pub const MAX_STREAMS: usize = 1024;
+
 /// How long the server waits for a target to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -169,15 +173,20 @@ impl Mux {
         self.streams.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers stream `id`: what its writer will receive.
-    fn register(&self, id: u32) -> Option<Registered> {
+    /// Registers stream `id`: what its writer will receive. `None` once
+    /// the session ended, or with `max` streams open already.
+    fn register(&self, id: u32, max: usize) -> Option<Registered> {
         if self.ended().is_some() {
+            return None;
+        }
+        let mut streams = self.streams();
+        if streams.len() >= max {
             return None;
         }
         let (inbound, rx) = mpsc::unbounded_channel();
         let unwritten = Arc::new(AtomicUsize::new(0));
         let credit = Arc::new(Semaphore::new(STREAM_WINDOW));
-        self.streams().insert(
+        streams.insert(
             id,
             StreamEntry {
                 inbound,
@@ -514,7 +523,7 @@ impl TunnelClient {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let reg = self
             .mux
-            .register(id)
+            .register(id, usize::MAX)
             .ok_or_else(|| StreamError::Session(self.mux.ended().unwrap_or_default()))?;
         let (answer_tx, answer) = oneshot::channel();
         self.mux
@@ -575,6 +584,17 @@ pub async fn serve_session<F>(conduit: StableConduit<TunnelFrame>, resolve: F)
 where
     F: Fn(&str) -> Option<String> + Send + Sync + 'static,
 {
+    serve_session_with_limit(conduit, resolve, MAX_STREAMS).await;
+}
+
+/// [`serve_session`] with at most `max_streams` streams open at once.
+pub async fn serve_session_with_limit<F>(
+    conduit: StableConduit<TunnelFrame>,
+    resolve: F,
+    max_streams: usize,
+) where
+    F: Fn(&str) -> Option<String> + Send + Sync + 'static,
+{
     let (tx, rx) = conduit.split();
     let mux = Mux::new(tx);
     let resolve = Arc::new(resolve);
@@ -583,7 +603,11 @@ where
         let mux = opener.clone();
         let resolve = resolve.clone();
         tokio::spawn(async move {
-            let Some(reg) = mux.register(id) else {
+            let Some(reg) = mux.register(id, max_streams) else {
+                if mux.ended().is_none() {
+                    let reason = format!("too many streams (at most {max_streams} per session)");
+                    let _ = mux.tx.send(&TunnelFrame::Refused { id, reason }).await;
+                }
                 return;
             };
             let connected = match resolve(&target) {

@@ -14,7 +14,9 @@ use std::time::Duration;
 use ring::digest::{Context, SHA256};
 use tether::fault::{FaultConfig, FaultProxy};
 use tether::link::{TcpConnector, TcpListener};
-use tether::tunnel::{serve_session, StreamError, TunnelClient, TunnelFrame};
+use tether::tunnel::{
+    serve_session, serve_session_with_limit, StreamError, TunnelClient, TunnelFrame,
+};
 use tether::{Config, Server, StableConduit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -336,4 +338,68 @@ async fn refused_targets_and_resets_reach_the_client_with_their_reason() {
     }
     // The session is still good for the next stream.
     assert!(client.ended().is_none());
+}
+
+#[tokio::test]
+async fn streams_beyond_the_session_limit_are_refused() {
+    let holding = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let holding_addr = holding.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = holding.accept().await {
+            held.push(s);
+        }
+    });
+    let cfg = Config::default().seed(5);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::<TunnelFrame>::new(listener, cfg.clone());
+    tokio::spawn(async move {
+        while let Some(session) = server.accept().await {
+            let target = holding_addr.clone();
+            tokio::spawn(serve_session_with_limit(
+                session,
+                move |_| Some(target.clone()),
+                2,
+            ));
+        }
+    });
+    let conduit = StableConduit::<TunnelFrame>::connect(TcpConnector::new(addr), cfg)
+        .await
+        .unwrap();
+    let client = TunnelClient::new(conduit);
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let c = client.clone();
+        let (_local, remote) = tokio::io::duplex(1024);
+        let (r, w) = tokio::io::split(remote);
+        open.push((
+            _local,
+            tokio::spawn(async move { c.forward("", r, w).await }),
+        ));
+    }
+    // Both are open (the server counts them) before the third asks.
+    timeout(Duration::from_secs(10), async {
+        while client.open_streams() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_local, remote) = tokio::io::duplex(1024);
+    let (r, w) = tokio::io::split(remote);
+    match timeout(Duration::from_secs(10), client.forward("", r, w))
+        .await
+        .unwrap()
+    {
+        Err(StreamError::Refused(reason)) => {
+            assert!(reason.contains("too many streams"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        open.iter().all(|(_, t)| !t.is_finished()),
+        "the open streams were disturbed"
+    );
 }
