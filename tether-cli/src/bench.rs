@@ -1374,3 +1374,47 @@ fn fmt_count(n: u64) -> String {
         n.to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tunnel_run_without_sshd_says_so() {
+        let mut r = run(
+            &BenchOptions {
+                only: vec!["storm".into()],
+                systems: vec!["framed".into()],
+                ..BenchOptions::default()
+            },
+            None,
+        )
+        .unwrap();
+        r.tunnel = Some(TunnelBench {
+            bytes_per_run: 64 << 20,
+            unit: "MB/s",
+            systems: [("direct_tcp", 1000.0), ("tunnel", 900.0)]
+                .into_iter()
+                .map(|(k, v)| {
+                    let mut f = Figure::default();
+                    f.push(v);
+                    (k, f)
+                })
+                .collect(),
+            ssh_l_not_run: Some("no sshd".into()),
+        });
+        headline(&mut r);
+        let text = render(&r);
+        assert!(text.contains("one 64 MiB stream"), "{text}");
+        assert!(text.contains("not run (no sshd)"), "{text}");
+        assert_eq!(r.tunnel_over_direct_tcp, Some(0.9));
+        assert_eq!(r.tunnel_over_ssh_l, None);
+        let met = r
+            .targets
+            .0
+            .iter()
+            .find(|t| t.key == "tunnel_over_direct_tcp")
+            .map(|t| t.met);
+        assert_eq!(met, Some(true));
+    }
+}

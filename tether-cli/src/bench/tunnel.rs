@@ -426,3 +426,28 @@ where
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_sink_counts_each_stream_and_ignores_probes() {
+        let sink = Sink::start().await.unwrap();
+        // A probe: connects and closes, as the readiness checks do.
+        drop(TcpStream::connect(sink.addr()).await.unwrap());
+        let (_, got) = sink.push(sink.addr(), 1_000_003).await.unwrap();
+        assert_eq!(got, 1_000_003);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_tunnel_carries_every_byte_to_the_sink() {
+        let sink = Sink::start().await.unwrap();
+        let tunnel = Tunnel::start(sink.addr()).await.unwrap();
+        for n in [8, 3 << 20] {
+            let (_, got) = sink.push(tunnel.local(), n).await.unwrap();
+            assert_eq!(got, n);
+        }
+        tunnel.stop().await;
+    }
+}
