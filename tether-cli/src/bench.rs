@@ -11,6 +11,9 @@
 //! - **stable (mem)**: the stable conduit over the in-memory link, which
 //!   separates the protocol's cost from the socket's.
 //!
+//! The tunnel workload compares one bulk stream carried directly over TCP,
+//! through tether's tunnel and through `ssh -L` (see `bench/tunnel.rs`).
+//!
 //! Every ratio compares two figures measured in the same process run, with
 //! the systems' runs interleaved. `BENCHMARKS.md` describes the method.
 
@@ -18,6 +21,7 @@ mod alloc;
 mod resume;
 mod sessions;
 mod systems;
+mod tunnel;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -35,7 +39,9 @@ use self::sessions::{IdleReport, StormReport};
 use self::systems::{AllocRun, System};
 
 /// Every workload, by the name `--only` takes.
-pub const WORKLOADS: [&str; 7] = ["small", "large", "rtt", "resume", "allocs", "idle", "storm"];
+pub const WORKLOADS: [&str; 8] = [
+    "small", "large", "rtt", "resume", "allocs", "idle", "storm", "tunnel",
+];
 
 /// Payload of the small-message workloads, in bytes.
 const SMALL: usize = 32;
@@ -108,6 +114,8 @@ pub(crate) struct Plan {
     alloc_warmup: u64,
     alloc_messages: u64,
     sessions: usize,
+    /// Bytes of the tunnel workload's one stream, per run.
+    tunnel_bytes: u64,
 }
 
 impl Plan {
@@ -123,6 +131,7 @@ impl Plan {
                 alloc_warmup: 20_000,
                 alloc_messages: 50_000,
                 sessions: 1_000,
+                tunnel_bytes: 64 << 20,
             }
         } else {
             Plan {
@@ -138,6 +147,7 @@ impl Plan {
                 alloc_warmup: 50_000,
                 alloc_messages: 200_000,
                 sessions: 10_000,
+                tunnel_bytes: 256 << 20,
             }
         }
     }
@@ -273,6 +283,17 @@ pub(crate) struct AllocFigure {
     run: AllocRun,
 }
 
+/// The tunnel workload: one stream's MB/s per way of carrying it.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct TunnelBench {
+    bytes_per_run: u64,
+    unit: &'static str,
+    /// `direct_tcp`, `tunnel` and (when it ran) `ssh_l`.
+    systems: BTreeMap<&'static str, Figure>,
+    /// Why `ssh -L` did not run, if it did not.
+    ssh_l_not_run: Option<String>,
+}
+
 /// One target: the value, the target as text, and whether it is met.
 #[derive(Clone, Debug)]
 pub(crate) struct Target {
@@ -342,6 +363,8 @@ pub struct BenchReport {
     pub(crate) storm_resumed: Option<usize>,
     pub(crate) storm_lost: Option<u64>,
     pub(crate) storm_s: Option<f64>,
+    pub(crate) tunnel_over_direct_tcp: Option<f64>,
+    pub(crate) tunnel_over_ssh_l: Option<f64>,
     pub(crate) targets: Targets,
     /// No workload failed and every delivery check passed.
     pub(crate) ok: bool,
@@ -356,6 +379,7 @@ pub struct BenchReport {
     pub(crate) allocs: Option<BTreeMap<&'static str, AllocFigure>>,
     pub(crate) idle: Option<BTreeMap<&'static str, IdleReport>>,
     pub(crate) storm: Option<BTreeMap<&'static str, StormReport>>,
+    pub(crate) tunnel: Option<TunnelBench>,
     pub(crate) elapsed_s: f64,
 }
 
@@ -563,6 +587,94 @@ fn allocs(
     result.map(|()| out)
 }
 
+/// The tunnel workload: one stream of `bytes` to a sink, directly, through
+/// the tether tunnel and through `ssh -L`, interleaved. An `ssh -L` that
+/// could not be set up (with sshd present) is returned beside the figures
+/// of the other two.
+async fn tunnel_bench(
+    p: &Progress,
+    bytes: u64,
+    runs: usize,
+) -> (anyhow::Result<TunnelBench>, Option<anyhow::Error>) {
+    let sink = match tunnel::Sink::start().await {
+        Ok(s) => s,
+        Err(e) => return (Err(e.context("starting the sink")), None),
+    };
+    let tun = match tunnel::Tunnel::start(sink.addr()).await {
+        Ok(t) => t,
+        Err(e) => return (Err(e.context("starting the tunnel")), None),
+    };
+    let (ssh, mut ssh_l_not_run, ssh_error) = match tunnel::ssh_unavailable() {
+        Some(why) => (None, Some(why.to_string()), None),
+        None => match tunnel::SshForward::start(sink.addr()).await {
+            Ok(f) => (Some(f), None, None),
+            Err(e) => (None, Some("setup failed".to_string()), Some(e)),
+        },
+    };
+    if let Some(why) = &ssh_l_not_run {
+        p.say(format_args!("tunnel: ssh -L not run ({why})"));
+    }
+    let ways: Vec<(tunnel::Way, SocketAddr)> = tunnel::Way::ALL
+        .into_iter()
+        .filter_map(|w| match w {
+            tunnel::Way::Direct => Some((w, sink.addr())),
+            tunnel::Way::Tunnel => Some((w, tun.local())),
+            tunnel::Way::Ssh => ssh.as_ref().map(|s| (w, s.local())),
+        })
+        .collect();
+    let measured = async {
+        let mut figures: BTreeMap<&'static str, Figure> = BTreeMap::new();
+        let push = |way: tunnel::Way, to: SocketAddr, n: u64| {
+            let sink = &sink;
+            async move {
+                let (took, got) = sink
+                    .push(to, n)
+                    .await
+                    .with_context(|| way.label().to_string())?;
+                if got != n {
+                    anyhow::bail!(
+                        "delivery check failed: {}: the sink got {got} of {n} bytes",
+                        way.label()
+                    );
+                }
+                anyhow::Ok(took)
+            }
+        };
+        // One unmeasured short stream each (connections, buffers, ciphers).
+        for &(way, to) in &ways {
+            push(way, to, (bytes / 16).max(8))
+                .await
+                .context("warm-up")?;
+        }
+        for run in 1..=runs {
+            for &(way, to) in &ways {
+                let took = push(way, to, bytes).await?;
+                let v = bytes as f64 / took.as_secs_f64().max(1e-9) / 1e6;
+                p.say(format_args!(
+                    "tunnel run {run}/{runs}: {:<13} {v:.0} MB/s",
+                    way.label()
+                ));
+                figures.entry(way.key()).or_default().push(v);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        anyhow::Ok(figures)
+    }
+    .await;
+    drop(ssh);
+    tun.stop().await;
+    if measured.is_err() && ssh_l_not_run.is_none() {
+        ssh_l_not_run = Some("the workload failed".to_string());
+    }
+    let result = measured.map(|systems| TunnelBench {
+        bytes_per_run: bytes,
+        unit: "MB/s",
+        systems,
+        ssh_l_not_run,
+    });
+    (result, ssh_error)
+}
+
 /// Runs the workloads and builds the report. Fails only when it cannot
 /// start; a workload that fails is recorded in the report's errors.
 pub fn run(
@@ -625,6 +737,8 @@ pub fn run(
         storm_resumed: None,
         storm_lost: None,
         storm_s: None,
+        tunnel_over_direct_tcp: None,
+        tunnel_over_ssh_l: None,
         targets: Targets::default(),
         ok: true,
         all_targets_met: false,
@@ -637,6 +751,7 @@ pub fn run(
         allocs: None,
         idle: None,
         storm: None,
+        tunnel: None,
         elapsed_s: 0.0,
     };
     let mut errors = Vec::new();
@@ -768,6 +883,16 @@ pub fn run(
         }
         r.storm = Some(storms);
     }
+    if want("tunnel") {
+        let (bench, ssh_error) = rt.block_on(tunnel_bench(&p, plan.tunnel_bytes, plan.runs));
+        if let Some(e) = ssh_error {
+            record("tunnel ssh -L", e);
+        }
+        match bench {
+            Ok(t) => r.tunnel = Some(t),
+            Err(e) => record("tunnel", e),
+        }
+    }
     rt.shutdown_timeout(Duration::from_secs(5));
     r.errors = errors;
     r.ok = r.errors.is_empty();
@@ -855,6 +980,9 @@ fn headline(r: &mut BenchReport) {
     r.storm_resumed = tcp_storm.map(|s| s.resumed);
     r.storm_lost = tcp_storm.map(|s| s.lost);
     r.storm_s = tcp_storm.map(|s| round(s.elapsed_s));
+    let tunnel_mbps = |key: &str| r.tunnel.as_ref()?.systems.get(key).map(|f| f.median);
+    r.tunnel_over_direct_tcp = ratio(tunnel_mbps("tunnel"), tunnel_mbps("direct_tcp"));
+    r.tunnel_over_ssh_l = ratio(tunnel_mbps("tunnel"), tunnel_mbps("ssh_l"));
 
     let mut t = Vec::new();
     let mut at_least = |key, label, value: Option<f64>, min: f64| {
@@ -907,6 +1035,12 @@ fn headline(r: &mut BenchReport) {
         "WS 1 MiB MB/s: stable / WebSocket",
         r.large_stable_ws_over_ws_plain,
         0.9,
+    );
+    at_least(
+        "tunnel_over_direct_tcp",
+        "tunnel MB/s: tunnel / direct TCP",
+        r.tunnel_over_direct_tcp,
+        0.8,
     );
     let mut at_most = |key, label, value: Option<f64>, max: f64, strict: bool| {
         t.push(Target {
@@ -1019,11 +1153,22 @@ pub fn render(r: &BenchReport) -> String {
         r.plan.runs
     );
     let _ = writeln!(out);
-    let _ = write!(out, "{:<34}", "workload");
-    for s in System::ALL {
-        let _ = write!(out, "{:>14}", s.label());
+    // The systems' table, unless only the tunnel workload ran.
+    let per_system = r.small.is_some()
+        || r.large_64k.is_some()
+        || r.large_1m.is_some()
+        || r.rtt.is_some()
+        || r.resume.is_some()
+        || r.allocs.is_some()
+        || r.idle.is_some()
+        || r.storm.is_some();
+    if per_system {
+        let _ = write!(out, "{:<34}", "workload");
+        for s in System::ALL {
+            let _ = write!(out, "{:>14}", s.label());
+        }
+        let _ = writeln!(out);
     }
-    let _ = writeln!(out);
     let row = |out: &mut String, name: String, cells: [Option<f64>; System::ALL.len()]| {
         let _ = write!(out, "{name:<34}");
         for c in cells {
@@ -1132,6 +1277,24 @@ pub fn render(r: &BenchReport) -> String {
             get(|s| s.lost as f64),
         );
     }
+    if let Some(t) = &r.tunnel {
+        if per_system {
+            let _ = writeln!(out);
+        }
+        let _ = writeln!(
+            out,
+            "tunnel: one {} stream to a sink, MB/s",
+            fmt_bytes(t.bytes_per_run)
+        );
+        for way in tunnel::Way::ALL {
+            let cell = match (t.systems.get(way.key()), &t.ssh_l_not_run) {
+                (Some(f), _) => fmt_num(f.median),
+                (None, Some(why)) if way == tunnel::Way::Ssh => format!("not run ({why})"),
+                (None, _) => "-".to_string(),
+            };
+            let _ = writeln!(out, "  {:<32}{cell:>14}", way.label());
+        }
+    }
     let _ = writeln!(out);
     let _ = writeln!(out, "ratios and targets (same run)");
     for t in &r.targets.0 {
@@ -1164,6 +1327,7 @@ pub fn render(r: &BenchReport) -> String {
             r.idle_tls_session_bytes,
         ),
         ("resume p50 (WS), ms", r.resume_ws_p50_ms),
+        ("tunnel MB/s: tunnel / ssh -L", r.tunnel_over_ssh_l),
         (
             "resident bytes per idle WS session",
             r.idle_ws_session_bytes,
@@ -1193,6 +1357,14 @@ pub fn render(r: &BenchReport) -> String {
     out
 }
 
+fn fmt_bytes(n: u64) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} B")
+    }
+}
+
 fn fmt_count(n: u64) -> String {
     if n >= 1_000_000 && n % 1_000_000 == 0 {
         format!("{}M", n / 1_000_000)
@@ -1200,5 +1372,49 @@ fn fmt_count(n: u64) -> String {
         format!("{}k", n / 1000)
     } else {
         n.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tunnel_run_without_sshd_says_so() {
+        let mut r = run(
+            &BenchOptions {
+                only: vec!["storm".into()],
+                systems: vec!["framed".into()],
+                ..BenchOptions::default()
+            },
+            None,
+        )
+        .unwrap();
+        r.tunnel = Some(TunnelBench {
+            bytes_per_run: 64 << 20,
+            unit: "MB/s",
+            systems: [("direct_tcp", 1000.0), ("tunnel", 900.0)]
+                .into_iter()
+                .map(|(k, v)| {
+                    let mut f = Figure::default();
+                    f.push(v);
+                    (k, f)
+                })
+                .collect(),
+            ssh_l_not_run: Some("no sshd".into()),
+        });
+        headline(&mut r);
+        let text = render(&r);
+        assert!(text.contains("one 64 MiB stream"), "{text}");
+        assert!(text.contains("not run (no sshd)"), "{text}");
+        assert_eq!(r.tunnel_over_direct_tcp, Some(0.9));
+        assert_eq!(r.tunnel_over_ssh_l, None);
+        let met = r
+            .targets
+            .0
+            .iter()
+            .find(|t| t.key == "tunnel_over_direct_tcp")
+            .map(|t| t.met);
+        assert_eq!(met, Some(true));
     }
 }

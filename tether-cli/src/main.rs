@@ -307,7 +307,7 @@ enum Command {
         #[arg(long)]
         quick: bool,
         /// Run only these workloads (comma-separated): small, large, rtt,
-        /// resume, allocs, idle, storm.
+        /// resume, allocs, idle, storm, tunnel.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Compare only these systems (comma-separated): framed, bare,
