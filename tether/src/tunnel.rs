@@ -15,7 +15,8 @@
 //! Each stream has a credit window of [`STREAM_WINDOW`] bytes in each
 //! direction: a side sends at most that many bytes of a stream that the
 //! other side has not yet written to its socket, and the other side grants
-//! them back ([`TunnelFrame::Credit`]) as it writes. So a stream whose
+//! them back ([`TunnelFrame::Credit`]) as it writes (in batches of a
+//! quarter window, or as soon as nothing more of the stream is waiting). So a stream whose
 //! socket does not drain stops its sender after one window, holds at most
 //! one window of memory on the receiving side, and never holds up the other
 //! streams of the session: the conduit itself is always read. A peer that
@@ -389,6 +390,10 @@ where
     };
     let inbound = async {
         let mut received = 0u64;
+        // Written and not yet granted back: granted in batches of a
+        // quarter window, or whenever nothing more is waiting (so that a
+        // sender waiting for credit always gets it).
+        let mut ungranted = 0usize;
         loop {
             match rx.recv().await {
                 Some(Inbound::Data(bytes)) => {
@@ -406,13 +411,17 @@ where
                     }
                     unwritten.fetch_sub(bytes.len(), Ordering::AcqRel);
                     received += bytes.len() as u64;
-                    let _ = mux
-                        .tx
-                        .send(&TunnelFrame::Credit {
-                            id,
-                            bytes: bytes.len() as u32,
-                        })
-                        .await;
+                    ungranted += bytes.len();
+                    if ungranted >= STREAM_WINDOW / 4 || rx.is_empty() {
+                        let _ = mux
+                            .tx
+                            .send(&TunnelFrame::Credit {
+                                id,
+                                bytes: ungranted as u32,
+                            })
+                            .await;
+                        ungranted = 0;
+                    }
                 }
                 Some(Inbound::Fin) => {
                     let _ = writer.flush().await;
