@@ -49,6 +49,16 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Whether `tool` (a path, or a name looked up in `PATH`) is a file.
+fn installed(tool: &str) -> bool {
+    if tool.contains('/') {
+        return Path::new(tool).is_file();
+    }
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
 /// Runs `program ARGS...` to its end, panicking with its output if it fails.
 fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
@@ -95,12 +105,18 @@ impl Sshd {
     /// (after a skip line) when sshd is not installed, unless
     /// `TETHER_REQUIRE_SSHD=1`, which makes that a failure.
     pub(crate) fn start() -> Option<Sshd> {
-        if !Path::new(SSHD).is_file() {
+        // The client and tmux come with it in CI; a half install is
+        // skipped (or refused) as a whole rather than failing later.
+        let missing: Vec<&str> = [SSHD, "ssh", "ssh-keygen", "tmux"]
+            .into_iter()
+            .filter(|tool| !installed(tool))
+            .collect();
+        if !missing.is_empty() {
             assert!(
                 std::env::var("TETHER_REQUIRE_SSHD").as_deref() != Ok("1"),
-                "sshd is required (TETHER_REQUIRE_SSHD=1) but {SSHD} is missing: {INSTALL_HINT}"
+                "sshd is required (TETHER_REQUIRE_SSHD=1) but {missing:?} missing: {INSTALL_HINT}"
             );
-            eprintln!("SKIPPED: {SSHD} is not installed ({INSTALL_HINT})");
+            eprintln!("SKIPPED: {missing:?} not installed ({INSTALL_HINT})");
             return None;
         }
         let dir = std::env::temp_dir().join(unique("sshd"));
@@ -324,6 +340,9 @@ pub(crate) fn streamed_output_is_complete(
     elapsed
 }
 
+/// What the tmux pane shows, followed by ssh's status, once ssh has ended.
+const SSH_EXITED: &str = "ssh exited with status ";
+
 /// A tmux server on a private socket, killed on drop.
 struct Tmux {
     socket: PathBuf,
@@ -366,7 +385,8 @@ impl Tmux {
     }
 
     /// Polls the pane every 100 ms until `found` picks something out of
-    /// it; panics after `within`, showing the pane and sshd's log.
+    /// it; panics after `within`, or at once if ssh has ended meanwhile,
+    /// showing the pane and sshd's log.
     fn wait_for<T>(
         &self,
         what: &str,
@@ -379,6 +399,13 @@ impl Tmux {
             let pane = self.pane();
             if let Some(value) = found(&pane) {
                 return value;
+            }
+            if let Some(status) = line_value(&pane, SSH_EXITED) {
+                panic!(
+                    "ssh ended (status {status}) before any {what} showed in the tmux pane; \
+                     the pane:\n{pane}\nsshd log:\n{}",
+                    sshd.log()
+                );
             }
             if Instant::now() > deadline {
                 panic!(
@@ -430,10 +457,7 @@ pub(crate) fn interactive_shell_keeps_state(
     ssh.stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
-    let line = format!(
-        "{}; echo \"ssh exited with status $?\"; sleep 3600",
-        shell_line(&ssh)
-    );
+    let line = format!("{}; echo \"{SSH_EXITED}$?\"; sleep 3600", shell_line(&ssh));
     tmux.run(&[
         "new-session",
         "-d",
@@ -474,9 +498,18 @@ pub(crate) fn interactive_shell_keeps_state(
         tmux.pane()
     );
     tmux.type_line("exit");
-    let status = tmux.wait_for("end of ssh", login, sshd, |pane| {
-        line_value(pane, "ssh exited with status ")
-    });
+    let deadline = Instant::now() + login;
+    let status = loop {
+        let pane = tmux.pane();
+        if let Some(status) = line_value(&pane, SSH_EXITED) {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ssh still running {login:?} after `exit`; the pane:\n{pane}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(
         status,
         "0",
