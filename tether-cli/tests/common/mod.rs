@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test crate uses its own part of this
 
+pub(crate) mod ssh;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
