@@ -311,3 +311,62 @@ async fn a_local_forward_on_a_terminal_keeps_a_status_line() {
     );
     assert!(all.contains("reconnects | "), "{all}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_delivers_bytes_without_a_newline_at_once() {
+    // A target that speaks first, with no newline, then answers each
+    // message: what ssh does. Standard output is line-buffered, so this
+    // hangs unless the tunnel flushes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"HELLO").await.unwrap();
+        let mut buf = [0u8; 3];
+        while s.read_exact(&mut buf).await.is_ok() {
+            s.write_all(b"ok:").await.unwrap();
+            s.write_all(&buf).await.unwrap();
+        }
+    });
+    let (_server, served) = Running::spawn(
+        &[
+            "tunnel",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--forward",
+            &target,
+        ],
+        &[],
+        "tether tunnel serving on ",
+    );
+    let mut child = command(&["tunnel", "connect", &served, "--stdio"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 6];
+        let mut hello = [0u8; 5];
+        if stdout.read_exact(&mut hello).is_ok() {
+            let _ = tx.send(hello.to_vec());
+        }
+        while stdout.read_exact(&mut buf).is_ok() {
+            let _ = tx.send(buf.to_vec());
+        }
+    });
+    let got = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("no greeting");
+    assert_eq!(got, b"HELLO");
+    for word in [b"abc", b"def", b"ghi"] {
+        stdin.write_all(word).unwrap();
+        stdin.flush().unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(30)).expect("no answer");
+        assert_eq!(got, [b"ok:".as_slice(), word].concat());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

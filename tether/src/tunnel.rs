@@ -397,7 +397,14 @@ where
         loop {
             match rx.recv().await {
                 Some(Inbound::Data(bytes)) => {
-                    if let Err(e) = writer.write_all(&bytes).await {
+                    let written = match writer.write_all(&bytes).await {
+                        // A buffered writer (stdout is line-buffered) holds
+                        // what has no newline until it is flushed: flush
+                        // whenever nothing more is waiting.
+                        Ok(()) if rx.is_empty() => writer.flush().await,
+                        other => other,
+                    };
+                    if let Err(e) = written {
                         let reason = e.to_string();
                         let _ = mux
                             .tx
