@@ -71,6 +71,14 @@ impl Drop for Running {
     }
 }
 
+/// `tether tunnel serve --listen 127.0.0.1:0 --forward FIRST [ARGS...]`:
+/// the server and the address it announced.
+fn serve(args: &[&str]) -> (Running, String) {
+    let mut all = vec!["tunnel", "serve", "--listen", "127.0.0.1:0", "--forward"];
+    all.extend_from_slice(args);
+    Running::spawn(&all, &[], "tether tunnel serving on ")
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| {
@@ -101,18 +109,7 @@ async fn cutting_proxy(addr: &str, cut_every: u64, seed: u64) -> FaultProxy {
 async fn a_local_forward_carries_every_byte_through_cuts() {
     let target = echo_target().await;
     let target = target.to_string();
-    let (server, served) = Running::spawn(
-        &[
-            "tunnel",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--forward",
-            &target,
-        ],
-        &[],
-        "tether tunnel serving on ",
-    );
+    let (server, served) = serve(&[&target]);
     let proxy = cutting_proxy(&served, 512 * 1024, 7).await;
     let via = proxy.local_addr().to_string();
     let (_client, local) = Running::spawn(
@@ -181,22 +178,13 @@ async fn stdio_carries_a_stream_and_tokens_admit_only_their_holders() {
     std::fs::write(&tokens, "# who may connect\nsecret-one\nsecret-two\n").unwrap();
     let tokens = tokens.to_str().unwrap().to_owned();
     let forward = format!("echo={target}");
-    let (_server, served) = Running::spawn(
-        &[
-            "tunnel",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--forward",
-            &forward,
-            "--forward",
-            "closed=127.0.0.1:1",
-            "--token-file",
-            &tokens,
-        ],
-        &[],
-        "tether tunnel serving on ",
-    );
+    let (_server, served) = serve(&[
+        &forward,
+        "--forward",
+        "closed=127.0.0.1:1",
+        "--token-file",
+        &tokens,
+    ]);
     let proxy = cutting_proxy(&served, 256 * 1024, 9).await;
     let via = proxy.local_addr().to_string();
 
@@ -279,18 +267,7 @@ async fn a_local_forward_on_a_terminal_keeps_a_status_line() {
         return;
     }
     let target = echo_target().await.to_string();
-    let (_server, served) = Running::spawn(
-        &[
-            "tunnel",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--forward",
-            &target,
-        ],
-        &[],
-        "tether tunnel serving on ",
-    );
+    let (_server, served) = serve(&[&target]);
     // The client runs for 3 s under a pseudo-terminal, then is stopped.
     let line = format!(
         "timeout -s INT 3 {} tunnel connect {served} --local 127.0.0.1:0",
@@ -328,18 +305,7 @@ async fn stdio_delivers_bytes_without_a_newline_at_once() {
             s.write_all(&buf).await.unwrap();
         }
     });
-    let (_server, served) = Running::spawn(
-        &[
-            "tunnel",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--forward",
-            &target,
-        ],
-        &[],
-        "tether tunnel serving on ",
-    );
+    let (_server, served) = serve(&[&target]);
     let mut child = command(&["tunnel", "connect", &served, "--stdio"])
         .stdin(Stdio::piped())
         .spawn()

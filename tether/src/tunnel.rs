@@ -278,6 +278,20 @@ impl Mux {
         }
     }
 
+    /// The local socket of stream `id` failed with `error`: the peer is
+    /// told to reset its end, and the stream ends with the reason.
+    async fn reset_local(&self, id: u32, error: &io::Error) -> StreamError {
+        let reason = error.to_string();
+        let _ = self
+            .tx
+            .send(&TunnelFrame::Reset {
+                id,
+                reason: reason.clone(),
+            })
+            .await;
+        StreamError::Local(reason)
+    }
+
     fn ended(&self) -> Option<String> {
         self.ended
             .lock()
@@ -353,17 +367,7 @@ where
             let mut chunk = Vec::with_capacity(MAX_CHUNK);
             let n = match reader.read_buf(&mut chunk).await {
                 Ok(n) => n,
-                Err(e) => {
-                    let reason = e.to_string();
-                    let _ = mux
-                        .tx
-                        .send(&TunnelFrame::Reset {
-                            id,
-                            reason: reason.clone(),
-                        })
-                        .await;
-                    return Err(StreamError::Local(reason));
-                }
+                Err(e) => return Err(mux.reset_local(id, &e).await),
             };
             if n == 0 {
                 mux.tx
@@ -405,16 +409,8 @@ where
                         other => other,
                     };
                     if let Err(e) = written {
-                        let reason = e.to_string();
-                        let _ = mux
-                            .tx
-                            .send(&TunnelFrame::Reset {
-                                id,
-                                reason: reason.clone(),
-                            })
-                            .await;
                         credit.close();
-                        return Err(StreamError::Local(reason));
+                        return Err(mux.reset_local(id, &e).await);
                     }
                     unwritten.fetch_sub(bytes.len(), Ordering::AcqRel);
                     received += bytes.len() as u64;

@@ -15,7 +15,7 @@ use ring::digest::{Context, SHA256};
 use tether::fault::{FaultConfig, FaultProxy};
 use tether::link::{TcpConnector, TcpListener};
 use tether::tunnel::{
-    serve_session, serve_session_with_limit, StreamError, TunnelClient, TunnelFrame,
+    serve_session, serve_session_with_limit, StreamError, TunnelClient, TunnelFrame, MAX_STREAMS,
 };
 use tether::{Config, Server, StableConduit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -150,6 +150,34 @@ async fn tunnel(
     (proxy, TunnelClient::new(conduit), server)
 }
 
+/// A tunnel server on loopback (no proxy) serving `targets` by name, with
+/// at most `max_streams` streams per session, and a client of it.
+async fn direct_tunnel(seed: u64, targets: &[(&str, String)], max_streams: usize) -> TunnelClient {
+    let targets: std::collections::HashMap<String, String> = targets
+        .iter()
+        .map(|(name, addr)| (name.to_string(), addr.clone()))
+        .collect();
+    let targets = Arc::new(targets);
+    let cfg = Config::default().seed(seed);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::<TunnelFrame>::new(listener, cfg.clone());
+    tokio::spawn(async move {
+        while let Some(session) = server.accept().await {
+            let targets = targets.clone();
+            tokio::spawn(serve_session_with_limit(
+                session,
+                move |name| targets.get(name).cloned(),
+                max_streams,
+            ));
+        }
+    });
+    let conduit = StableConduit::<TunnelFrame>::connect(TcpConnector::new(addr), cfg)
+        .await
+        .unwrap();
+    TunnelClient::new(conduit)
+}
+
 /// Carries stream `k` of a run: sends `len` bytes of pattern `seed` after
 /// the 16-byte head and checks what comes back against pattern `seed ^ 1`.
 async fn stream_through(client: TunnelClient, seed: u64, len: u64) -> Result<(), String> {
@@ -232,25 +260,15 @@ async fn a_stalled_stream_does_not_hold_up_a_busy_one() {
         }
     });
     let (target, _reports) = pattern_target().await;
-    let cfg = Config::default().seed(3);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Server::<TunnelFrame>::new(listener, cfg.clone());
-    let (target_s, stalled_s) = (target.to_string(), stalled_addr.to_string());
-    tokio::spawn(async move {
-        while let Some(session) = server.accept().await {
-            let (t, st) = (target_s.clone(), stalled_s.clone());
-            tokio::spawn(serve_session(session, move |name| match name {
-                "pattern" => Some(t.clone()),
-                "stalled" => Some(st.clone()),
-                _ => None,
-            }));
-        }
-    });
-    let conduit = StableConduit::<TunnelFrame>::connect(TcpConnector::new(addr), cfg)
-        .await
-        .unwrap();
-    let client = TunnelClient::new(conduit);
+    let client = direct_tunnel(
+        3,
+        &[
+            ("pattern", target.to_string()),
+            ("stalled", stalled_addr.to_string()),
+        ],
+        MAX_STREAMS,
+    )
+    .await;
     // 64 MiB into a target that never reads: it stops after the window
     // and the sockets' buffers.
     let (local, remote) = tokio::io::duplex(64 * 1024);
@@ -291,23 +309,15 @@ async fn refused_targets_and_resets_reach_the_client_with_their_reason() {
             drop(s);
         }
     });
-    let cfg = Config::default().seed(4);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Server::<TunnelFrame>::new(listener, cfg.clone());
-    tokio::spawn(async move {
-        while let Some(session) = server.accept().await {
-            tokio::spawn(serve_session(session, move |name| match name {
-                "closed" => Some(closed.to_string()),
-                "resetting" => Some(resetting_addr.to_string()),
-                _ => None,
-            }));
-        }
-    });
-    let conduit = StableConduit::<TunnelFrame>::connect(TcpConnector::new(addr), cfg)
-        .await
-        .unwrap();
-    let client = TunnelClient::new(conduit);
+    let client = direct_tunnel(
+        4,
+        &[
+            ("closed", closed.to_string()),
+            ("resetting", resetting_addr.to_string()),
+        ],
+        MAX_STREAMS,
+    )
+    .await;
     let run = |name: &'static str| {
         let client = client.clone();
         async move {
@@ -350,24 +360,7 @@ async fn streams_beyond_the_session_limit_are_refused() {
             held.push(s);
         }
     });
-    let cfg = Config::default().seed(5);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Server::<TunnelFrame>::new(listener, cfg.clone());
-    tokio::spawn(async move {
-        while let Some(session) = server.accept().await {
-            let target = holding_addr.clone();
-            tokio::spawn(serve_session_with_limit(
-                session,
-                move |_| Some(target.clone()),
-                2,
-            ));
-        }
-    });
-    let conduit = StableConduit::<TunnelFrame>::connect(TcpConnector::new(addr), cfg)
-        .await
-        .unwrap();
-    let client = TunnelClient::new(conduit);
+    let client = direct_tunnel(5, &[("", holding_addr)], 2).await;
     let mut open = Vec::new();
     for _ in 0..2 {
         let c = client.clone();
