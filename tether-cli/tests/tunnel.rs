@@ -312,6 +312,11 @@ async fn stdio_delivers_bytes_without_a_newline_at_once() {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = child.stdout.take().unwrap();
+    // Killed on drop, also when an assertion fails.
+    let _client = Running {
+        lines: stderr_lines(&mut child),
+        child,
+    };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut buf = [0u8; 6];
@@ -333,6 +338,4 @@ async fn stdio_delivers_bytes_without_a_newline_at_once() {
         let got = rx.recv_timeout(Duration::from_secs(30)).expect("no answer");
         assert_eq!(got, [b"ok:".as_slice(), word].concat());
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }
