@@ -166,22 +166,9 @@ impl<C: Connector> ClientDriver<C> {
                 }
                 AttachEnd::CloseTimedOut => return self.shared.fail(SessionLost::CloseTimedOut),
                 AttachEnd::Protocol(msg) => return self.shared.fail(SessionLost::Protocol(msg)),
-                AttachEnd::Link(e) => LinkLoss::Error {
-                    kind: match &e {
-                        LinkError::Io(io) => io.kind(),
-                        _ => ErrorKind::Other,
-                    },
-                    message: e.to_string(),
-                },
+                AttachEnd::Link(e) => LinkLoss::of_link_error(&e),
                 AttachEnd::Eof => LinkLoss::PeerEnded,
-                AttachEnd::Timeout if self.shared.acks_negotiated() => {
-                    if self.shared.extensions() & ext::KEEPALIVE != 0 {
-                        LinkLoss::KeepaliveTimeout
-                    } else {
-                        LinkLoss::IdleTimeout
-                    }
-                }
-                AttachEnd::Timeout => LinkLoss::IdleTimeout,
+                AttachEnd::Timeout => LinkLoss::of_timeout(self.shared.extensions()),
                 AttachEnd::Preempted(()) => LinkLoss::Requested,
             };
             drop(halves);

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use crate::error::{AttemptError, Human, SessionLost};
+use crate::link::LinkError;
 
 /// Events a listener can fall behind by before it misses the oldest.
 const EVENT_BACKLOG: usize = 32;
@@ -88,6 +89,29 @@ pub enum LinkLoss {
     Requested,
     /// Server: the client resumed on a newer link.
     Replaced,
+}
+
+impl LinkLoss {
+    /// The link failed with `error`.
+    pub(crate) fn of_link_error(error: &LinkError) -> LinkLoss {
+        LinkLoss::Error {
+            kind: match error {
+                LinkError::Io(io) => io.kind(),
+                _ => io::ErrorKind::Other,
+            },
+            message: error.to_string(),
+        }
+    }
+
+    /// The watchdog ended a link with these `extensions`: keepalive's
+    /// timeout if it was on, the idle timeout otherwise.
+    pub(crate) fn of_timeout(extensions: u8) -> LinkLoss {
+        if extensions & tether_proto::ext::KEEPALIVE != 0 {
+            LinkLoss::KeepaliveTimeout
+        } else {
+            LinkLoss::IdleTimeout
+        }
+    }
 }
 
 impl std::fmt::Display for LinkLoss {

@@ -283,14 +283,11 @@ impl<L: Link> SessionDriver<L> {
             let Some(end) = end else {
                 return self.expire();
             };
-            match end {
+            let cause = match end {
                 AttachEnd::Preempted(newer) => {
                     tracing::debug!("session moved to a newer link");
-                    lost_at = Instant::now();
-                    self.shared.emit(ConduitEvent::LinkLost {
-                        cause: LinkLoss::Replaced,
-                    });
                     next = Some(newer);
+                    LinkLoss::Replaced
                 }
                 AttachEnd::Finished => {
                     let _ = timeout(handshake_timeout, tx.close()).await;
@@ -300,39 +297,23 @@ impl<L: Link> SessionDriver<L> {
                 AttachEnd::Protocol(msg) => return self.end(Some(SessionLost::Protocol(msg))),
                 AttachEnd::Link(e) => {
                     tracing::debug!(error = %e, "session link failed; waiting for a resume");
-                    lost_at = Instant::now();
-                    self.shared.set_state(ConduitState::Reconnecting);
-                    let kind = match &e {
-                        crate::link::LinkError::Io(io) => io.kind(),
-                        _ => std::io::ErrorKind::Other,
-                    };
-                    self.shared.emit(ConduitEvent::LinkLost {
-                        cause: LinkLoss::Error {
-                            kind,
-                            message: e.to_string(),
-                        },
-                    });
+                    LinkLoss::of_link_error(&e)
                 }
                 AttachEnd::Eof => {
                     tracing::debug!("session link ended; waiting for a resume");
-                    lost_at = Instant::now();
-                    self.shared.set_state(ConduitState::Reconnecting);
-                    self.shared.emit(ConduitEvent::LinkLost {
-                        cause: LinkLoss::PeerEnded,
-                    });
+                    LinkLoss::PeerEnded
                 }
                 AttachEnd::Timeout => {
                     tracing::debug!("session link timed out; waiting for a resume");
-                    lost_at = Instant::now();
-                    self.shared.set_state(ConduitState::Reconnecting);
-                    let cause = if self.shared.extensions() & ext::KEEPALIVE != 0 {
-                        LinkLoss::KeepaliveTimeout
-                    } else {
-                        LinkLoss::IdleTimeout
-                    };
-                    self.shared.emit(ConduitEvent::LinkLost { cause });
+                    LinkLoss::of_timeout(self.shared.extensions())
                 }
+            };
+            lost_at = Instant::now();
+            // A newer link is already here: no wait for a resume.
+            if cause != LinkLoss::Replaced {
+                self.shared.set_state(ConduitState::Reconnecting);
             }
+            self.shared.emit(ConduitEvent::LinkLost { cause });
         }
     }
 
