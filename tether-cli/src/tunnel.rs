@@ -320,7 +320,7 @@ pub async fn connect(opts: ConnectOptions) -> anyhow::Result<bool> {
                         });
                     }
                     () = stop_signal() => break true,
-                    () = ended(&client) => break false,
+                    () = client.wait_ended() => break false,
                 }
             }
         }
@@ -336,13 +336,6 @@ pub async fn connect(opts: ConnectOptions) -> anyhow::Result<bool> {
         }
     }
     Ok(ok)
-}
-
-/// Resolves once the client's session ended.
-async fn ended(client: &TunnelClient) {
-    while client.ended().is_none() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Reports the session's events on stderr: one JSON object per event with

@@ -158,6 +158,8 @@ struct Mux {
     opening: Mutex<HashMap<u32, oneshot::Sender<Result<(), String>>>>,
     /// Why the session ended, once it did.
     ended: Mutex<Option<String>>,
+    /// Wakes those waiting for the end.
+    end_wake: tokio::sync::Notify,
 }
 
 impl Mux {
@@ -167,6 +169,7 @@ impl Mux {
             streams: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
             ended: Mutex::new(None),
+            end_wake: tokio::sync::Notify::new(),
         })
     }
 
@@ -276,6 +279,7 @@ impl Mux {
         {
             let _ = waiter.send(Err(why.clone()));
         }
+        self.end_wake.notify_waiters();
     }
 
     /// The local socket of stream `id` failed with `error`: the peer is
@@ -500,6 +504,20 @@ impl TunnelClient {
     /// Why the session ended, once it did.
     pub fn ended(&self) -> Option<String> {
         self.mux.ended()
+    }
+
+    /// Resolves once the session ended (lost or closed); see
+    /// [`ended`](Self::ended) for why.
+    pub async fn wait_ended(&self) {
+        loop {
+            let woken = self.mux.end_wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.mux.ended().is_some() {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// The session's counters (state, reconnects, RTT, bytes replayed).

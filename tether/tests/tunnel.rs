@@ -396,3 +396,43 @@ async fn streams_beyond_the_session_limit_are_refused() {
         "the open streams were disturbed"
     );
 }
+
+#[tokio::test]
+async fn wait_ended_resolves_when_the_session_ends() {
+    let (listener, connector) = tether::link::mem::listener(4);
+    let server = Arc::new(Server::<TunnelFrame>::new(
+        listener,
+        Config::default().seed(6),
+    ));
+    let accepting = server.clone();
+    tokio::spawn(async move {
+        while let Some(session) = accepting.accept().await {
+            tokio::spawn(serve_session(session, |_| None));
+        }
+    });
+    let conduit = StableConduit::<TunnelFrame>::connect(connector, Config::default().seed(7))
+        .await
+        .unwrap();
+    let client = TunnelClient::new(conduit);
+    assert!(client.ended().is_none());
+    // The server has handed the session to serve_session.
+    timeout(Duration::from_secs(10), async {
+        while !server.sessions().iter().any(|s| s.accepted) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the session was never accepted");
+    let report = server.shutdown(Duration::from_secs(5)).await;
+    let ended = timeout(Duration::from_secs(30), client.wait_ended()).await;
+    assert!(
+        ended.is_ok(),
+        "wait_ended did not resolve after the server shut down: {report:?}, client {:?}",
+        client.stats().state
+    );
+    assert!(client.ended().is_some());
+    // And at once for a session that already ended.
+    timeout(Duration::from_secs(1), client.wait_ended())
+        .await
+        .unwrap();
+}
