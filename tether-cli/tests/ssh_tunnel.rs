@@ -8,7 +8,6 @@
 //! sshd and tmux are optional unless `TETHER_REQUIRE_SSHD=1` (install:
 //! `apt-get install -y openssh-server openssh-client tmux`).
 
-use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,53 +15,7 @@ use tether::fault::{FaultConfig, FaultProxy};
 
 mod common;
 use common::ssh::{interactive_shell_keeps_state, streamed_output_is_complete, Sshd};
-use common::{bin, command, stderr_lines};
-
-/// `tether tunnel serve` forwarding to `port`, killed on drop.
-struct TunnelServer {
-    child: Child,
-    addr: String,
-}
-
-impl TunnelServer {
-    fn start(port: u16) -> TunnelServer {
-        let forward = format!("127.0.0.1:{port}");
-        let mut child = command(&[
-            "tunnel",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--forward",
-            &forward,
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn tether tunnel serve");
-        let lines = stderr_lines(&mut child);
-        let mut seen = Vec::new();
-        loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("tether tunnel serve did not start: {seen:?}"));
-            if let Some(addr) = line.strip_prefix("tether tunnel serving on ") {
-                // Keep draining its stderr.
-                std::thread::spawn(move || for _ in lines {});
-                return TunnelServer {
-                    child,
-                    addr: addr.trim().to_owned(),
-                };
-            }
-            seen.push(line);
-        }
-    }
-}
-
-impl Drop for TunnelServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{bin, tunnel_serve};
 
 /// The ProxyCommand that puts ssh through the tunnel at `addr`.
 fn tether_proxy_command(addr: &str) -> String {
@@ -72,12 +25,12 @@ fn tether_proxy_command(addr: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_streamed_output_survives_twenty_cuts() {
     let Some(sshd) = Sshd::start() else { return };
-    let server = TunnelServer::start(sshd.port());
+    let (_server, served) = tunnel_serve(&[&format!("127.0.0.1:{}", sshd.port())]);
     // About 79 MB of `seq` output; a cut every ~1.5 MB on average, and in
     // the handshake now and then.
     let lines: u64 = 10_000_000;
     let proxy = FaultProxy::start(
-        server.addr.parse().unwrap(),
+        served.parse().unwrap(),
         FaultConfig {
             seed: 20,
             mean_bytes_between_cuts: 1_500_000,
@@ -101,9 +54,9 @@ async fn ssh_streamed_output_survives_twenty_cuts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_interactive_shell_keeps_its_state_across_a_30_s_outage() {
     let Some(sshd) = Sshd::start() else { return };
-    let server = TunnelServer::start(sshd.port());
+    let (_server, served) = tunnel_serve(&[&format!("127.0.0.1:{}", sshd.port())]);
     let proxy = Arc::new(
-        FaultProxy::start(server.addr.parse().unwrap(), FaultConfig::default())
+        FaultProxy::start(served.parse().unwrap(), FaultConfig::default())
             .await
             .unwrap(),
     );

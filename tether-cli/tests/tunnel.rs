@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use tether::fault::{FaultConfig, FaultProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
-use common::{command, finish, stderr_lines};
+use common::{command, finish, stderr_lines, tunnel_serve, Running};
 
 /// An echo target on 127.0.0.1: every connection's bytes come back.
 async fn echo_target() -> SocketAddr {
@@ -30,53 +30,6 @@ async fn echo_target() -> SocketAddr {
         }
     });
     addr
-}
-
-/// A running `tether` child, killed on drop.
-struct Running {
-    child: Child,
-    /// Its stderr, line by line.
-    lines: mpsc::Receiver<String>,
-}
-
-impl Running {
-    /// Starts `tether ARGS...` and waits for a stderr line starting with
-    /// `prefix`; returns the rest of that line's first word after it.
-    fn spawn(args: &[&str], env: &[(&str, &str)], prefix: &str) -> (Running, String) {
-        let mut cmd = command(args);
-        cmd.stdout(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn tether");
-        let lines = stderr_lines(&mut child);
-        let mut seen = Vec::new();
-        loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("tether {args:?} did not print {prefix:?}: {seen:?}"));
-            if let Some(rest) = line.strip_prefix(prefix) {
-                let word = rest.split_whitespace().next().unwrap_or("").to_owned();
-                return (Running { child, lines }, word);
-            }
-            seen.push(line);
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `tether tunnel serve --listen 127.0.0.1:0 --forward FIRST [ARGS...]`:
-/// the server and the address it announced.
-fn serve(args: &[&str]) -> (Running, String) {
-    let mut all = vec!["tunnel", "serve", "--listen", "127.0.0.1:0", "--forward"];
-    all.extend_from_slice(args);
-    Running::spawn(&all, &[], "tether tunnel serving on ")
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -109,12 +62,11 @@ async fn cutting_proxy(addr: &str, cut_every: u64, seed: u64) -> FaultProxy {
 async fn a_local_forward_carries_every_byte_through_cuts() {
     let target = echo_target().await;
     let target = target.to_string();
-    let (server, served) = serve(&[&target]);
+    let (server, served) = tunnel_serve(&[&target]);
     let proxy = cutting_proxy(&served, 512 * 1024, 7).await;
     let via = proxy.local_addr().to_string();
     let (_client, local) = Running::spawn(
         &["tunnel", "connect", &via, "--local", "127.0.0.1:0"],
-        &[],
         "tether tunnel forwarding ",
     );
     // Three connections at once, 8 MiB each way.
@@ -178,7 +130,7 @@ async fn stdio_carries_a_stream_and_tokens_admit_only_their_holders() {
     std::fs::write(&tokens, "# who may connect\nsecret-one\nsecret-two\n").unwrap();
     let tokens = tokens.to_str().unwrap().to_owned();
     let forward = format!("echo={target}");
-    let (_server, served) = serve(&[
+    let (_server, served) = tunnel_serve(&[
         &forward,
         "--forward",
         "closed=127.0.0.1:1",
@@ -267,7 +219,7 @@ async fn a_local_forward_on_a_terminal_keeps_a_status_line() {
         return;
     }
     let target = echo_target().await.to_string();
-    let (_server, served) = serve(&[&target]);
+    let (_server, served) = tunnel_serve(&[&target]);
     // The client runs for 3 s under a pseudo-terminal, then is stopped.
     let line = format!(
         "timeout -s INT 3 {} tunnel connect {served} --local 127.0.0.1:0",
@@ -305,7 +257,7 @@ async fn stdio_delivers_bytes_without_a_newline_at_once() {
             s.write_all(&buf).await.unwrap();
         }
     });
-    let (_server, served) = serve(&[&target]);
+    let (_server, served) = tunnel_serve(&[&target]);
     let mut child = command(&["tunnel", "connect", &served, "--stdio"])
         .stdin(Stdio::piped())
         .spawn()

@@ -1,6 +1,7 @@
 //! What every test of the built `tether` command needs: the binary, a
 //! command line with its output piped, a wait with a deadline that
-//! collects the output, and a child's stderr as lines.
+//! collects the output, a child's stderr as lines, and a running `tether`
+//! that announced its address (`Running`, `tunnel_serve`).
 
 #![allow(dead_code)] // each test crate uses its own part of this
 
@@ -70,4 +71,49 @@ pub(crate) fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
         }
     });
     rx
+}
+
+/// A running `tether` child, killed on drop.
+pub(crate) struct Running {
+    pub(crate) child: Child,
+    /// Its stderr, line by line.
+    pub(crate) lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    /// Starts `tether ARGS...` and waits for a stderr line starting with
+    /// `prefix`; returns the rest of that line's first word after it.
+    pub(crate) fn spawn(args: &[&str], prefix: &str) -> (Running, String) {
+        let mut child = command(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn tether");
+        let lines = stderr_lines(&mut child);
+        let mut seen = Vec::new();
+        loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("tether {args:?} did not print {prefix:?}: {seen:?}"));
+            if let Some(rest) = line.strip_prefix(prefix) {
+                let word = rest.split_whitespace().next().unwrap_or("").to_owned();
+                return (Running { child, lines }, word);
+            }
+            seen.push(line);
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `tether tunnel serve --listen 127.0.0.1:0 --forward FIRST [ARGS...]`:
+/// the server and the address it announced.
+pub(crate) fn tunnel_serve(args: &[&str]) -> (Running, String) {
+    let mut all = vec!["tunnel", "serve", "--listen", "127.0.0.1:0", "--forward"];
+    all.extend_from_slice(args);
+    Running::spawn(&all, "tether tunnel serving on ")
 }
