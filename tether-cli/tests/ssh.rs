@@ -11,7 +11,8 @@ use std::time::Duration;
 
 mod common;
 use common::ssh::{
-    interactive_shell_keeps_state, streamed_output_is_complete, Sshd, PLAIN_TCP_PROXY_COMMAND,
+    interactive_shell_keeps_state, ssh_status, streamed_output_is_complete, Sshd,
+    PLAIN_TCP_PROXY_COMMAND,
 };
 
 /// Lines of `seq` streamed through each session: about 15 MB.
@@ -100,6 +101,21 @@ fn harness_notices_a_stream_cut_short() {
         failure.contains("failed (exit status: 255)"),
         "not the failure expected:\n{failure}"
     );
+}
+
+// ssh's end is seen even when it lands on a line being typed (a CI run
+// once showed this pane and waited 60 s for a value instead).
+
+#[test]
+fn ssh_status_is_found_after_typed_text() {
+    let pane = "tether$ Connection to 127.0.0.1 closed by remote host.\n\
+                echo \"after=$X\"ssh exited with status 255\n\n";
+    assert_eq!(ssh_status(pane).as_deref(), Some("255"));
+    assert_eq!(
+        ssh_status("ssh exited with status 0\n").as_deref(),
+        Some("0")
+    );
+    assert_eq!(ssh_status("tether$ echo \"after=$X\"\n"), None);
 }
 
 /// The message `check` panics with; panics if it does not.

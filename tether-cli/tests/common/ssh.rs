@@ -400,7 +400,7 @@ impl Tmux {
             if let Some(value) = found(&pane) {
                 return value;
             }
-            if let Some(status) = line_value(&pane, SSH_EXITED) {
+            if let Some(status) = ssh_status(&pane) {
                 panic!(
                     "ssh ended (status {status}) before any {what} showed in the tmux pane; \
                      the pane:\n{pane}\nsshd log:\n{}",
@@ -427,6 +427,18 @@ impl Drop for Tmux {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// ssh's exit status, once the pane shows it. Searched for anywhere in a
+/// line, not only at its start: when ssh ends while a line is being typed,
+/// the terminal echoes the typed text and the status follows it on the
+/// same line.
+pub(crate) fn ssh_status(pane: &str) -> Option<String> {
+    pane.lines().find_map(|line| {
+        let (_, rest) = line.split_once(SSH_EXITED)?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        (!digits.is_empty()).then_some(digits)
+    })
 }
 
 /// The value after `prefix` on the first line of `pane` starting with it.
@@ -501,7 +513,7 @@ pub(crate) fn interactive_shell_keeps_state(
     let deadline = Instant::now() + login;
     let status = loop {
         let pane = tmux.pane();
-        if let Some(status) = line_value(&pane, SSH_EXITED) {
+        if let Some(status) = ssh_status(&pane) {
             break status;
         }
         assert!(
