@@ -288,7 +288,7 @@ pub(crate) struct AllocFigure {
 pub(crate) struct TunnelBench {
     bytes_per_run: u64,
     unit: &'static str,
-    /// `direct_tcp`, `tunnel` and (when it ran) `ssh_l`.
+    /// `direct_tcp`, `relay_chain`, `tunnel` and (when it ran) `ssh_l`.
     systems: BTreeMap<&'static str, Figure>,
     /// Why `ssh -L` did not run, if it did not.
     ssh_l_not_run: Option<String>,
@@ -365,6 +365,8 @@ pub struct BenchReport {
     pub(crate) storm_s: Option<f64>,
     pub(crate) tunnel_over_direct_tcp: Option<f64>,
     pub(crate) tunnel_over_ssh_l: Option<f64>,
+    /// The tunnel against two plain relays over the same three hops.
+    pub(crate) tunnel_over_relay_chain: Option<f64>,
     pub(crate) targets: Targets,
     /// No workload failed and every delivery check passed.
     pub(crate) ok: bool,
@@ -600,6 +602,10 @@ async fn tunnel_bench(
         Ok(s) => s,
         Err(e) => return (Err(e.context("starting the sink")), None),
     };
+    let chain = match tunnel::RelayChain::start(sink.addr()).await {
+        Ok(c) => c,
+        Err(e) => return (Err(e.context("starting the relay chain")), None),
+    };
     let tun = match tunnel::Tunnel::start(sink.addr()).await {
         Ok(t) => t,
         Err(e) => return (Err(e.context("starting the tunnel")), None),
@@ -618,6 +624,7 @@ async fn tunnel_bench(
         .into_iter()
         .filter_map(|w| match w {
             tunnel::Way::Direct => Some((w, sink.addr())),
+            tunnel::Way::Relay => Some((w, chain.local())),
             tunnel::Way::Tunnel => Some((w, tun.local())),
             tunnel::Way::Ssh => ssh.as_ref().map(|s| (w, s.local())),
         })
@@ -662,6 +669,7 @@ async fn tunnel_bench(
     }
     .await;
     drop(ssh);
+    drop(chain);
     tun.stop().await;
     if measured.is_err() && ssh_l_not_run.is_none() {
         ssh_l_not_run = Some("the workload failed".to_string());
@@ -739,6 +747,7 @@ pub fn run(
         storm_s: None,
         tunnel_over_direct_tcp: None,
         tunnel_over_ssh_l: None,
+        tunnel_over_relay_chain: None,
         targets: Targets::default(),
         ok: true,
         all_targets_met: false,
@@ -983,6 +992,7 @@ fn headline(r: &mut BenchReport) {
     let tunnel_mbps = |key: &str| r.tunnel.as_ref()?.systems.get(key).map(|f| f.median);
     r.tunnel_over_direct_tcp = ratio(tunnel_mbps("tunnel"), tunnel_mbps("direct_tcp"));
     r.tunnel_over_ssh_l = ratio(tunnel_mbps("tunnel"), tunnel_mbps("ssh_l"));
+    r.tunnel_over_relay_chain = ratio(tunnel_mbps("tunnel"), tunnel_mbps("relay_chain"));
 
     let mut t = Vec::new();
     let mut at_least = |key, label, value: Option<f64>, min: f64| {
@@ -1328,6 +1338,10 @@ pub fn render(r: &BenchReport) -> String {
         ),
         ("resume p50 (WS), ms", r.resume_ws_p50_ms),
         ("tunnel MB/s: tunnel / ssh -L", r.tunnel_over_ssh_l),
+        (
+            "tunnel MB/s: tunnel / relay chain",
+            r.tunnel_over_relay_chain,
+        ),
         (
             "resident bytes per idle WS session",
             r.idle_ws_session_bytes,

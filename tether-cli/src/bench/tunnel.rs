@@ -2,6 +2,12 @@
 //! sink over loopback, three ways in the same run:
 //!
 //! - **direct TCP**: the client connects to the sink itself;
+//! - **relay chain**: through two plain relays (a read/write loop with a
+//!   256 KiB buffer, no framing), the same three loopback hops as the tunnel: client to local
+//!   relay, relay to relay (where the tunnel has its stable conduit), relay
+//!   to sink. Every byte is copied through the kernel three times instead
+//!   of once, so on a machine with few cores this, not direct TCP, is the
+//!   most a tunnel of any kind can reach;
 //! - **tunnel**: through tether's tunnel in this process, set up as
 //!   `tether tunnel serve --forward SINK` and `tether tunnel connect
 //!   --local PORT` would: a `Server<TunnelFrame>` serving each session with
@@ -37,16 +43,18 @@ use super::systems::STEP_TIMEOUT;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Way {
     Direct,
+    Relay,
     Tunnel,
     Ssh,
 }
 
 impl Way {
-    pub(crate) const ALL: [Way; 3] = [Way::Direct, Way::Tunnel, Way::Ssh];
+    pub(crate) const ALL: [Way; 4] = [Way::Direct, Way::Relay, Way::Tunnel, Way::Ssh];
 
     pub(crate) fn key(self) -> &'static str {
         match self {
             Way::Direct => "direct_tcp",
+            Way::Relay => "relay_chain",
             Way::Tunnel => "tunnel",
             Way::Ssh => "ssh_l",
         }
@@ -55,6 +63,7 @@ impl Way {
     pub(crate) fn label(self) -> &'static str {
         match self {
             Way::Direct => "direct TCP",
+            Way::Relay => "relay chain",
             Way::Tunnel => "tether tunnel",
             Way::Ssh => "ssh -L",
         }
@@ -178,6 +187,76 @@ impl Drop for Sink {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Two plain TCP relays in a row before the sink: each accepted
+/// connection is carried to the next hop, one way, by a read/write loop
+/// with a 256 KiB buffer (`tokio::io::copy`'s 8 KiB one would make the
+/// chain slower than it need be).
+pub(crate) struct RelayChain {
+    local: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RelayChain {
+    pub(crate) async fn start(sink: SocketAddr) -> anyhow::Result<RelayChain> {
+        let (far, far_task) = relay(sink).await?;
+        let (near, near_task) = relay(far).await?;
+        Ok(RelayChain {
+            local: near,
+            tasks: vec![far_task, near_task],
+        })
+    }
+
+    /// Where the bench's client connects.
+    pub(crate) fn local(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+impl Drop for RelayChain {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A relay on a fresh loopback port to `to`; its address and its task.
+async fn relay(to: SocketAddr) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((mut from, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = from.set_nodelay(true);
+                let Ok(mut onward) = TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = onward.set_nodelay(true);
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match from.read(&mut buf).await {
+                        Ok(0) => {
+                            let _ = onward.shutdown().await;
+                            break;
+                        }
+                        Ok(n) => {
+                            if onward.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+                // Hold `from` until the far side is done, as the sink's
+                // client does, so nothing in flight is reset.
+                let mut rest = [0u8; 1];
+                let _ = onward.read(&mut rest).await;
+            });
+        }
+    });
+    Ok((addr, task))
 }
 
 /// A tunnel server forwarding to the sink and a client forwarding a local
@@ -438,6 +517,14 @@ mod tests {
         drop(TcpStream::connect(sink.addr()).await.unwrap());
         let (_, got) = sink.push(sink.addr(), 1_000_003).await.unwrap();
         assert_eq!(got, 1_000_003);
+    }
+
+    #[tokio::test]
+    async fn the_relay_chain_carries_every_byte_to_the_sink() {
+        let sink = Sink::start().await.unwrap();
+        let chain = RelayChain::start(sink.addr()).await.unwrap();
+        let (_, got) = sink.push(chain.local(), 3 << 20).await.unwrap();
+        assert_eq!(got, 3 << 20);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
