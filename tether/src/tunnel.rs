@@ -20,7 +20,9 @@
 //! socket does not drain stops its sender after one window, holds at most
 //! one window of memory on the receiving side, and never holds up the other
 //! streams of the session: the conduit itself is always read. A peer that
-//! sends more than the window on a stream has that stream reset.
+//! sends more than the window on a stream has that stream reset: what it
+//! sent is dropped, a [`TunnelFrame::Reset`] tells it why, and the stream
+//! ends on this side with [`StreamError::Violation`].
 //!
 //! # Ends
 //!
@@ -132,6 +134,11 @@ pub enum StreamError {
     /// The session ended (lost or closed) with the stream open.
     #[error("the tunnel session ended: {0}")]
     Session(String),
+    /// The other side broke the tunnel's rules on this stream (it sent
+    /// more than its credit allowed); this side reset the stream and told
+    /// it why.
+    #[error("the other side broke the stream's flow control: {0}")]
+    Violation(String),
 }
 
 /// What the demultiplexer hands one stream's writer.
@@ -139,6 +146,8 @@ enum Inbound {
     Data(ByteBuf),
     Fin,
     Reset(String),
+    /// The peer sent over the window: reset the stream and tell it why.
+    Overrun(String),
 }
 
 struct StreamEntry {
@@ -217,14 +226,21 @@ impl Mux {
             TunnelFrame::Opened { id } => self.answer(id, Ok(())),
             TunnelFrame::Refused { id, reason } => self.answer(id, Err(reason)),
             TunnelFrame::Data { id, bytes } => {
-                let streams = self.streams();
+                let mut streams = self.streams();
                 if let Some(entry) = streams.get(&id) {
                     let held = entry.unwritten.fetch_add(bytes.len(), Ordering::AcqRel);
                     if held + bytes.len() > STREAM_WINDOW {
-                        let _ = entry.inbound.send(Inbound::Reset(format!(
-                            "the peer sent {} bytes over the stream's window",
+                        // The stream is dropped from the table at once, so
+                        // whatever else the peer sends on it is discarded
+                        // instead of queued; its writer resets it.
+                        let reason = format!(
+                            "{} bytes sent over the stream's window of {STREAM_WINDOW}",
                             held + bytes.len() - STREAM_WINDOW
-                        )));
+                        );
+                        if let Some(entry) = streams.remove(&id) {
+                            entry.credit.close();
+                            let _ = entry.inbound.send(Inbound::Overrun(reason));
+                        }
                     } else {
                         let _ = entry.inbound.send(Inbound::Data(bytes));
                     }
@@ -441,6 +457,17 @@ where
                         Some(why) => StreamError::Session(why),
                         None => StreamError::ResetByPeer(reason),
                     });
+                }
+                Some(Inbound::Overrun(reason)) => {
+                    tracing::warn!(stream = id, %reason, "tunnel peer overran a stream's window");
+                    let _ = mux
+                        .tx
+                        .send(&TunnelFrame::Reset {
+                            id,
+                            reason: reason.clone(),
+                        })
+                        .await;
+                    return Err(StreamError::Violation(reason));
                 }
                 None => {
                     credit.close();
@@ -703,6 +730,7 @@ impl From<StreamError> for io::Error {
             StreamError::ResetByPeer(_) => io::ErrorKind::ConnectionReset,
             StreamError::Local(_) => io::ErrorKind::Other,
             StreamError::Session(_) => io::ErrorKind::ConnectionAborted,
+            StreamError::Violation(_) => io::ErrorKind::InvalidData,
         };
         io::Error::new(kind, err)
     }

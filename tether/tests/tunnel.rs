@@ -15,7 +15,8 @@ use ring::digest::{Context, SHA256};
 use tether::fault::{FaultConfig, FaultProxy};
 use tether::link::{TcpConnector, TcpListener};
 use tether::tunnel::{
-    serve_session, serve_session_with_limit, StreamError, TunnelClient, TunnelFrame, MAX_STREAMS,
+    serve_session, serve_session_with_limit, StreamError, TunnelClient, TunnelFrame, MAX_CHUNK,
+    MAX_STREAMS, STREAM_WINDOW,
 };
 use tether::{Config, Server, StableConduit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -395,6 +396,101 @@ async fn streams_beyond_the_session_limit_are_refused() {
         open.iter().all(|(_, t)| !t.is_finished()),
         "the open streams were disturbed"
     );
+}
+
+/// A client that ignores its credit: the server resets the stream, tells
+/// the client why, drops what else comes on it, and the session and its
+/// other streams carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_its_window_has_the_stream_reset_and_is_told_why() {
+    // A target that accepts and never reads: the server's writes to it
+    // stop once the socket buffers are full, so its window fills.
+    let holding = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let holding_addr = holding.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = holding.accept().await {
+            held.push(s);
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::<TunnelFrame>::new(listener, Config::default().seed(8));
+    tokio::spawn(async move {
+        while let Some(session) = server.accept().await {
+            let target = holding_addr.clone();
+            tokio::spawn(serve_session(session, move |_| Some(target.clone())));
+        }
+    });
+    let conduit =
+        StableConduit::<TunnelFrame>::connect(TcpConnector::new(addr), Config::default().seed(9))
+            .await
+            .unwrap();
+    let (tx, mut rx) = conduit.split();
+    tx.send(&TunnelFrame::Open {
+        id: 1,
+        target: String::new(),
+    })
+    .await
+    .unwrap();
+    let opened = timeout(Duration::from_secs(10), rx.recv()).await.unwrap();
+    assert!(
+        matches!(opened, Ok(Some(TunnelFrame::Opened { id: 1 }))),
+        "{opened:?}"
+    );
+    // Data without waiting for credit, until the server answers.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = stop.clone();
+    let flood = tokio::spawn(async move {
+        let chunk = tether::ByteBuf::from(vec![0x5a; MAX_CHUNK]);
+        let mut sent = 0usize;
+        // Far more than the window plus any socket buffers.
+        while sent < 512 << 20 && !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            let frame = TunnelFrame::Data {
+                id: 1,
+                bytes: chunk.clone(),
+            };
+            tx.send(&frame).await.expect("the session stays up");
+            sent += MAX_CHUNK;
+        }
+        (tx, sent)
+    });
+    let reason = timeout(Duration::from_secs(30), async {
+        loop {
+            match rx.recv().await {
+                Ok(Some(TunnelFrame::Reset { id: 1, reason })) => break reason,
+                Ok(Some(TunnelFrame::Credit { .. })) => {}
+                other => panic!("expected the stream's reset, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the server never reset the flooded stream");
+    assert!(
+        reason.contains("over the stream's window") && reason.contains(&STREAM_WINDOW.to_string()),
+        "{reason}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (tx, sent) = flood.await.unwrap();
+    assert!(sent > STREAM_WINDOW, "reset after only {sent} bytes");
+    // The session carries on: a new stream on it opens.
+    tx.send(&TunnelFrame::Open {
+        id: 2,
+        target: String::new(),
+    })
+    .await
+    .unwrap();
+    let opened = timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await {
+                Ok(Some(TunnelFrame::Opened { id: 2 })) => break,
+                Ok(Some(TunnelFrame::Credit { .. } | TunnelFrame::Reset { id: 1, .. })) => {}
+                other => panic!("expected stream 2 opened, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(opened.is_ok(), "the session stopped serving");
 }
 
 #[tokio::test]
