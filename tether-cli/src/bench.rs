@@ -1417,7 +1417,7 @@ pub fn render(r: &BenchReport) -> String {
     for t in &r.targets.0 {
         let _ = writeln!(
             out,
-            "  {} {:<36}{:>12}   target {:<30}",
+            "  {} {:<38}{:>12}   target {:<30}",
             if t.met { "✓" } else { "✗" },
             t.label,
             t.value.map_or("not run".to_string(), fmt_num),
@@ -1468,7 +1468,7 @@ pub fn render(r: &BenchReport) -> String {
     ];
     for (label, v) in extra {
         if let Some(v) = v {
-            let _ = writeln!(out, "    {label:<36}{:>12}", fmt_num(v));
+            let _ = writeln!(out, "    {label:<38}{:>12}", fmt_num(v));
         }
     }
     if r.quick {
