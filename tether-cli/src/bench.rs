@@ -433,7 +433,7 @@ impl Progress {
 }
 
 /// One throughput workload: `count` messages of `size` bytes through every
-/// system of `list` and, with `limit`, the same messages' encoded bytes
+/// system of `list` and, with `with_limit`, the same messages' encoded bytes
 /// through the loopback limit (see `bench/limit.rs`), interleaved.
 ///
 /// Every figure is `count` messages over the time taken: msgs/s, or with
@@ -446,7 +446,7 @@ impl Progress {
 async fn throughput(
     p: &Progress,
     list: &[System],
-    limit: bool,
+    with_limit: bool,
     name: &str,
     size: usize,
     count: u64,
@@ -460,7 +460,7 @@ async fn throughput(
         .iter()
         .copied()
         .map(Some)
-        .chain(limit.then_some(None))
+        .chain(with_limit.then_some(None))
         .collect();
     let one = |entry: Option<System>, n: u64| async move {
         match entry {
@@ -774,7 +774,7 @@ pub fn run(
         }
     }
     let want = |w: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == w);
-    let (list, limit) = selection(&opts.systems)?;
+    let (list, with_limit) = selection(&opts.systems)?;
     let has = |key: &str| list.iter().any(|s| s.key() == key);
     let rt = sessions::runtime()?;
     let mut r = BenchReport {
@@ -837,7 +837,7 @@ pub fn run(
         match rt.block_on(throughput(
             &p,
             &list,
-            limit,
+            with_limit,
             "small",
             SMALL,
             plan.small_messages,
@@ -853,7 +853,7 @@ pub fn run(
         match rt.block_on(throughput(
             &p,
             &list,
-            limit,
+            with_limit,
             "64 KiB",
             64 * 1024,
             count,
@@ -867,7 +867,7 @@ pub fn run(
         match rt.block_on(throughput(
             &p,
             &list,
-            limit,
+            with_limit,
             "1 MiB",
             1024 * 1024,
             count,
@@ -1647,15 +1647,15 @@ mod tests {
     #[test]
     fn naming_systems_leaves_the_loopback_limit_out_unless_named() {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let (list, limit) = selection(&[]).unwrap();
+        let (list, with_limit) = selection(&[]).unwrap();
         assert_eq!(list, System::ALL.to_vec());
-        assert!(limit);
-        let (list, limit) = selection(&names(&["stable"])).unwrap();
+        assert!(with_limit);
+        let (list, with_limit) = selection(&names(&["stable"])).unwrap();
         assert_eq!(list, vec![System::Stable]);
-        assert!(!limit);
-        let (list, limit) = selection(&names(&["loopback_limit", "framed"])).unwrap();
+        assert!(!with_limit);
+        let (list, with_limit) = selection(&names(&["loopback_limit", "framed"])).unwrap();
         assert_eq!(list, vec![System::Framed]);
-        assert!(limit);
+        assert!(with_limit);
         let e = selection(&names(&["nope"])).unwrap_err().to_string();
         assert!(
             e.contains("stable_ws") && e.contains("loopback_limit"),
