@@ -11,13 +11,23 @@
 //! - **stable (mem)**: the stable conduit over the in-memory link, which
 //!   separates the protocol's cost from the socket's.
 //!
-//! The tunnel workload compares one bulk stream carried directly over TCP,
-//! through tether's tunnel and through `ssh -L` (see `bench/tunnel.rs`).
+//! Beside them, in the throughput workloads, the **loopback limit**: the
+//! bytes of the same encoded messages pushed through a plain loopback TCP
+//! connection in 256 KiB writes by one writer and one reader, with no
+//! framing (see `bench/limit.rs`). It is what the machine can move, and
+//! every system's figure is also read as a fraction of it. It runs unless
+//! `--systems` names systems without `loopback_limit`.
+//!
+//! The tunnel workload compares one bulk stream carried directly over TCP
+//! (the physical limit of one hop), through two plain relays (the limit of
+//! the tunnel's three hops), through tether's tunnel and through `ssh -L`
+//! (see `bench/tunnel.rs`).
 //!
 //! Every ratio compares two figures measured in the same process run, with
 //! the systems' runs interleaved. `BENCHMARKS.md` describes the method.
 
 mod alloc;
+mod limit;
 mod resume;
 mod sessions;
 mod systems;
@@ -56,8 +66,10 @@ pub struct BenchOptions {
     /// Sessions of the idle-memory and storm workloads, instead of 10,000
     /// (1,000 with `quick`).
     pub sessions: Option<usize>,
-    /// Compare only these systems (`framed`, `bare`, `stable`,
-    /// `stable_mem`); empty: all. Ratios need both of their systems.
+    /// Compare only these systems (keys of the JSON report: `framed`,
+    /// `bare`, `stable`, `stable_mem`, ..., and `loopback_limit` for the
+    /// throughput workloads' loopback limit); empty: all. Ratios need both
+    /// of their systems.
     pub systems: Vec<String>,
     /// Print progress to stderr.
     pub progress: bool,
@@ -244,8 +256,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Throughput {
     payload_bytes: usize,
+    /// Bytes of one postcard-encoded message, without framing: what the
+    /// loopback limit moves per message.
+    encoded_bytes: usize,
     messages_per_run: u64,
     unit: &'static str,
+    /// By system key; `loopback_limit` is the loopback limit, in the same
+    /// unit (for msgs/s, the equivalent: bytes/s ÷ `encoded_bytes`).
     systems: BTreeMap<&'static str, Figure>,
 }
 
@@ -343,6 +360,11 @@ pub struct BenchReport {
     pub(crate) small_stable_mem_over_stable: Option<f64>,
     pub(crate) large_stable_over_framed: Option<f64>,
     pub(crate) large_64k_stable_over_framed: Option<f64>,
+    /// The stable conduit's throughput as a fraction of the loopback limit
+    /// (no target): small (msgs/s), 64 KiB and 1 MiB (MB/s).
+    pub(crate) small_stable_over_loopback_limit: Option<f64>,
+    pub(crate) large_64k_stable_over_loopback_limit: Option<f64>,
+    pub(crate) large_stable_over_loopback_limit: Option<f64>,
     pub(crate) rtt_p50_stable_over_bare: Option<f64>,
     pub(crate) rtt_p50_bare_over_framed: Option<f64>,
     pub(crate) small_stable_tls_over_framed_tls: Option<f64>,
@@ -410,28 +432,56 @@ impl Progress {
     }
 }
 
+/// One throughput workload: `count` messages of `size` bytes through every
+/// system of `list` and, with `with_limit`, the same messages' encoded bytes
+/// through the loopback limit (see `bench/limit.rs`), interleaved.
+///
+/// Every figure is `count` messages over the time taken: msgs/s, or with
+/// `bytes` MB/s of payload. The limit's is computed the same way from the
+/// time loopback took to move `count` × the encoded message's bytes, so
+/// for the 32 B workload it is the equivalent msgs/s (bytes/s ÷ bytes per
+/// encoded message), and any system's figure divided by it is the fraction
+/// of the machine's loopback the system gets.
+#[allow(clippy::too_many_arguments)]
 async fn throughput(
     p: &Progress,
     list: &[System],
+    with_limit: bool,
     name: &str,
     size: usize,
     count: u64,
     runs: usize,
     bytes: bool,
 ) -> anyhow::Result<Throughput> {
+    let encoded = limit::encoded_len(size)?;
     let mut figures: BTreeMap<&'static str, Figure> = BTreeMap::new();
+    // Every system, then the limit if it runs, in the table's order.
+    let entries: Vec<Option<System>> = list
+        .iter()
+        .copied()
+        .map(Some)
+        .chain(with_limit.then_some(None))
+        .collect();
+    let one = |entry: Option<System>, n: u64| async move {
+        match entry {
+            Some(system) => systems::throughput(system, size, n).await,
+            None => limit::push(n * encoded as u64).await,
+        }
+    };
+    let key = |entry: Option<System>| entry.map_or(limit::KEY, System::key);
+    let label = |entry: Option<System>| entry.map_or(limit::LABEL, System::label);
     // One short unmeasured run each, so the first measured run is not the
     // one that faults in the buffers.
-    for &system in list {
-        systems::throughput(system, size, (count / 20).max(1))
+    for &entry in &entries {
+        one(entry, (count / 20).max(1))
             .await
-            .with_context(|| format!("{name}: {} warm-up", system.key()))?;
+            .with_context(|| format!("{name}: {} warm-up", key(entry)))?;
     }
     for run in 1..=runs {
-        for &system in list {
-            let took = systems::throughput(system, size, count)
+        for &entry in &entries {
+            let took = one(entry, count)
                 .await
-                .with_context(|| format!("{name}: {}", system.key()))?;
+                .with_context(|| format!("{name}: {}", key(entry)))?;
             let secs = took.as_secs_f64().max(1e-9);
             let v = if bytes {
                 (count as f64 * size as f64) / secs / 1e6
@@ -439,20 +489,21 @@ async fn throughput(
                 count as f64 / secs
             };
             p.say(format_args!(
-                "{name} run {run}/{runs}: {:<13} {}",
-                system.label(),
+                "{name} run {run}/{runs}: {:<14} {}",
+                label(entry),
                 if bytes {
                     format!("{v:.0} MB/s")
                 } else {
                     format!("{v:.0} msgs/s")
                 }
             ));
-            figures.entry(system.key()).or_default().push(v);
+            figures.entry(key(entry)).or_default().push(v);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     Ok(Throughput {
         payload_bytes: size,
+        encoded_bytes: encoded,
         messages_per_run: count,
         unit: if bytes { "MB/s" } else { "msgs/s" },
         systems: figures,
@@ -683,6 +734,25 @@ async fn tunnel_bench(
     (result, ssh_error)
 }
 
+/// The systems `--systems` selects, in the table's order, and whether the
+/// loopback limit runs beside them in the throughput workloads: always
+/// when no system is named, otherwise only when `loopback_limit` is.
+fn selection(names: &[String]) -> anyhow::Result<(Vec<System>, bool)> {
+    for s in names {
+        if s != limit::KEY && !System::ALL.iter().any(|k| k.key() == s) {
+            let known: Vec<&str> = System::ALL
+                .iter()
+                .map(|k| k.key())
+                .chain([limit::KEY])
+                .collect();
+            anyhow::bail!("unknown system {s:?}; known: {}", known.join(", "));
+        }
+    }
+    let named = |key: &str| names.is_empty() || names.iter().any(|k| k == key);
+    let list = System::ALL.into_iter().filter(|s| named(s.key())).collect();
+    Ok((list, named(limit::KEY)))
+}
+
 /// Runs the workloads and builds the report. Fails only when it cannot
 /// start; a workload that fails is recorded in the report's errors.
 pub fn run(
@@ -704,15 +774,7 @@ pub fn run(
         }
     }
     let want = |w: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == w);
-    for s in &opts.systems {
-        if !System::ALL.iter().any(|k| k.key() == s) {
-            anyhow::bail!("unknown system {s:?}; known: framed, bare, stable, stable_mem");
-        }
-    }
-    let list: Vec<System> = System::ALL
-        .into_iter()
-        .filter(|s| opts.systems.is_empty() || opts.systems.iter().any(|k| k == s.key()))
-        .collect();
+    let (list, with_limit) = selection(&opts.systems)?;
     let has = |key: &str| list.iter().any(|s| s.key() == key);
     let rt = sessions::runtime()?;
     let mut r = BenchReport {
@@ -725,6 +787,9 @@ pub fn run(
         small_stable_mem_over_stable: None,
         large_stable_over_framed: None,
         large_64k_stable_over_framed: None,
+        small_stable_over_loopback_limit: None,
+        large_64k_stable_over_loopback_limit: None,
+        large_stable_over_loopback_limit: None,
         rtt_p50_stable_over_bare: None,
         rtt_p50_bare_over_framed: None,
         small_stable_tls_over_framed_tls: None,
@@ -772,6 +837,7 @@ pub fn run(
         match rt.block_on(throughput(
             &p,
             &list,
+            with_limit,
             "small",
             SMALL,
             plan.small_messages,
@@ -787,6 +853,7 @@ pub fn run(
         match rt.block_on(throughput(
             &p,
             &list,
+            with_limit,
             "64 KiB",
             64 * 1024,
             count,
@@ -800,6 +867,7 @@ pub fn run(
         match rt.block_on(throughput(
             &p,
             &list,
+            with_limit,
             "1 MiB",
             1024 * 1024,
             count,
@@ -918,7 +986,11 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 }
 
 fn median_of(t: &Option<Throughput>, system: System) -> Option<f64> {
-    t.as_ref()?.systems.get(system.key()).map(|f| f.median)
+    median_by_key(t, system.key())
+}
+
+fn median_by_key(t: &Option<Throughput>, key: &str) -> Option<f64> {
+    t.as_ref()?.systems.get(key).map(|f| f.median)
 }
 
 /// Fills in the headline figures and the targets.
@@ -937,6 +1009,11 @@ fn headline(r: &mut BenchReport) {
         median_of(&r.large_64k, Stable),
         median_of(&r.large_64k, Framed),
     );
+    let of_limit =
+        |t: &Option<Throughput>| ratio(median_of(t, Stable), median_by_key(t, limit::KEY));
+    r.small_stable_over_loopback_limit = of_limit(&r.small);
+    r.large_64k_stable_over_loopback_limit = of_limit(&r.large_64k);
+    r.large_stable_over_loopback_limit = of_limit(&r.large_1m);
     let p50 = |s: System| {
         r.rtt
             .as_ref()
@@ -1172,10 +1249,18 @@ pub fn render(r: &BenchReport) -> String {
         || r.allocs.is_some()
         || r.idle.is_some()
         || r.storm.is_some();
+    // The loopback limit's column, last, when a throughput workload
+    // measured it; the other workloads have no figure there.
+    let limit_column = [&r.small, &r.large_64k, &r.large_1m]
+        .into_iter()
+        .any(|t| median_by_key(t, limit::KEY).is_some());
     if per_system {
         let _ = write!(out, "{:<34}", "workload");
         for s in System::ALL {
             let _ = write!(out, "{:>14}", s.label());
+        }
+        if limit_column {
+            let _ = write!(out, "{:>16}", limit::LABEL);
         }
         let _ = writeln!(out);
     }
@@ -1184,28 +1269,43 @@ pub fn render(r: &BenchReport) -> String {
         for c in cells {
             let _ = write!(out, "{:>14}", c.map_or("-".to_string(), fmt_num));
         }
+        if limit_column {
+            let _ = write!(out, "{:>16}", "-");
+        }
         let _ = writeln!(out);
     };
-    let per = |t: &Option<Throughput>| System::ALL.map(|s| median_of(t, s));
+    // A throughput row: every system, then the limit.
+    let throughput_row = |out: &mut String, name: String, t: &Option<Throughput>| {
+        let _ = write!(out, "{name:<34}");
+        for s in System::ALL {
+            let c = median_of(t, s);
+            let _ = write!(out, "{:>14}", c.map_or("-".to_string(), fmt_num));
+        }
+        if limit_column {
+            let c = median_by_key(t, limit::KEY);
+            let _ = write!(out, "{:>16}", c.map_or("-".to_string(), fmt_num));
+        }
+        let _ = writeln!(out);
+    };
     if r.small.is_some() {
-        row(
+        throughput_row(
             &mut out,
             format!("small 32 B, msgs/s ({})", fmt_count(r.plan.small_messages)),
-            per(&r.small),
+            &r.small,
         );
     }
     if r.large_64k.is_some() {
-        row(
+        throughput_row(
             &mut out,
             format!("64 KiB, MB/s ({})", fmt_count(r.plan.large_64k_messages)),
-            per(&r.large_64k),
+            &r.large_64k,
         );
     }
     if r.large_1m.is_some() {
-        row(
+        throughput_row(
             &mut out,
             format!("1 MiB, MB/s ({})", fmt_count(r.plan.large_1m_messages)),
-            per(&r.large_1m),
+            &r.large_1m,
         );
     }
     if let Some(t) = &r.rtt {
@@ -1302,7 +1402,14 @@ pub fn render(r: &BenchReport) -> String {
                 (None, Some(why)) if way == tunnel::Way::Ssh => format!("not run ({why})"),
                 (None, _) => "-".to_string(),
             };
-            let _ = writeln!(out, "  {:<32}{cell:>14}", way.label());
+            // The two plain ways are the physical limits the tunnel is read
+            // against: one loopback hop, and the tunnel's three.
+            let note = match way {
+                tunnel::Way::Direct => "   physical limit, one hop",
+                tunnel::Way::Relay => "   physical limit, three hops",
+                tunnel::Way::Tunnel | tunnel::Way::Ssh => "",
+            };
+            let _ = writeln!(out, "  {:<32}{cell:>14}{note}", way.label());
         }
     }
     let _ = writeln!(out);
@@ -1310,7 +1417,7 @@ pub fn render(r: &BenchReport) -> String {
     for t in &r.targets.0 {
         let _ = writeln!(
             out,
-            "  {} {:<36}{:>12}   target {:<30}",
+            "  {} {:<38}{:>12}   target {:<30}",
             if t.met { "✓" } else { "✗" },
             t.label,
             t.value.map_or("not run".to_string(), fmt_num),
@@ -1326,6 +1433,18 @@ pub fn render(r: &BenchReport) -> String {
         (
             "64 KiB MB/s: stable / Framed",
             r.large_64k_stable_over_framed,
+        ),
+        (
+            "small msgs/s: stable / loopback limit",
+            r.small_stable_over_loopback_limit,
+        ),
+        (
+            "64 KiB MB/s: stable / loopback limit",
+            r.large_64k_stable_over_loopback_limit,
+        ),
+        (
+            "1 MiB MB/s: stable / loopback limit",
+            r.large_stable_over_loopback_limit,
         ),
         ("round trip p50: bare / Framed", r.rtt_p50_bare_over_framed),
         (
@@ -1349,7 +1468,7 @@ pub fn render(r: &BenchReport) -> String {
     ];
     for (label, v) in extra {
         if let Some(v) = v {
-            let _ = writeln!(out, "    {label:<36}{:>12}", fmt_num(v));
+            let _ = writeln!(out, "    {label:<38}{:>12}", fmt_num(v));
         }
     }
     if r.quick {
@@ -1421,6 +1540,7 @@ mod tests {
         let text = render(&r);
         assert!(text.contains("one 64 MiB stream"), "{text}");
         assert!(text.contains("not run (no sshd)"), "{text}");
+        assert!(text.contains("physical limit, one hop"), "{text}");
         assert_eq!(r.tunnel_over_direct_tcp, Some(0.9));
         assert_eq!(r.tunnel_over_ssh_l, None);
         let met = r
@@ -1430,5 +1550,123 @@ mod tests {
             .find(|t| t.key == "tunnel_over_direct_tcp")
             .map(|t| t.met);
         assert_eq!(met, Some(true));
+    }
+
+    /// A report with nothing measured, cheap to make: the storm workload
+    /// with a system that takes no part in it.
+    fn empty_report() -> BenchReport {
+        run(
+            &BenchOptions {
+                only: vec!["storm".into()],
+                systems: vec!["framed".into()],
+                ..BenchOptions::default()
+            },
+            None,
+        )
+        .unwrap()
+    }
+
+    fn throughput_of(
+        size: usize,
+        unit: &'static str,
+        medians: &[(&'static str, f64)],
+    ) -> Throughput {
+        Throughput {
+            payload_bytes: size,
+            encoded_bytes: limit::encoded_len(size).unwrap(),
+            messages_per_run: 1000,
+            unit,
+            systems: medians
+                .iter()
+                .map(|&(k, v)| {
+                    let mut f = Figure::default();
+                    f.push(v);
+                    (k, f)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn stable_is_read_as_a_fraction_of_the_loopback_limit() {
+        let mut r = empty_report();
+        r.small = Some(throughput_of(
+            SMALL,
+            "msgs/s",
+            &[("framed", 6e6), ("stable", 5e6), ("loopback_limit", 40e6)],
+        ));
+        r.large_64k = Some(throughput_of(
+            64 * 1024,
+            "MB/s",
+            &[("stable", 2000.0), ("loopback_limit", 8000.0)],
+        ));
+        // 1 MiB ran without the limit (`--systems` without it).
+        r.large_1m = Some(throughput_of(1 << 20, "MB/s", &[("stable", 1800.0)]));
+        headline(&mut r);
+        assert_eq!(r.small_stable_over_loopback_limit, Some(0.125));
+        assert_eq!(r.large_64k_stable_over_loopback_limit, Some(0.25));
+        assert_eq!(r.large_stable_over_loopback_limit, None);
+        // Informational: no target.
+        assert!(!r.targets.0.iter().any(|t| t.key.contains("loopback")));
+
+        let text = render(&r);
+        let header = text.lines().find(|l| l.starts_with("workload")).unwrap();
+        assert!(header.trim_end().ends_with("loopback limit"), "{text}");
+        let small = text.lines().find(|l| l.starts_with("small 32 B")).unwrap();
+        assert!(small.trim_end().ends_with("40,000,000"), "{text}");
+        let large = text.lines().find(|l| l.starts_with("1 MiB")).unwrap();
+        assert!(large.trim_end().ends_with('-'), "{text}");
+        assert!(
+            text.contains("small msgs/s: stable / loopback limit"),
+            "{text}"
+        );
+        assert!(
+            text.contains("64 KiB MB/s: stable / loopback limit"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("1 MiB MB/s: stable / loopback limit"),
+            "{text}"
+        );
+
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["small_stable_over_loopback_limit"], 0.125);
+        assert_eq!(json["large_64k_stable_over_loopback_limit"], 0.25);
+        assert!(json["large_stable_over_loopback_limit"].is_null());
+        assert_eq!(json["small"]["systems"]["loopback_limit"]["median"], 40e6);
+        // A 32-byte payload is 33 bytes encoded (one length byte).
+        assert_eq!(json["small"]["encoded_bytes"], 33);
+    }
+
+    #[test]
+    fn no_limit_column_without_a_throughput_workload() {
+        let text = render(&empty_report());
+        assert!(!text.contains("loopback limit"), "{text}");
+    }
+
+    #[test]
+    fn naming_systems_leaves_the_loopback_limit_out_unless_named() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (list, with_limit) = selection(&[]).unwrap();
+        assert_eq!(list, System::ALL.to_vec());
+        assert!(with_limit);
+        let (list, with_limit) = selection(&names(&["stable"])).unwrap();
+        assert_eq!(list, vec![System::Stable]);
+        assert!(!with_limit);
+        let (list, with_limit) = selection(&names(&["loopback_limit", "framed"])).unwrap();
+        assert_eq!(list, vec![System::Framed]);
+        assert!(with_limit);
+        let e = selection(&names(&["nope"])).unwrap_err().to_string();
+        assert!(
+            e.contains("stable_ws") && e.contains("loopback_limit"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_loopback_limit_moves_exactly_the_bytes_asked() {
+        // Not a multiple of the write size, so the last write is short.
+        limit::push(3 * limit::WRITE_SIZE as u64 + 5).await.unwrap();
+        limit::push(1).await.unwrap();
     }
 }

@@ -311,7 +311,9 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Compare only these systems (comma-separated): framed, bare,
-        /// stable, stable_mem, framed_tls, stable_tls, ws_plain, stable_ws.
+        /// stable, stable_mem, framed_tls, stable_tls, ws_plain, stable_ws,
+        /// and loopback_limit (plain TCP with no framing, beside the
+        /// throughput workloads).
         #[arg(long, value_delimiter = ',')]
         systems: Vec<String>,
         /// Sessions of the idle-memory and storm workloads (default 10,000;
