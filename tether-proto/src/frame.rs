@@ -491,32 +491,12 @@ impl postcard::ser_flavors::Flavor for GappedFlavor<'_> {
     }
 }
 
-/// How many pieces of at most `piece` bytes an encoding of `len` bytes is
-/// cut into by [`encode_item_gapped`]: one per `piece` bytes, except that
-/// a short last piece (at most a sixteenth of `piece`) rides with the one
-/// before it. So a message just over the piece size (a 64 KiB buffer and
-/// its length prefix, say) stays one frame, which its receiver takes as it
-/// is, instead of becoming a full piece and a few bytes that the receiver
-/// must copy back together. An empty encoding is one piece.
-#[must_use]
-pub fn piece_count(len: usize, piece: usize) -> usize {
-    let pieces = len.div_ceil(piece).max(1);
-    let tail = len - (pieces - 1) * piece;
-    if pieces > 1 && tail <= piece / 16 {
-        pieces - 1
-    } else {
-        pieces
-    }
-}
-
 /// Appends `gap` zero bytes and then the postcard encoding of `item` to
 /// `out`, with another gap of `gap` bytes in front of every further `piece`
-/// bytes of the encoding: `[gap][piece][gap][piece]..[gap][rest]`, as many
-/// pieces as [`piece_count`] says: the last one is 1 to `piece` bytes long,
-/// or up to `piece` and a sixteenth when a short tail rode with it (an
-/// empty item is one empty piece). Returns the length of the encoding,
-/// gaps not counted. Serializes once (a short tail is moved back over its
-/// gap); on error `out` is left as it was. `piece` must be at least 1.
+/// bytes of the encoding: `[gap][piece][gap][piece]..[gap][rest]`, the last
+/// piece 1 to `piece` bytes long (an empty item is one empty piece). Returns
+/// the length of the encoding, gaps not counted. Serializes once; on error
+/// `out` is left as it was. `piece` must be at least 1.
 pub fn encode_item_gapped<T: Serialize + ?Sized>(
     item: &T,
     out: &mut BytesMut,
@@ -535,15 +515,8 @@ pub fn encode_item_gapped<T: Serialize + ?Sized>(
     match postcard::serialize_with_flavor(item, flavor) {
         Ok(()) => {
             let written = out.len() - start;
-            let cut = written.div_ceil(gap + piece).max(1);
-            let len = written - cut * gap;
-            if piece_count(len, piece) < cut {
-                // The tail's gap is the last one: close it.
-                let tail_gap = start + (cut - 1) * (gap + piece);
-                out.copy_within(tail_gap + gap.., tail_gap);
-                out.truncate(out.len() - gap);
-            }
-            Ok(len)
+            let pieces = written.div_ceil(gap + piece).max(1);
+            Ok(written - pieces * gap)
         }
         Err(err) => {
             out.truncate(start);
@@ -899,8 +872,6 @@ mod tests {
         let mut plain = BytesMut::new();
         encode_item(&item, &mut plain).unwrap();
         assert_eq!(plain.len(), 11, "a length byte, then ten bytes");
-        // Pieces too small for any tail to ride along (a sixteenth of them
-        // is under a byte).
         for piece in [1, 3, 4, 11, 12, 100] {
             let mut out = BytesMut::from(&b"xy"[..]);
             let len = encode_item_gapped(&item, &mut out, 2, piece).unwrap();
@@ -914,66 +885,10 @@ mod tests {
                 joined.extend_from_slice(&chunk[2..]);
             }
             assert_eq!(joined, plain.to_vec(), "pieces of {piece}");
-            assert_eq!(piece_count(len, piece), 11usize.div_ceil(piece));
         }
         let mut out = BytesMut::new();
         assert_eq!(encode_item_gapped(&(), &mut out, 3, 8).unwrap(), 0);
         assert_eq!(out.len(), 3, "an empty item is one gap and an empty piece");
-    }
-
-    /// Cuts an encoding made by `encode_item_gapped` at the lengths
-    /// `piece_count` implies, checks each gap, and joins the pieces.
-    fn pieces_of(out: &[u8], len: usize, gap: usize, piece: usize) -> Vec<Vec<u8>> {
-        let n = piece_count(len, piece);
-        assert_eq!(out.len(), len + n * gap, "{n} gaps of {gap}");
-        let mut pieces = Vec::new();
-        let mut at = 0;
-        for i in 0..n {
-            assert!(out[at..at + gap].iter().all(|&b| b == 0), "gap {i}");
-            let end = if i + 1 == n {
-                out.len()
-            } else {
-                at + gap + piece
-            };
-            pieces.push(out[at + gap..end].to_vec());
-            at = end;
-        }
-        pieces
-    }
-
-    #[test]
-    fn a_short_tail_rides_with_the_piece_before_it() {
-        // A 64 KiB buffer encodes to 65,539 bytes (a 3-byte length first):
-        // one frame, not a full piece and 3 bytes.
-        let big = vec![7u8; 64 * 1024];
-        let mut plain = BytesMut::new();
-        encode_item(&big, &mut plain).unwrap();
-        let piece = 64 * 1024;
-        let mut out = BytesMut::new();
-        let len = encode_item_gapped(&big, &mut out, 6, piece).unwrap();
-        assert_eq!(len, 65_539);
-        assert_eq!(piece_count(len, piece), 1);
-        assert_eq!(pieces_of(&out, len, 6, piece), vec![plain.to_vec()]);
-        // Every split point around the limit, for several pieces: the
-        // pieces join back to the plain encoding, and only the last may be
-        // longer than `piece`, by a sixteenth at most.
-        for piece in [16, 64, 100] {
-            for n in 0..5 * piece {
-                let item: Vec<u8> = (0..n).map(|i| i as u8).collect();
-                let mut plain = BytesMut::new();
-                encode_item(&item, &mut plain).unwrap();
-                let mut out = BytesMut::from(&b"q"[..]);
-                let len = encode_item_gapped(&item, &mut out, 3, piece).unwrap();
-                assert_eq!(len, plain.len());
-                let pieces = pieces_of(&out[1..], len, 3, piece);
-                let (last, full) = pieces.split_last().unwrap();
-                assert!(full.iter().all(|p| p.len() == piece), "n {n} piece {piece}");
-                assert!(!last.is_empty() || len == 0);
-                assert!(last.len() <= piece + piece / 16, "n {n} piece {piece}");
-                assert!(full.is_empty() || last.len() > piece / 16);
-                assert_eq!(pieces.concat(), plain.to_vec(), "n {n} piece {piece}");
-            }
-        }
     }
 
     #[test]

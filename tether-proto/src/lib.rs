@@ -18,7 +18,7 @@ pub mod seq;
 
 pub use frame::{
     decode_frame, decode_item, decode_payload, encode_frame, encode_item, encode_item_gapped, ext,
-    piece_count, Control, FrameError, FrameHeader, Incoming, MAX_HEADER_LEN,
+    Control, FrameError, FrameHeader, Incoming, MAX_HEADER_LEN,
 };
 pub use hello::{
     flags, ClientHello, HelloError, Refusal, RefusalKind, ServerHello, CLIENT_MAGIC, HELLO_LEN,

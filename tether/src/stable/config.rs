@@ -425,9 +425,7 @@ impl Config {
 
     /// With fragments (extension `FRAGMENTS`, on by default): a message
     /// whose encoding is larger than this travels as pieces of this many
-    /// bytes, each its own frame (a last piece of at most a sixteenth of
-    /// this rides with the one before it, so a 64 KiB buffer and its
-    /// length prefix stay one frame), so that a resume continues from the last
+    /// bytes, each its own frame, so that a resume continues from the last
     /// piece the peer holds instead of the message's first byte, and a
     /// link that lives long enough to carry one piece makes progress.
     /// Default 64 KiB. Smaller pieces make progress on shorter-lived links

@@ -20,9 +20,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use tether_proto::frame::{FrameHeader, RECV_ITEM_COST};
-use tether_proto::{
-    encode_item, encode_item_gapped, ext, piece_count, Control, Seq, MAX_HEADER_LEN,
-};
+use tether_proto::{encode_item, encode_item_gapped, ext, Control, Seq, MAX_HEADER_LEN};
 use tokio::sync::futures::OwnedNotified;
 
 use super::attach::AttachEnd;
@@ -162,7 +160,7 @@ impl Shared {
             } else {
                 usize::MAX
             };
-            let pieces = piece_count(item_len, piece);
+            let pieces = item_len.div_ceil(piece).max(1);
             let first = s.replay.next_seq();
             let last = first.wrapping_add(pieces as u32 - 1);
             let header = FrameHeader {
