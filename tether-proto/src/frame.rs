@@ -460,6 +460,15 @@ struct GappedFlavor<'a> {
 
 impl GappedFlavor<'_> {
     fn put(&mut self, mut data: &[u8]) {
+        // Room for all of `data` and the gaps it crosses, reserved at once:
+        // a large byte string arrives in one call, and growing the buffer
+        // piece by piece would reallocate and copy everything so far each
+        // time it doubled (for a 1 MiB message, twice its size in copies
+        // and in freshly touched memory).
+        if data.len() > self.room {
+            let gaps = (data.len() - self.room).div_ceil(self.piece);
+            self.out.reserve(data.len() + gaps * self.gap);
+        }
         while !data.is_empty() {
             if self.room == 0 {
                 self.out.put_bytes(0, self.gap);
