@@ -302,14 +302,18 @@ impl Mux {
     /// told to reset its end, and the stream ends with the reason.
     async fn reset_local(&self, id: u32, error: &io::Error) -> StreamError {
         let reason = error.to_string();
-        let _ = self
-            .tx
-            .send(&TunnelFrame::Reset {
-                id,
-                reason: reason.clone(),
-            })
-            .await;
+        self.send_reset(id, &reason).await;
         StreamError::Local(reason)
+    }
+
+    /// Tells the peer to reset stream `id`, and why. A session that ended
+    /// meanwhile ends the stream anyway: nothing to tell.
+    async fn send_reset(&self, id: u32, reason: &str) {
+        let reset = TunnelFrame::Reset {
+            id,
+            reason: reason.to_owned(),
+        };
+        let _ = self.tx.send(&reset).await;
     }
 
     fn ended(&self) -> Option<String> {
@@ -460,13 +464,7 @@ where
                 }
                 Some(Inbound::Overrun(reason)) => {
                     tracing::warn!(stream = id, %reason, "tunnel peer overran a stream's window");
-                    let _ = mux
-                        .tx
-                        .send(&TunnelFrame::Reset {
-                            id,
-                            reason: reason.clone(),
-                        })
-                        .await;
+                    mux.send_reset(id, &reason).await;
                     return Err(StreamError::Violation(reason));
                 }
                 None => {

@@ -351,16 +351,23 @@ async fn refused_targets_and_resets_reach_the_client_with_their_reason() {
     assert!(client.ended().is_none());
 }
 
-#[tokio::test]
-async fn streams_beyond_the_session_limit_are_refused() {
+/// A target that accepts connections and keeps them, never reading:
+/// its address.
+async fn holding_target() -> String {
     let holding = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let holding_addr = holding.local_addr().unwrap().to_string();
+    let addr = holding.local_addr().unwrap().to_string();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((s, _)) = holding.accept().await {
             held.push(s);
         }
     });
+    addr
+}
+
+#[tokio::test]
+async fn streams_beyond_the_session_limit_are_refused() {
+    let holding_addr = holding_target().await;
     let client = direct_tunnel(5, &[("", holding_addr)], 2).await;
     let mut open = Vec::new();
     for _ in 0..2 {
@@ -405,14 +412,7 @@ async fn streams_beyond_the_session_limit_are_refused() {
 async fn a_peer_over_its_window_has_the_stream_reset_and_is_told_why() {
     // A target that accepts and never reads: the server's writes to it
     // stop once the socket buffers are full, so its window fills.
-    let holding = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let holding_addr = holding.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = holding.accept().await {
-            held.push(s);
-        }
-    });
+    let holding_addr = holding_target().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = Server::<TunnelFrame>::new(listener, Config::default().seed(8));
