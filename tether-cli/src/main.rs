@@ -683,7 +683,36 @@ fn random_seed() -> u64 {
     SmallRng::from_os_rng().next_u64()
 }
 
+/// glibc's malloc returns freed memory at the top of a heap to the system
+/// once more than 128 KiB is free there, and serves blocks of 128 KiB and
+/// up by `mmap`, each freshly faulted in. A stable conduit carrying large
+/// messages keeps megabytes in flight (replay buffer, receive queue), freed
+/// long after and on another thread, so with those defaults nearly every
+/// byte it carries lands on pages the kernel must fault in and zero first:
+/// 64 KiB messages ran at a third of their speed (see BENCHMARKS.md). Keep
+/// up to 32 MiB free at the top of a heap, and allocate up to 16 MiB (two
+/// largest messages) from the heap, unless `GLIBC_TUNABLES` already sets
+/// malloc's parameters. The library cannot do this for its users; the
+/// binary can for itself.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    let set_by_user = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc."));
+    if set_by_user {
+        return;
+    }
+    // SAFETY: mallopt only sets malloc's parameters; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
+    tune_allocator();
     // Log lines go to stderr from a thread of their own: a runtime thread
     // never blocks on a slow terminal or pipe, and when the writer falls
     // behind, lines are dropped (and counted) rather than queued without
