@@ -416,24 +416,12 @@ fn the_progress_line_is_redrawn_on_a_terminal_and_absent_in_a_pipe() {
         !stderr.contains("%] sent"),
         "a progress line in a pipe:\n{stderr}"
     );
-    // The same run under a pseudo-terminal (util-linux `script`).
-    if std::process::Command::new("script")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped the terminal half: no `script` command");
-        return;
-    }
+    // The same run under a pseudo-terminal.
     let line = format!("{} {}", common::bin(), args.join(" "));
-    let child = Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn script");
-    let out = finish(child, Duration::from_secs(120), "the demo on a terminal");
+    let Some(out) = common::on_terminal(&line, Duration::from_secs(120), "the demo on a terminal")
+    else {
+        return;
+    };
     let all = text(&out.stdout);
     assert!(out.status.success(), "{all}");
     assert!(all.contains("\r["), "no redrawn progress line:\n{all}");

@@ -210,14 +210,6 @@ async fn stdio_carries_a_stream_and_tokens_admit_only_their_holders() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_forward_on_a_terminal_keeps_a_status_line() {
-    if std::process::Command::new("script")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: no `script` command for a pseudo-terminal");
-        return;
-    }
     let target = echo_target().await.to_string();
     let (_server, served) = tunnel_serve(&[&target]);
     // The client runs for 3 s under a pseudo-terminal, then is stopped.
@@ -225,14 +217,10 @@ async fn a_local_forward_on_a_terminal_keeps_a_status_line() {
         "timeout -s INT 3 {} tunnel connect {served} --local 127.0.0.1:0",
         common::bin()
     );
-    let child = std::process::Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = finish(child, Duration::from_secs(60), "connect on a terminal");
+    let Some(out) = common::on_terminal(&line, Duration::from_secs(60), "connect on a terminal")
+    else {
+        return;
+    };
     let all = String::from_utf8_lossy(&out.stdout);
     assert!(
         all.contains("\rtether tunnel: connected | rtt"),

@@ -58,6 +58,25 @@ pub(crate) fn finish(mut child: Child, within: Duration, what: &str) -> Output {
         .unwrap_or_else(|_| panic!("{what} (pid {pid}) still running after {within:?}"))
 }
 
+/// Runs the shell command `line` under a pseudo-terminal (util-linux
+/// `script`), as at a terminal, and collects its output (the terminal's,
+/// on stdout); panics after `within`. `None`, having said so on stderr,
+/// where there is no `script`.
+pub(crate) fn on_terminal(line: &str, within: Duration, what: &str) -> Option<Output> {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped {what}: no `script` command for a pseudo-terminal");
+        return None;
+    }
+    let child = Command::new("script")
+        .args(["-qec", line, "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn script");
+    Some(finish(child, within, what))
+}
+
 /// Reads `child`'s stderr lines into a channel, from a thread that keeps
 /// draining the pipe after the receiver is gone.
 pub(crate) fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
