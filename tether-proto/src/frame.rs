@@ -155,6 +155,47 @@ impl FrameHeader {
         (out, len)
     }
 
+    /// Writes the header so that it ends where `gap` ends, and returns its
+    /// length ([`encoded_len`](Self::encoded_len)): for writing the header
+    /// into the gap left in front of an item that was serialized before its
+    /// seq was known, in place. `gap` must hold at least that many bytes
+    /// (at most [`MAX_HEADER_LEN`]).
+    ///
+    /// # Panics
+    ///
+    /// If `gap` is shorter than the header.
+    #[inline]
+    pub fn write_end(&self, gap: &mut [u8]) -> usize {
+        let len = self.encoded_len();
+        let start = gap.len() - len;
+        let out = &mut gap[start..];
+        let mut at = put_varint_slice(self.seq.0, out);
+        match self.ack {
+            None => out[at] = OPTION_NONE,
+            Some(ack) => {
+                out[at] = OPTION_SOME;
+                at += 1;
+                put_varint_slice(ack.0, &mut out[at..]);
+            }
+        }
+        len
+    }
+
+    /// [`write_end`](Self::write_end) for the header of a fragment frame
+    /// with this seq ([`fragment_array`](Self::fragment_array)).
+    ///
+    /// # Panics
+    ///
+    /// If `gap` is shorter than the header.
+    #[inline]
+    pub fn write_fragment_end(seq: Seq, gap: &mut [u8]) -> usize {
+        let len = varint_len(seq.0) + 1;
+        let start = gap.len() - len;
+        let at = put_varint_slice(seq.0, &mut gap[start..]);
+        gap[start + at] = TAG_FRAGMENT;
+        len
+    }
+
     /// The header of a fragment frame with this seq ([`ext::FRAGMENTS`]):
     /// its seq, then the fragment tag `08` and no ack. The first `len` bytes
     /// of the returned pair, like [`to_array`](Self::to_array).

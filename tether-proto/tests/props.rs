@@ -232,6 +232,16 @@ proptest! {
         prop_assert!(out.len() <= tether_proto::MAX_HEADER_LEN);
         let (array, len) = h.to_array();
         prop_assert_eq!(&array[..len], expected.as_slice());
+        // Written in place at the end of a gap, with the bytes in front
+        // left alone.
+        let mut gap = [0xaau8; tether_proto::MAX_HEADER_LEN + 2];
+        let n = h.write_end(&mut gap);
+        prop_assert_eq!(n, len);
+        prop_assert_eq!(&gap[gap.len() - n..], expected.as_slice());
+        prop_assert!(gap[..gap.len() - n].iter().all(|&b| b == 0xaa));
+        let (array, len) = FrameHeader::fragment_array(h.seq);
+        let n = FrameHeader::write_fragment_end(h.seq, &mut gap);
+        prop_assert_eq!(&gap[gap.len() - n..], &array[..len]);
     }
 
     /// On arbitrary bytes, decoding agrees with postcard decoding the

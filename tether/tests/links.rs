@@ -155,15 +155,23 @@ async fn check_order_and_boundaries<L: Link>(a: L, b: L, max: usize) {
         100 * 1024,
         1,
         0,
+        // Around the stream link's copy threshold, each way of feeding.
+        4095,
+        4096,
+        4097,
+        4095,
+        4096,
+        4097,
+        7,
     ];
     let (mut tx, _a_rx) = a.split();
     let (_b_tx, mut rx) = b.split();
     let sending = async {
         for (i, &size) in sizes.iter().enumerate() {
-            if i % 2 == 0 {
-                tx.send(pattern(size, i)).await.unwrap();
-            } else {
-                tx.feed(pattern(size, i)).await.unwrap();
+            match i % 3 {
+                0 => tx.send(pattern(size, i)).await.unwrap(),
+                1 => tx.feed(pattern(size, i)).await.unwrap(),
+                _ => tx.feed_copy(&pattern(size, i)).await.unwrap(),
             }
         }
         tx.flush().await.unwrap();

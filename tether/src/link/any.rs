@@ -144,6 +144,14 @@ impl LinkTx for AnyTx {
         each!(AnyTx, self, tx => tx.feed(payload).await)
     }
 
+    fn copy_threshold(&self) -> usize {
+        each!(AnyTx, self, tx => tx.copy_threshold())
+    }
+
+    async fn feed_copy(&mut self, payload: &[u8]) -> Result<(), LinkError> {
+        each!(AnyTx, self, tx => tx.feed_copy(payload).await)
+    }
+
     async fn flush(&mut self) -> Result<(), LinkError> {
         each!(AnyTx, self, tx => tx.flush().await)
     }

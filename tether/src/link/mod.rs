@@ -144,6 +144,27 @@ pub trait LinkTx: Send + 'static {
     /// publishes a partial payload (the rest goes out on the next flush).
     fn flush(&mut self) -> impl Future<Output = Result<(), LinkError>> + Send;
 
+    /// Payloads of up to this many bytes are copied into the link's own
+    /// buffer when fed, so that [`feed_copy`](LinkTx::feed_copy) costs
+    /// them no more than [`feed`](LinkTx::feed). The default, 0, means the
+    /// link keeps every payload it is fed by reference.
+    ///
+    /// A sender that holds small payloads under a lock it must release
+    /// before it feeds them (the stable conduit's writer) copies them out
+    /// rather than take a reference: a copy of a few dozen bytes costs less
+    /// than a reference count shared with other threads.
+    fn copy_threshold(&self) -> usize {
+        0
+    }
+
+    /// Queues a copy of `payload`, like [`feed`](LinkTx::feed) and with
+    /// the same backpressure and cancel safety. The default copies it into
+    /// new `Bytes`; links with a [`copy_threshold`](LinkTx::copy_threshold)
+    /// copy it straight into their buffer.
+    fn feed_copy(&mut self, payload: &[u8]) -> impl Future<Output = Result<(), LinkError>> + Send {
+        self.feed(Bytes::copy_from_slice(payload))
+    }
+
     /// [`feed`](LinkTx::feed) then [`flush`](LinkTx::flush).
     ///
     /// Cancel-safe in the sense of both: dropped while feeding, nothing was

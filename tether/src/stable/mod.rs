@@ -204,6 +204,7 @@ impl<S, R> StableConduit<S, R> {
             rx: StableReceiver {
                 shared,
                 ready: VecDeque::new(),
+                consumption: recv::Consumption::default(),
                 stream_ended: false,
                 _msg: PhantomData,
             },
@@ -567,6 +568,8 @@ pub struct StableReceiver<R> {
     shared: Arc<Shared>,
     /// Items taken from the inbox in one batch, not yet returned.
     ready: VecDeque<Delivered>,
+    /// Items taken from `ready`, reported once it runs dry.
+    consumption: recv::Consumption,
     /// The `Stream` returned its end (`None`), or the error that ended the
     /// session, once: from then on it returns `None`.
     stream_ended: bool,
@@ -577,6 +580,7 @@ impl<R> Drop for StableReceiver<R> {
     fn drop(&mut self) {
         // Nobody will read these: count them consumed so that the peer can
         // free them.
+        self.consumption.report(&self.shared);
         let queued = self.shared.inbox.close_receiver();
         for (seq, item) in self.ready.drain(..).chain(queued) {
             self.shared.consumed(seq, item.len());
@@ -600,7 +604,10 @@ impl<R> StableReceiver<R> {
     fn poll_next_item(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Delivered>, Error>> {
         loop {
             if let Some((seq, bytes)) = self.ready.pop_front() {
-                self.shared.consumed(seq, bytes.len());
+                self.consumption.took(seq, bytes.len());
+                if self.ready.is_empty() {
+                    self.consumption.report(&self.shared);
+                }
                 return Poll::Ready(Ok(Some((seq, bytes))));
             }
             match std::task::ready!(self.shared.inbox.poll_take(cx, &mut self.ready)) {

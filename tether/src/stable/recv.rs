@@ -35,9 +35,15 @@ const MAX_DELIVER_BATCH: usize = 256;
 const MAX_DELIVER_BATCH_BYTES: usize = 256 * 1024;
 
 impl Shared {
-    /// Called by the application's receiver for each item it takes.
+    /// Called by the application's receiver for one item it took.
     pub(crate) fn consumed(&self, seq: Seq, len: usize) {
-        let len = Shared::item_cost(len);
+        self.consumed_up_to(seq, 1, Shared::item_cost(len));
+    }
+
+    /// The application's receiver took `count` items, the last of them
+    /// `seq`, costing `len` in all ([`item_cost`](Shared::item_cost)
+    /// each): what [`Consumption`] reports at once.
+    pub(crate) fn consumed_up_to(&self, seq: Seq, count: u32, len: usize) {
         self.consumed
             .store(encode_seq(Some(seq)), Ordering::Release);
         if self.acks_negotiated() {
@@ -48,10 +54,12 @@ impl Shared {
                 Some(told) => seq.distance_from(told),
                 None => 1,
             };
+            let pending_before = pending.saturating_sub(count);
             let bytes_before = self.unacked_bytes.fetch_add(len, Ordering::AcqRel);
             let (frames_due, bytes_due) = self.ack_thresholds();
             let crossed_bytes = bytes_before < bytes_due && bytes_before + len >= bytes_due;
-            if pending == 1 || pending == frames_due || crossed_bytes {
+            let crossed_frames = pending_before < frames_due && pending >= frames_due;
+            if (pending_before == 0 && pending > 0) || crossed_frames || crossed_bytes {
                 self.writer_wake.notify_one();
             }
         }
@@ -89,6 +97,41 @@ impl Shared {
         }
         self.start_close(true);
         self.writer_wake.notify_one();
+    }
+}
+
+/// What the application's receiver took and has not reported yet.
+///
+/// The receiver takes items from its own buffer (a batch the reader
+/// handed over at once) and reports what it took once that buffer runs
+/// dry, rather than item by item: an item costs a few shared counters
+/// (the consumed seq, the bytes waiting for an ack, the receive queue's
+/// bytes), which the reader and the writer read and write too on other
+/// threads. Nothing waits on the difference: the items still in the
+/// buffer are not consumed either, so an ack could not free the peer's
+/// window any sooner, and the report comes before the receiver next
+/// waits (or is dropped).
+#[derive(Debug, Default)]
+pub(crate) struct Consumption {
+    /// The last item taken, how many, and their cost.
+    taken: Option<(Seq, u32, usize)>,
+}
+
+impl Consumption {
+    /// Notes one item taken.
+    pub(crate) fn took(&mut self, seq: Seq, len: usize) {
+        let cost = Shared::item_cost(len);
+        self.taken = Some(match self.taken {
+            Some((_, count, total)) => (seq, count + 1, total + cost),
+            None => (seq, 1, cost),
+        });
+    }
+
+    /// Reports what was taken.
+    pub(crate) fn report(&mut self, shared: &Shared) {
+        if let Some((seq, count, cost)) = self.taken.take() {
+            shared.consumed_up_to(seq, count, cost);
+        }
     }
 }
 

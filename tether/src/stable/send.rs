@@ -35,6 +35,26 @@ const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// A batch is flushed at least every this many bytes, so that a link that
 /// dies in the middle of a batch has carried its first frames.
 const FLUSH_BYTES: usize = 64 * 1024;
+/// Small frames of a batch are copied out of the replay buffer into a
+/// staging buffer of at most this many bytes (the rest are taken by
+/// reference): see [`Out`].
+const STAGED_MAX: usize = 16 * 1024;
+
+/// One payload of the writer's batch.
+///
+/// A frame the link copies anyway (up to its
+/// [`copy_threshold`](LinkTx::copy_threshold)) is copied out of the replay
+/// buffer under the send lock into the writer's staging buffer, instead of
+/// being taken by reference: a reference to a frame is a count shared with
+/// the sender's arena chunk and with whoever drops acknowledged frames, so
+/// taking and dropping one per message had two threads or three writing
+/// one cache line. The copy is a few dozen bytes.
+enum Out {
+    /// A frame (or control frame) taken by reference.
+    Frame(Bytes),
+    /// The next this many bytes of the staging buffer.
+    Staged(usize),
+}
 
 pub(super) enum TrySend {
     Sent,
@@ -167,7 +187,7 @@ impl Shared {
                 seq: last,
                 ack: if acks { None } else { self.ack_value() },
             };
-            let (header_bytes, header_len) = header.to_array();
+            let header_len = header.encoded_len();
             let len = item_len + header_len;
             if len > self.max_message_size {
                 return Err(Error::TooLarge {
@@ -199,17 +219,20 @@ impl Shared {
             let before = s.replay.bytes();
             for i in 0..pieces {
                 let seq = first.wrapping_add(i as u32);
-                let (mut frame, (bytes, hlen)) = if seq == last {
-                    (item.split(), (header_bytes, header_len))
+                // The header is written in place, at the end of the gap.
+                let (mut frame, hlen) = if seq == last {
+                    // The whole rest: taken, not split, which would touch
+                    // the arena's shared count (and again when the empty
+                    // rest is dropped).
+                    let mut frame = std::mem::take(item);
+                    let hlen = header.write_end(&mut frame[..MAX_HEADER_LEN]);
+                    (frame, hlen)
                 } else {
-                    (
-                        item.split_to(MAX_HEADER_LEN + piece),
-                        FrameHeader::fragment_array(seq),
-                    )
+                    let mut frame = item.split_to(MAX_HEADER_LEN + piece);
+                    let hlen = FrameHeader::write_fragment_end(seq, &mut frame[..MAX_HEADER_LEN]);
+                    (frame, hlen)
                 };
-                let start = MAX_HEADER_LEN - hlen;
-                frame[start..MAX_HEADER_LEN].copy_from_slice(&bytes[..hlen]);
-                frame.advance(start);
+                frame.advance(MAX_HEADER_LEN - hlen);
                 s.replay.push(frame.freeze());
             }
             // Only the sender, under this lock, raises the peak: a plain
@@ -225,8 +248,29 @@ impl Shared {
             self.replay_resized(before, after);
             drop(guard);
         }
-        self.writer_wake.notify_one();
+        self.poke_writer();
         Ok(TrySend::Sent)
+    }
+
+    /// Wakes the writer for a frame just pushed, unless a sender already
+    /// did since the writer last took a batch: then the writer will take
+    /// this frame with that batch or the next, and a plain load replaces
+    /// the `Notify`'s read-modify-write.
+    ///
+    /// Why no frame is left behind: the writer clears the flag under the
+    /// send lock when it takes a batch. A sender that pushed (under the
+    /// lock) and then reads `true` read a store made after the writer's
+    /// last clear that it could see; if its frame was not in the batch of
+    /// that clear, its lock came after the writer's, so the clear happened
+    /// before its read, and the `true` it read was set later by a sender
+    /// that did notify: the writer takes another batch, under the lock,
+    /// after this push.
+    fn poke_writer(&self) {
+        if !self.writer_poked.load(Ordering::Acquire)
+            && !self.writer_poked.swap(true, Ordering::AcqRel)
+        {
+            self.writer_wake.notify_one();
+        }
     }
 
     /// Sends `msg`, waiting while there is no room for it (`try_push`). It
@@ -472,8 +516,10 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
     tx: &mut Tx,
     extensions: u8,
 ) -> AttachEnd<P> {
-    // Grows to the largest batch seen; an idle session's stays small.
-    let mut batch: Vec<Bytes> = Vec::new();
+    // Grow to the largest batch seen; an idle session's stay small.
+    let mut batch: Vec<Out> = Vec::new();
+    let mut staged: Vec<u8> = Vec::new();
+    let copy_max = tx.copy_threshold();
     let mut control = BytesMut::new();
     // When the current pending ack (if any) must go out at the latest. Due
     // at once on a new link: the peer keeps what it sent until it is
@@ -531,7 +577,7 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
             let closing = shared.peer_fin() == Some(ack);
             if backlog >= frames_due || bytes >= bytes_due || now >= deadline || closing {
                 Control::Ack(ack).encode(&mut control);
-                batch.push(control.split().freeze());
+                batch.push(Out::Frame(control.split().freeze()));
                 shared.set_ack_told(Some(ack));
                 ack_deadline = None;
             }
@@ -542,6 +588,8 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
         {
             let mut guard = lock(&shared.send);
             let s = &mut *guard;
+            // Under the lock: see `Shared::poke_writer`.
+            shared.writer_poked.store(false, Ordering::Relaxed);
             let first = s.replay.first_seq();
             if s.cursor.is_before(first) {
                 s.cursor = first;
@@ -551,7 +599,12 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
                 match s.replay.get(s.cursor) {
                     Some(frame) => {
                         bytes += frame.len();
-                        batch.push(frame.clone());
+                        if frame.len() <= copy_max && staged.len() + frame.len() <= STAGED_MAX {
+                            staged.extend_from_slice(frame);
+                            batch.push(Out::Staged(frame.len()));
+                        } else {
+                            batch.push(Out::Frame(frame.clone()));
+                        }
                         s.cursor = s.cursor.next();
                     }
                     None => break,
@@ -570,7 +623,7 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
                 Some(frame) => {
                     if let Some(frame) = frame {
                         frame.encode(&mut control);
-                        batch.push(control.split().freeze());
+                        batch.push(Out::Frame(control.split().freeze()));
                     }
                     true
                 }
@@ -602,8 +655,12 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
         if !acks {
             // In the base format the newest frame carries the newest
             // piggybacked ack of the batch.
-            if let Some(Ok((FrameHeader { ack: Some(ack), .. }, _))) =
-                batch.last().map(|f| FrameHeader::decode(f))
+            let last = match batch.last() {
+                Some(Out::Frame(f)) => Some(&f[..]),
+                Some(Out::Staged(len)) => Some(&staged[staged.len() - len..]),
+                None => None,
+            };
+            if let Some(Ok((FrameHeader { ack: Some(ack), .. }, _))) = last.map(FrameHeader::decode)
             {
                 if shared.ack_told().is_none_or(|told| ack.is_after(told)) {
                     shared.set_ack_told(Some(ack));
@@ -611,9 +668,20 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
             }
         }
         let mut unflushed = 0;
-        for frame in batch.drain(..) {
-            unflushed += frame.len();
-            if let Err(e) = tx.feed(frame).await {
+        let mut at = 0;
+        for out in batch.drain(..) {
+            let fed = match out {
+                Out::Frame(frame) => {
+                    unflushed += frame.len();
+                    tx.feed(frame).await
+                }
+                Out::Staged(len) => {
+                    unflushed += len;
+                    at += len;
+                    tx.feed_copy(&staged[at - len..at]).await
+                }
+            };
+            if let Err(e) = fed {
                 return AttachEnd::Link(e);
             }
             if unflushed >= FLUSH_BYTES {
@@ -623,6 +691,7 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
                 }
             }
         }
+        staged.clear();
         if let Err(e) = tx.flush().await {
             return AttachEnd::Link(e);
         }

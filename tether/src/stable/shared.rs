@@ -97,12 +97,16 @@ pub(crate) struct Counters {
 /// What the handles and the driver of one session share.
 pub(crate) struct Shared {
     pub(super) role: Role,
-    pub(super) send: Mutex<SendSide>,
+    pub(super) send: Padded<Mutex<SendSide>>,
     /// Messages are serialized here, outside the send lock, and split off;
     /// frames share its chunks.
-    pub(super) arena: Mutex<Arena>,
+    pub(super) arena: Padded<Mutex<Arena>>,
     /// Wakes the writer when a frame is pushed (one waiter: `notify_one`).
     pub(super) writer_wake: Notify,
+    /// A sender woke the writer for frames it has not taken yet: later
+    /// senders need not (see [`Shared::poke_writer`]). Cleared by the
+    /// writer under the send lock when it takes a batch.
+    pub(super) writer_poked: AtomicBool,
     /// Wakes senders blocked on a full replay buffer. In an `Arc` so that a
     /// sender's registration can outlive one poll (`SpaceWait`).
     pub(super) space_wake: Arc<Notify>,
@@ -187,7 +191,7 @@ pub(crate) struct Shared {
     /// released in batches.
     pub(super) recv_unreleased: AtomicUsize,
     /// Received items on their way to the application.
-    pub(crate) inbox: Inbox,
+    pub(crate) inbox: Padded<Inbox>,
     /// The seq of the peer's close frame once it arrived (same encoding as
     /// `consumed`).
     pub(super) peer_fin: AtomicU64,
@@ -231,6 +235,21 @@ impl Drop for Shared {
     }
 }
 
+/// A value alone in its cache lines (128 bytes: two lines, for CPUs that
+/// fetch them in pairs), so that the threads that write it (a lock taken
+/// by the sender, the writer and the reader in turn) do not evict the
+/// fields around it, which others read on every message.
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 pub(super) fn lock(m: &Mutex<SendSide>) -> MutexGuard<'_, SendSide> {
     // A panic while holding the lock cannot leave the replay buffer half
     // updated in a way that matters more than losing the session would.
@@ -262,7 +281,7 @@ impl Shared {
             session_id: Mutex::new(None),
             secret_log: config.record_secrets.then(|| Mutex::new(Vec::new())),
             role,
-            send: Mutex::new(SendSide {
+            send: Padded(Mutex::new(SendSide {
                 replay: ReplayBuffer::with_limits(
                     config.initial_seq,
                     config.max_replay_bytes,
@@ -272,9 +291,10 @@ impl Shared {
                 written_until: config.initial_seq,
                 closing: false,
                 fin: None,
-            }),
-            arena: Mutex::new(Arena::new()),
+            })),
+            arena: Padded(Mutex::new(Arena::new())),
             writer_wake: Notify::new(),
+            writer_poked: AtomicBool::new(false),
             space_wake: Arc::new(Notify::new()),
             queue_space: Notify::new(),
             consumed: AtomicU64::new(0),
@@ -312,7 +332,7 @@ impl Shared {
             max_queued_bytes: config.max_recv_queue_bytes,
             budget,
             recv_unreleased: AtomicUsize::new(0),
-            inbox: Inbox::default(),
+            inbox: Padded(Inbox::default()),
             peer_fin: AtomicU64::new(0),
             peer_closed: AtomicBool::new(false),
             close_deadline: OnceLock::new(),

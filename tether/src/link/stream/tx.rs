@@ -123,25 +123,38 @@ where
         }
     }
 
-    /// Appends one frame to the queue. Never waits.
-    fn enqueue(&mut self, payload: Bytes) {
-        let len = payload.len();
-        let copied = len <= COPY_THRESHOLD;
-        let need = HEAD_LEN + if copied { len } else { 0 };
+    /// Makes room for `need` more bytes in the coalescing buffer.
+    fn reserve_coalesce(&mut self, need: usize) {
         if self.coalesce.capacity() - self.coalesce.len() < need {
             self.coalesce.reserve(need.max(self.next_chunk));
             self.next_chunk = (self.next_chunk * 2).min(COALESCE_CHUNK);
         }
+    }
+
+    /// Appends a copy of one small frame (at most [`COPY_THRESHOLD`]
+    /// bytes) to the coalescing buffer. Never waits.
+    fn enqueue_copy(&mut self, payload: &[u8]) {
+        debug_assert!(payload.len() <= COPY_THRESHOLD);
+        self.reserve_coalesce(HEAD_LEN + payload.len());
+        self.coalesce.put_u32_le(payload.len() as u32);
+        self.coalesce.extend_from_slice(payload);
+        self.queued += HEAD_LEN + payload.len();
+    }
+
+    /// Appends one frame to the queue. Never waits.
+    fn enqueue(&mut self, payload: Bytes) {
+        let len = payload.len();
+        if len <= COPY_THRESHOLD {
+            self.enqueue_copy(&payload);
+            return;
+        }
+        self.reserve_coalesce(HEAD_LEN);
         // `len <= max_payload <= u32::MAX`, checked by `feed`.
         self.coalesce.put_u32_le(len as u32);
-        if copied {
-            self.coalesce.extend_from_slice(&payload);
-        } else {
-            // The run so far ends with this payload's prefix; the payload
-            // itself follows by reference.
-            self.chunks.push_back(self.coalesce.split().freeze());
-            self.chunks.push_back(payload);
-        }
+        // The run so far ends with this payload's prefix; the payload
+        // itself follows by reference.
+        self.chunks.push_back(self.coalesce.split().freeze());
+        self.chunks.push_back(payload);
         self.queued += HEAD_LEN + len;
     }
 
@@ -209,28 +222,51 @@ where
     }
 }
 
-impl<W> LinkTx for StreamTx<W>
+impl<W> StreamTx<W>
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    async fn feed(&mut self, payload: Bytes) -> Result<(), LinkError> {
+    /// Checks that a payload of `len` bytes may be fed, and waits while
+    /// more than the write buffer is queued (backpressure). Dropped while
+    /// waiting, nothing was queued, and what was written so far is
+    /// accounted for.
+    async fn ready_for(&mut self, len: usize) -> Result<(), LinkError> {
         self.check_open()?;
-        if payload.len() > self.max_payload {
+        if len > self.max_payload {
             let max = self.max_payload;
-            return self.fail(LinkError::TooLarge {
-                len: payload.len(),
-                max,
-            });
+            return self.fail(LinkError::TooLarge { len, max });
         }
-        // Backpressure. Dropped here, the payload was not queued, and what
-        // was written so far is accounted for.
         if self.queued > self.write_buffer {
             let target = self.write_buffer;
             if let Err(err) = poll_fn(|cx| self.poll_write_until(cx, target)).await {
                 return self.fail(err.into());
             }
         }
+        Ok(())
+    }
+}
+
+impl<W> LinkTx for StreamTx<W>
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    async fn feed(&mut self, payload: Bytes) -> Result<(), LinkError> {
+        self.ready_for(payload.len()).await?;
         self.enqueue(payload);
+        Ok(())
+    }
+
+    fn copy_threshold(&self) -> usize {
+        COPY_THRESHOLD
+    }
+
+    async fn feed_copy(&mut self, payload: &[u8]) -> Result<(), LinkError> {
+        self.ready_for(payload.len()).await?;
+        if payload.len() <= COPY_THRESHOLD {
+            self.enqueue_copy(payload);
+        } else {
+            self.enqueue(Bytes::copy_from_slice(payload));
+        }
         Ok(())
     }
 
