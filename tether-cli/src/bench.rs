@@ -271,7 +271,13 @@ pub(crate) struct Throughput {
 pub(crate) struct Rtt {
     payload_bytes: usize,
     round_trips_per_run: usize,
+    /// On the bench's runtime, two worker threads: a round trip can wait
+    /// for a sleeping worker to be woken.
     systems: BTreeMap<&'static str, RttFigure>,
+    /// On a current-thread runtime: both ends and all their tasks on one
+    /// thread, so no round trip waits for a thread to wake. What is left
+    /// is the link's system calls and the code.
+    one_thread: BTreeMap<&'static str, RttFigure>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -367,6 +373,10 @@ pub struct BenchReport {
     pub(crate) large_stable_over_loopback_limit: Option<f64>,
     pub(crate) rtt_p50_stable_over_bare: Option<f64>,
     pub(crate) rtt_p50_bare_over_framed: Option<f64>,
+    /// The same on a current-thread runtime ([`Rtt::one_thread`]).
+    pub(crate) rtt_p50_stable_over_bare_one_thread: Option<f64>,
+    pub(crate) rtt_p99_stable_over_bare: Option<f64>,
+    pub(crate) rtt_p99_stable_over_bare_one_thread: Option<f64>,
     pub(crate) small_stable_tls_over_framed_tls: Option<f64>,
     pub(crate) large_stable_tls_over_framed_tls: Option<f64>,
     pub(crate) resume_tls_p50_ms: Option<f64>,
@@ -510,32 +520,50 @@ async fn throughput(
     })
 }
 
-async fn rtt(p: &Progress, list: &[System], rounds: usize, runs: usize) -> anyhow::Result<Rtt> {
-    let mut figures: BTreeMap<&'static str, RttFigure> = BTreeMap::new();
+/// Round trips of every system, on the bench's two-worker runtime and on a
+/// current-thread one, interleaved run by run.
+fn rtt(
+    p: &Progress,
+    list: &[System],
+    rounds: usize,
+    runs: usize,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<Rtt> {
+    let one = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut two_workers: BTreeMap<&'static str, RttFigure> = BTreeMap::new();
+    let mut one_thread: BTreeMap<&'static str, RttFigure> = BTreeMap::new();
     for run in 1..=runs {
         for &system in list {
-            let mut samples = systems::ping_pong(system, SMALL, rounds)
-                .await
-                .with_context(|| format!("rtt: {}", system.key()))?;
-            samples.sort();
-            let us = |d: Duration| d.as_secs_f64() * 1e6;
-            let (p50, p99) = (
-                us(percentile(&samples, 0.5)),
-                us(percentile(&samples, 0.99)),
-            );
-            p.say(format_args!(
-                "rtt run {run}/{runs}: {:<13} p50 {p50:.1} µs, p99 {p99:.1} µs",
-                system.label()
-            ));
-            let f = figures.entry(system.key()).or_default();
-            f.p50_us.push(p50);
-            f.p99_us.push(p99);
+            for (runtime, mode, figures) in [
+                (rt, "2 workers", &mut two_workers),
+                (&one, "1 thread ", &mut one_thread),
+            ] {
+                let mut samples = runtime
+                    .block_on(systems::ping_pong(system, SMALL, rounds))
+                    .with_context(|| format!("rtt ({}): {}", mode.trim(), system.key()))?;
+                samples.sort();
+                let us = |d: Duration| d.as_secs_f64() * 1e6;
+                let (p50, p99) = (
+                    us(percentile(&samples, 0.5)),
+                    us(percentile(&samples, 0.99)),
+                );
+                p.say(format_args!(
+                    "rtt run {run}/{runs}, {mode}: {:<13} p50 {p50:.1} µs, p99 {p99:.1} µs",
+                    system.label()
+                ));
+                let f = figures.entry(system.key()).or_default();
+                f.p50_us.push(p50);
+                f.p99_us.push(p99);
+            }
         }
     }
     Ok(Rtt {
         payload_bytes: SMALL,
         round_trips_per_run: rounds,
-        systems: figures,
+        systems: two_workers,
+        one_thread,
     })
 }
 
@@ -792,6 +820,9 @@ pub fn run(
         large_stable_over_loopback_limit: None,
         rtt_p50_stable_over_bare: None,
         rtt_p50_bare_over_framed: None,
+        rtt_p50_stable_over_bare_one_thread: None,
+        rtt_p99_stable_over_bare: None,
+        rtt_p99_stable_over_bare_one_thread: None,
         small_stable_tls_over_framed_tls: None,
         large_stable_tls_over_framed_tls: None,
         resume_tls_p50_ms: None,
@@ -879,7 +910,7 @@ pub fn run(
         }
     }
     if want("rtt") {
-        match rt.block_on(rtt(&p, &list, plan.round_trips, plan.runs)) {
+        match rtt(&p, &list, plan.round_trips, plan.runs, &rt) {
             Ok(t) => r.rtt = Some(t),
             Err(e) => record("rtt", e),
         }
@@ -1014,14 +1045,25 @@ fn headline(r: &mut BenchReport) {
     r.small_stable_over_loopback_limit = of_limit(&r.small);
     r.large_64k_stable_over_loopback_limit = of_limit(&r.large_64k);
     r.large_stable_over_loopback_limit = of_limit(&r.large_1m);
-    let p50 = |s: System| {
+    let rtt_of = |one: bool, s: System, p99: bool| {
         r.rtt
             .as_ref()
-            .and_then(|t| t.systems.get(s.key()))
-            .map(|f| f.p50_us.median)
+            .and_then(|t| if one { &t.one_thread } else { &t.systems }.get(s.key()))
+            .map(|f| {
+                if p99 {
+                    f.p99_us.median
+                } else {
+                    f.p50_us.median
+                }
+            })
     };
-    r.rtt_p50_stable_over_bare = ratio(p50(Stable), p50(Bare));
-    r.rtt_p50_bare_over_framed = ratio(p50(Bare), p50(Framed));
+    r.rtt_p50_stable_over_bare = ratio(rtt_of(false, Stable, false), rtt_of(false, Bare, false));
+    r.rtt_p50_bare_over_framed = ratio(rtt_of(false, Bare, false), rtt_of(false, Framed, false));
+    r.rtt_p50_stable_over_bare_one_thread =
+        ratio(rtt_of(true, Stable, false), rtt_of(true, Bare, false));
+    r.rtt_p99_stable_over_bare = ratio(rtt_of(false, Stable, true), rtt_of(false, Bare, true));
+    r.rtt_p99_stable_over_bare_one_thread =
+        ratio(rtt_of(true, Stable, true), rtt_of(true, Bare, true));
     r.small_stable_tls_over_framed_tls = ratio(
         median_of(&r.small, StableTls),
         median_of(&r.small, FramedTls),
@@ -1091,13 +1133,19 @@ fn headline(r: &mut BenchReport) {
         "small_bare_over_framed",
         "small msgs/s: bare / Framed",
         r.small_bare_over_framed,
-        1.0,
+        1.5,
     );
     at_least(
         "large_stable_over_framed",
         "1 MiB MB/s: stable / Framed",
         r.large_stable_over_framed,
-        0.8,
+        1.0,
+    );
+    at_least(
+        "large_64k_stable_over_framed",
+        "64 KiB MB/s: stable / Framed",
+        r.large_64k_stable_over_framed,
+        0.9,
     );
     at_least(
         "small_stable_tls_over_framed_tls",
@@ -1142,14 +1190,21 @@ fn headline(r: &mut BenchReport) {
         "rtt_p50_stable_over_bare",
         "round trip p50: stable / bare",
         r.rtt_p50_stable_over_bare,
-        1.15,
+        1.1,
+        false,
+    );
+    at_most(
+        "rtt_p50_stable_over_bare_one_thread",
+        "round trip p50 (1 thread): stable / bare",
+        r.rtt_p50_stable_over_bare_one_thread,
+        1.1,
         false,
     );
     at_most(
         "resume_p50_ms",
         "resume p50 (TCP), ms",
         r.resume_p50_ms,
-        2.0,
+        1.0,
         true,
     );
     at_most(
@@ -1309,20 +1364,22 @@ pub fn render(r: &BenchReport) -> String {
         );
     }
     if let Some(t) = &r.rtt {
-        let get = |f: fn(&RttFigure) -> f64| System::ALL.map(|s| t.systems.get(s.key()).map(f));
-        row(
-            &mut out,
-            format!(
-                "round trip p50, µs ({})",
-                fmt_count(t.round_trips_per_run as u64)
-            ),
-            get(|f| f.p50_us.median),
-        );
-        row(
-            &mut out,
-            "round trip p99, µs".into(),
-            get(|f| f.p99_us.median),
-        );
+        for (mode, figures) in [("", &t.systems), (", 1 thread", &t.one_thread)] {
+            let get = |f: fn(&RttFigure) -> f64| System::ALL.map(|s| figures.get(s.key()).map(f));
+            row(
+                &mut out,
+                format!(
+                    "round trip p50, µs{mode} ({})",
+                    fmt_count(t.round_trips_per_run as u64)
+                ),
+                get(|f| f.p50_us.median),
+            );
+            row(
+                &mut out,
+                format!("round trip p99, µs{mode}"),
+                get(|f| f.p99_us.median),
+            );
+        }
     }
     if let Some(res) = &r.resume {
         let get = |key_of: fn(System) -> String, f: fn(&ResumeFigure) -> f64| {
@@ -1447,6 +1504,11 @@ pub fn render(r: &BenchReport) -> String {
             r.large_stable_over_loopback_limit,
         ),
         ("round trip p50: bare / Framed", r.rtt_p50_bare_over_framed),
+        ("round trip p99: stable / bare", r.rtt_p99_stable_over_bare),
+        (
+            "round trip p99 (1 thread): stable / bare",
+            r.rtt_p99_stable_over_bare_one_thread,
+        ),
         (
             "resume p50 (TLS, no resumption), ms",
             r.resume_tls_no_resumption_p50_ms,
