@@ -16,6 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::Serialize;
@@ -529,6 +530,10 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
     let keepalive = extensions & ext::KEEPALIVE != 0;
     let acks = extensions & ext::ACKS != 0;
     let mut next_ping = tokio::time::Instant::now();
+    // Not registered with the runtime until first polled.
+    let timer = tokio::time::sleep_until(next_ping + Duration::from_secs(365 * 24 * 3600));
+    tokio::pin!(timer);
+    let mut timer_at: Option<tokio::time::Instant> = None;
     if acks {
         let (frames, bytes) = shared.window;
         let recv_bytes = Some(u32::try_from(shared.max_queued_bytes).unwrap_or(u32::MAX));
@@ -635,16 +640,20 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
                 (Some(a), Some(p)) => Some(a.min(p)),
                 (a, p) => a.or(p),
             };
-            let timer = async {
-                match wake_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
+            // One timer for the writer's life, moved only when the wake-up
+            // time changes: a fresh one per wait would be registered with
+            // the runtime's timer wheel and removed again (under its lock)
+            // on every round trip.
+            if let Some(at) = wake_at {
+                if timer_at != Some(at) {
+                    timer.as_mut().reset(at);
+                    timer_at = Some(at);
                 }
-            };
+            }
             tokio::select! {
                 biased;
                 _ = shared.writer_wake.notified() => {}
-                () = timer => {}
+                () = &mut timer, if wake_at.is_some() => timer_at = None,
             }
             continue;
         }
