@@ -41,6 +41,10 @@ const FLUSH_BYTES: usize = 64 * 1024;
 /// reference): see [`Out`].
 const STAGED_MAX: usize = 16 * 1024;
 
+/// Bytes of staging buffer (and of batch slots) a writer keeps when its
+/// session goes quiet; more is released at the next timer wake-up.
+const IDLE_KEEP: usize = 1024;
+
 /// One payload of the writer's batch.
 ///
 /// A frame the link copies anyway (up to its
@@ -653,7 +657,18 @@ pub(super) async fn write_loop<Tx: LinkTx, P>(
             tokio::select! {
                 biased;
                 _ = shared.writer_wake.notified() => {}
-                () = &mut timer, if wake_at.is_some() => timer_at = None,
+                () = &mut timer, if wake_at.is_some() => {
+                    timer_at = None;
+                    // Nothing to write since the last wake-up, until an ack
+                    // or a ping came due: a quiet session gives back what
+                    // a burst grew (up to 16 KiB staged, 256 batch slots).
+                    if staged.capacity() > IDLE_KEEP {
+                        staged = Vec::new();
+                    }
+                    if batch.capacity() > IDLE_KEEP / std::mem::size_of::<Out>() {
+                        batch = Vec::new();
+                    }
+                }
             }
             continue;
         }
