@@ -135,23 +135,12 @@ impl FrameHeader {
     }
 
     /// The header's wire bytes in a fixed array: the first `len` bytes of
-    /// the returned pair. For writing a header in front of an item that
-    /// was serialized before its seq was known.
+    /// the returned pair ([`write_end`](Self::write_end) into an array).
     #[must_use]
     pub fn to_array(&self) -> ([u8; MAX_HEADER_LEN], usize) {
         let mut out = [0u8; MAX_HEADER_LEN];
-        let mut len = put_varint_slice(self.seq.0, &mut out);
-        match self.ack {
-            None => {
-                out[len] = OPTION_NONE;
-                len += 1;
-            }
-            Some(ack) => {
-                out[len] = OPTION_SOME;
-                len += 1;
-                len += put_varint_slice(ack.0, &mut out[len..]);
-            }
-        }
+        let len = self.encoded_len();
+        self.write_end(&mut out[..len]);
         (out, len)
     }
 
@@ -202,9 +191,9 @@ impl FrameHeader {
     #[must_use]
     pub fn fragment_array(seq: Seq) -> ([u8; MAX_HEADER_LEN], usize) {
         let mut out = [0u8; MAX_HEADER_LEN];
-        let len = put_varint_slice(seq.0, &mut out);
-        out[len] = TAG_FRAGMENT;
-        (out, len + 1)
+        let len = varint_len(seq.0) + 1;
+        Self::write_fragment_end(seq, &mut out[..len]);
+        (out, len)
     }
 
     /// Parses the header at the start of `frame`. Returns it with its length
