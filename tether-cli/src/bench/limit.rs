@@ -12,11 +12,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::systems::STEP_TIMEOUT;
+use super::systems::finished;
 
 /// The limit's key in the JSON report and in `--systems`.
 pub(crate) const KEY: &str = "loopback_limit";
@@ -68,12 +68,8 @@ pub(crate) async fn push(bytes: u64) -> anyhow::Result<Duration> {
         }
         anyhow::Ok((start, writer))
     });
-    let (start, writer) = tokio::time::timeout(STEP_TIMEOUT, sender)
-        .await
-        .context("loopback writer stuck")???;
-    let (end, got) = tokio::time::timeout(STEP_TIMEOUT, receiver)
-        .await
-        .context("loopback reader stuck")???;
+    let (start, writer) = finished(sender, "loopback writer").await?;
+    let (end, got) = finished(receiver, "loopback reader").await?;
     drop(writer);
     if got != bytes {
         bail!("delivery check failed: the reader got {got} of {bytes} bytes");

@@ -42,6 +42,17 @@ pub(crate) const MEM_CAPACITY: usize = 256;
 /// Longest any single step may take before the workload is declared stuck.
 pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The result of a spawned side of a measurement, failing as `who` stuck
+/// if it takes longer than [`STEP_TIMEOUT`].
+pub(crate) async fn finished<T>(
+    side: tokio::task::JoinHandle<anyhow::Result<T>>,
+    who: &str,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(STEP_TIMEOUT, side)
+        .await
+        .with_context(|| format!("{who} stuck"))??
+}
+
 /// One of the systems compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -491,12 +502,8 @@ pub(crate) async fn throughput(
         client.send_many(&msg, count).await?;
         anyhow::Ok((start, client))
     });
-    let (start, client) = tokio::time::timeout(STEP_TIMEOUT, sender)
-        .await
-        .context("sender stuck")???;
-    let (end, server) = tokio::time::timeout(STEP_TIMEOUT, receiver)
-        .await
-        .context("receiver stuck")???;
+    let (start, client) = finished(sender, "sender").await?;
+    let (end, server) = finished(receiver, "receiver").await?;
     shut_down(client, server).await;
     Ok(end - start)
 }
